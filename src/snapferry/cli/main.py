@@ -1,0 +1,219 @@
+"""The `snapferry` command line: argument parsing, dispatch, and the mapping of errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from snapferry.cli.progress import Reporter
+from snapferry.codec.token import ResumeToken
+from snapferry.engine.pipes import write_all
+from snapferry.engine.zfs import Zfs
+from snapferry.errors import SnapferryError, UsageError
+from snapferry.resume.checkpoints import read_transfers
+from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.resume.lock import dataset_lock
+from snapferry.resume.receiver import PieceReceiver
+from snapferry.resume.sender import send_continuation, send_snapshot
+
+# Chosen by bench/receive_overhead.py: commits cost ~0.1 s each on zfs-fuse, so 256 MiB pieces
+# keep that under 2 % while an interruption loses at most a few seconds of transfer.
+DEFAULT_CHECKPOINT = 256 << 20
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  nothing to do (token: no interrupted transfer), or another failure
+  2  bad usage
+  3  interrupted or out of space: checkpoints are kept, resume later
+  4  refused: stale token, conflicting destination, concurrent receive
+  5  bad stream: corrupt, truncated header, foreign or unsupported
+  6  a zfs command failed
+"""
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.I)
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64M, 1G, 1048576)")
+    value = int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"checkpoint size {text} is below the 1M minimum")
+    return value
+
+
+def _zfs(args: argparse.Namespace) -> Zfs:
+    return Zfs(shlex.split(args.zfs) if args.zfs else None)
+
+
+def _reporter(args: argparse.Namespace, total: int | None = None, label: str = "transfer") -> Reporter:
+    return Reporter("quiet" if args.quiet else "json" if args.json else "bar", total, label)
+
+
+def _stdout_sink() -> object:
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write a stream to a terminal: redirect it to a file or a pipe")
+    sys.stdout.flush()
+    fd = sys.stdout.fileno()
+    return lambda parts: write_all(fd, parts)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    zfs = _zfs(args)
+    sink = _stdout_sink()
+    if args.token:
+        if args.snapshot or args.i or args.I:
+            raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
+        token = ResumeToken.decode(args.token)
+        with _reporter(args, label="resume") as events:
+            send_continuation(zfs, token, sink, events=events)  # type: ignore[arg-type]
+        return 0
+    if not args.snapshot or "@" not in args.snapshot:
+        raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
+    if args.i and args.I:
+        raise UsageError("use -i or -I, not both")
+    base = args.i or args.I
+    if base and base.startswith("@"):
+        base = args.snapshot.partition("@")[0] + base
+    with _reporter(args, label=args.snapshot) as events:
+        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events)  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    zfs = _zfs(args)
+    if args.abort:
+        return _abort(zfs, args.dataset, args)
+    if sys.stdin.isatty():
+        raise UsageError("receive reads a stream from standard input: pipe one in")
+    size = args.checkpoint if args.s else 1 << 62
+    with dataset_lock(args.dataset, "receive"), _reporter(args, label=args.dataset) as events:
+        receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
+        with open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False) as source:
+            done = receiver.receive(source)
+    if not args.quiet:
+        print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
+    return 0
+
+
+def _abort(zfs: Zfs, dataset: str, args: argparse.Namespace) -> int:
+    with dataset_lock(dataset, "abort"):
+        snapshots, transfers = read_transfers(zfs, dataset)
+        messages = []
+        for transfer in transfers:
+            if transfer.complete:
+                remove_finished_pieces(zfs, transfer)
+                messages.append(f"removed {len(transfer.pieces())} leftover checkpoint(s) of a completed transfer")
+            else:
+                messages.append(discard_transfer(zfs, transfer, snapshots))
+                snapshots, _ = read_transfers(zfs, dataset)
+    if not messages:
+        print(f"snapferry: {dataset} has no interrupted snapferry transfer to abort", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        for message in messages:
+            print(f"snapferry: {message}", file=sys.stderr)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    if args.decode:
+        print(json.dumps(ResumeToken.decode(args.target).describe(), indent=2))
+        return 0
+    _, transfers = read_transfers(_zfs(args), args.target)
+    unfinished = [t for t in transfers if not t.complete]
+    tokens = [t.token() for t in unfinished]
+    token = next((t for t in reversed(tokens) if t is not None), None)
+    if token is None:
+        if unfinished:
+            reason = "its interrupted transfer committed no checkpoint; send the stream again"
+        elif transfers:
+            reason = "its transfer is complete; nothing to resume"
+        else:
+            reason = "it has no interrupted snapferry transfer"
+        print(f"snapferry: no resume token for {args.target}: {reason}", file=sys.stderr)
+        return 1
+    print(token.encode())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from snapferry.cli.demo import run_demo
+
+    return run_demo(_zfs(args), quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--zfs", metavar="CMD", help="zfs command to run (default: $SNAPFERRY_ZFS or zfs)")
+    output = common.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="progress and events as JSON lines on stderr")
+    output.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    parser = argparse.ArgumentParser(
+        prog="snapferry",
+        description="Resumable ZFS snapshot transfer, on any ZFS.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = sub.add_parser("send", parents=[common], help="write a snapshot's stream (or a continuation) to stdout")
+    send.add_argument("-i", metavar="SNAP", help="incremental from SNAP (@name or pool/fs@name)")
+    send.add_argument("-I", metavar="SNAP", help="like -i, with every intermediate snapshot")
+    send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
+    send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP")
+    send.set_defaults(func=cmd_send)
+
+    recv = sub.add_parser(
+        "receive", aliases=["recv"], parents=[common], help="apply a stream from stdin, checkpointing as it goes"
+    )
+    recv.add_argument("-s", action="store_true", help="resumable: commit a checkpoint every --checkpoint bytes")
+    recv.add_argument("-F", action="store_true", help="roll the destination back to its last snapshot first")
+    recv.add_argument("-A", dest="abort", action="store_true", help="abort an interrupted transfer into DATASET")
+    recv.add_argument(
+        "--checkpoint", type=parse_size, default=DEFAULT_CHECKPOINT, metavar="SIZE",
+        help="bytes of stream between checkpoints (default 256M)",
+    )
+    recv.add_argument("dataset", help="POOL/FS to receive into")
+    recv.set_defaults(func=cmd_receive)
+
+    token = sub.add_parser("token", parents=[common], help="print the resume token of an interrupted receive")
+    token.add_argument("--decode", action="store_true", help="print the fields of TOKEN as JSON")
+    token.add_argument("target", metavar="DATASET|TOKEN")
+    token.set_defaults(func=cmd_token)
+
+    demo = sub.add_parser("demo", parents=[common], help="interrupted and resumed transfer between two file-backed pools")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except SnapferryError as exc:
+        print(f"snapferry: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("snapferry: interrupted", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"snapferry: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

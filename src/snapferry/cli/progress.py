@@ -1,0 +1,88 @@
+"""Renders data-path events: a rich progress bar on a terminal, JSON lines when asked, or nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+_BAR_INTERVAL = 0.1
+_JSON_INTERVAL = 1.0
+
+
+class Reporter:
+    """An EventSink. Mode is "bar" (terminal only), "json" or "quiet"."""
+
+    def __init__(self, mode: str, total: int | None = None, label: str = "transfer") -> None:
+        if mode == "bar" and not sys.stderr.isatty():
+            mode = "log"
+        self.mode = mode
+        self.checkpoints = 0
+        self._last = 0.0
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._total = total
+        self._label = label
+        self._console = Console(stderr=True)
+
+    def __enter__(self) -> Reporter:
+        if self.mode == "bar":
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[note]}"),
+                console=self._console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=self._total, note="")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self.mode == "quiet":
+            return
+        if event == "checkpoint":
+            self.checkpoints += 1
+        now = time.monotonic()
+        if event == "progress" and now - self._last < (_BAR_INTERVAL if self.mode == "bar" else _JSON_INTERVAL):
+            return
+        self._last = now
+        if self.mode == "json":
+            print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=sys.stderr, flush=True)
+        elif self.mode == "bar":
+            self._update_bar(event, fields)
+        elif event not in ("progress", "skip"):
+            print(f"snapferry: {event}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
+
+    def _update_bar(self, event: str, fields: dict[str, Any]) -> None:
+        assert self._progress is not None
+        note = f"{self.checkpoints} checkpoints" if self.checkpoints else ""
+        if event == "skip":
+            self._progress.update(self._task, description="verifying committed prefix", completed=fields["bytes"], total=fields["total"])
+        elif event == "stream":
+            self._progress.update(self._task, description=str(fields.get("toname", self._label)), total=self._total)
+        elif "bytes" in fields:
+            self._progress.update(self._task, completed=fields["bytes"], note=note)
+        else:
+            self._progress.update(self._task, note=note)

@@ -1,0 +1,74 @@
+"""snapferry resume tokens: what a checkpoint is, in a form that survives copy and paste (pure)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import zlib
+from dataclasses import asdict, dataclass
+
+from snapferry.errors import Refused
+
+TOKEN_PREFIX = "sf1-"
+
+
+class MalformedToken(Refused):
+    """The token text is damaged or not a snapferry token."""
+
+
+@dataclass(frozen=True)
+class ResumeToken:
+    """Where an interrupted transfer stands on its destination.
+
+    `offset` is the byte of the original stream where the next piece starts; the prefix from
+    `fingerprint_from` up to it has fletcher-4 fingerprint `fingerprint`.
+    """
+
+    dataset: str
+    toguid: int
+    fromguid: int
+    checkpoint_guid: int
+    seq: int
+    offset: int
+    fingerprint_from: int
+    fingerprint: str
+
+    def encode(self) -> str:
+        body = json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        text = base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip("=")
+        return f"{TOKEN_PREFIX}{text}-{zlib.crc32(body):08x}"
+
+    @classmethod
+    def decode(cls, text: str) -> ResumeToken:
+        text = text.strip()
+        if not text.startswith(TOKEN_PREFIX):
+            hint = " (an OpenZFS kernel token: use zfs send -t)" if text.startswith("1-") else ""
+            raise MalformedToken(f"malformed token: it does not start with {TOKEN_PREFIX!r}{hint}")
+        body_text, _, crc_text = text[len(TOKEN_PREFIX) :].rpartition("-")
+        try:
+            body = zlib.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)))
+            if f"{zlib.crc32(body):08x}" != crc_text:
+                raise ValueError("check digits do not match")
+            fields = json.loads(body)
+            token = cls(**fields)
+        except (ValueError, TypeError, binascii.Error, zlib.error) as exc:
+            raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
+        token._check()
+        return token
+
+    def _check(self) -> None:
+        ints = (self.toguid, self.fromguid, self.checkpoint_guid, self.seq, self.offset, self.fingerprint_from)
+        if not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in ints) or not isinstance(self.dataset, str):
+            raise MalformedToken("malformed token: a field is out of range")
+        if not (0 < self.fingerprint_from <= self.offset):
+            raise MalformedToken("malformed token: its offsets are inconsistent")
+        if not isinstance(self.fingerprint, str) or len(self.fingerprint) != 16:
+            raise MalformedToken("malformed token: bad fingerprint")
+
+    def describe(self) -> dict[str, object]:
+        """Fields for `token --decode`; guids as decimal strings, as `zfs get guid` prints them."""
+        fields: dict[str, object] = asdict(self)
+        for key in ("toguid", "fromguid", "checkpoint_guid"):
+            fields[key] = str(fields[key])
+        return fields

@@ -1,0 +1,112 @@
+"""Child processes at either end of a stream: `zfs receive` fed from us, `zfs send` read by us."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from snapferry.engine.zfs import classify_failure
+from snapferry.errors import ZfsCommandError
+
+Buffer = bytes | bytearray | memoryview
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """writev until every byte is out (a pipe may take less than asked)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+class ReceiveProcess:
+    """One `zfs receive`: a piece is committed only when finish() returns."""
+
+    def __init__(self, argv: list[str], action: str) -> None:
+        self.action = action
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found (set --zfs or SNAPFERRY_ZFS)") from None
+        assert self._proc.stdin is not None
+        self._fd = self._proc.stdin.fileno()
+
+    def write(self, parts: Sequence[Buffer]) -> None:
+        try:
+            write_all(self._fd, parts)
+        except BrokenPipeError:
+            raise self._failure() from None
+
+    def _failure(self) -> Exception:
+        self._close_stdin()
+        assert self._proc.stderr is not None
+        stderr = self._proc.stderr.read().decode(errors="replace")
+        self._proc.wait()
+        return classify_failure(self.action, stderr or f"zfs receive exited with status {self._proc.returncode}")
+
+    def _close_stdin(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def finish(self) -> None:
+        self._close_stdin()
+        assert self._proc.stderr is not None
+        stderr = self._proc.stderr.read().decode(errors="replace")
+        if self._proc.wait() != 0:
+            raise classify_failure(self.action, stderr or f"zfs receive exited with status {self._proc.returncode}")
+
+    def abort(self) -> None:
+        """Close the stream without an END: zfs receive discards everything of this piece."""
+        self._close_stdin()
+        if self._proc.stderr:
+            self._proc.stderr.read()
+        self._proc.wait()
+
+
+class SendProcess:
+    """One `zfs send` whose stdout we read."""
+
+    def __init__(self, argv: list[str], action: str) -> None:
+        self.action = action
+        try:
+            self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
+        except FileNotFoundError:
+            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found (set --zfs or SNAPFERRY_ZFS)") from None
+        assert self._proc.stdout is not None
+        self.stdout: BinaryIO = self._proc.stdout
+
+    def failure(self, timeout: float = 2.0) -> Exception | None:
+        """The command's own error, if it has failed (waiting briefly for it to exit)."""
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if self._proc.returncode == 0:
+            return None
+        assert self._proc.stderr is not None
+        stderr = self._proc.stderr.read().decode(errors="replace")
+        return classify_failure(self.action, stderr or f"zfs send exited with status {self._proc.returncode}")
+
+    def check(self) -> None:
+        """Raise the command's own error if it failed (call when its output ended early or oddly)."""
+        assert self._proc.stderr is not None
+        stderr = self._proc.stderr.read().decode(errors="replace")
+        if self._proc.wait() != 0:
+            raise classify_failure(self.action, stderr or f"zfs send exited with status {self._proc.returncode}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdout, self._proc.stderr):
+            if stream:
+                stream.close()

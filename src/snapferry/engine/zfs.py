@@ -1,0 +1,143 @@
+"""Drives the real `zfs` command: argv building, `-H -p` output parsing, stderr classification."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from snapferry.errors import OutOfSpace, Refused, TransferInterrupted, ZfsCommandError
+
+ZFS_ENV = "SNAPFERRY_ZFS"
+
+# stderr patterns, each seen from real zfs-fuse 0.7 / OpenZFS runs.
+_OUT_OF_SPACE = re.compile(r"out of space|no space left|quota exceeded", re.I)
+_DAEMON_GONE = re.compile(r"connect: |failed to initialize ZFS library|Connection refused", re.I)
+_MISSING = re.compile(r"does not exist|dataset does not exist|no such pool", re.I)
+_MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
+_BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
+_NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
+_CHECKSUM = re.compile(r"checksum mismatch|invalid backup stream|incomplete stream", re.I)
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+def classify_failure(action: str, stderr: str) -> Exception:
+    """Turn a failed zfs command's stderr into the error a user can act on."""
+    message = " ".join(stderr.split()) or "(no message)"
+    if _OUT_OF_SPACE.search(stderr):
+        return OutOfSpace(f"{action}: destination is out of space ({message}); free space or raise the quota, then resume")
+    if _DAEMON_GONE.search(stderr):
+        return TransferInterrupted(f"{action}: the ZFS service is not answering ({last_line(stderr)}); start it, then resume")
+    if _MODIFIED.search(stderr):
+        return Refused(f"{action}: {message}; use -F to roll it back to its last snapshot")
+    if _NOT_MATCHING.search(stderr):
+        return Refused(f"{action}: {message}")
+    if _BUSY.search(stderr):
+        return TransferInterrupted(f"{action}: {message}; try again when it is no longer in use")
+    if _MISSING.search(stderr):
+        return Refused(f"{action}: {message}")
+    return ZfsCommandError(f"{action}: {message}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    guid: int
+    createtxg: int
+
+    @property
+    def dataset(self) -> str:
+        return self.name.partition("@")[0]
+
+    @property
+    def short_name(self) -> str:
+        return self.name.partition("@")[2]
+
+
+class Zfs:
+    """The `zfs` command of one host. `command` may be a wrapper such as `ssh host zfs`."""
+
+    def __init__(self, command: Sequence[str] | None = None) -> None:
+        if command is None:
+            command = shlex.split(os.environ.get(ZFS_ENV, "zfs"))
+        self.command = list(command)
+
+    def argv(self, *args: str) -> list[str]:
+        return [*self.command, *args]
+
+    def run(self, action: str, *args: str) -> str:
+        try:
+            proc = subprocess.run(self.argv(*args), capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise ZfsCommandError(f"cannot run {self.command[0]!r}: not found (set --zfs or {ZFS_ENV})") from None
+        if proc.returncode != 0:
+            raise classify_failure(action, proc.stderr)
+        return proc.stdout
+
+    def exists(self, dataset: str) -> bool:
+        try:
+            self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset)
+        except Refused:
+            return False
+        return True
+
+    def get_properties(self, dataset: str, *names: str, recursive_depth: int | None = None) -> dict[str, dict[str, str]]:
+        """{dataset name: {property: value}} from `zfs get -Hp`, for one dataset or its children."""
+        args = ["get", "-H", "-p", "-o", "name,property,value"]
+        if recursive_depth is not None:
+            args += ["-r", "-d", str(recursive_depth)]
+        out = self.run(f"cannot read properties of {dataset}", *args, ",".join(names), dataset)
+        table: dict[str, dict[str, str]] = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3:
+                table.setdefault(parts[0], {})[parts[1]] = parts[2]
+        return table
+
+    def snapshots(self, dataset: str) -> list[Snapshot]:
+        """The snapshots of one dataset, oldest first."""
+        table = self.get_properties(dataset, "guid", "createtxg", recursive_depth=1)
+        snaps = [
+            Snapshot(name, int(props["guid"]), int(props["createtxg"]))
+            for name, props in table.items()
+            if name.startswith(dataset + "@") and "guid" in props and "createtxg" in props
+        ]
+        return sorted(snaps, key=lambda s: s.createtxg)
+
+    def all_snapshots(self) -> list[Snapshot]:
+        """Every snapshot of every imported pool (for finding a snapshot by guid)."""
+        out = self.run("cannot list snapshots", "get", "-H", "-p", "-r", "-o", "name,property,value", "guid,createtxg")
+        table: dict[str, dict[str, str]] = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and "@" in parts[0]:
+                table.setdefault(parts[0], {})[parts[1]] = parts[2]
+        return [Snapshot(n, int(p["guid"]), int(p["createtxg"])) for n, p in table.items() if len(p) == 2]
+
+    def guid(self, name: str) -> int:
+        return int(self.run(f"cannot read the guid of {name}", "get", "-H", "-p", "-o", "value", "guid", name).strip())
+
+    def destroy(self, name: str, *, recursive: bool = False) -> None:
+        self.run(f"cannot destroy {name}", "destroy", *(["-r"] if recursive else []), name)
+
+    def rename(self, old: str, new: str) -> None:
+        self.run(f"cannot rename {old}", "rename", old, new)
+
+    def rollback(self, snapshot: str) -> None:
+        self.run(f"cannot roll back to {snapshot}", "rollback", "-r", snapshot)
+
+    def receive_argv(self, dataset: str, *, force: bool) -> list[str]:
+        return self.argv("receive", *(["-F"] if force else []), dataset)
+
+    def send_argv(self, snapshot: str, *, incremental_from: str | None = None, intermediates: bool = False) -> list[str]:
+        args = ["send"]
+        if incremental_from:
+            args += ["-I" if intermediates else "-i", incremental_from]
+        return self.argv(*args, snapshot)

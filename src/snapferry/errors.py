@@ -1,0 +1,47 @@
+"""The error taxonomy: every failure snapferry reports, each with its exit code."""
+
+from __future__ import annotations
+
+
+class SnapferryError(Exception):
+    """A failure with a one-line message for the user; only the CLI turns it into an exit code."""
+
+    exit_code = 1
+
+
+class UsageError(SnapferryError):
+    """Bad arguments."""
+
+    exit_code = 2
+
+
+class TransferInterrupted(SnapferryError):
+    """The transfer stopped before its end; committed checkpoints stay and it can be resumed."""
+
+    exit_code = 3
+
+
+class OutOfSpace(TransferInterrupted):
+    """The destination ran out of space; resumable once space is freed or the quota raised."""
+
+
+class Refused(SnapferryError):
+    """snapferry will not do this: stale token, conflicting destination state, concurrent receive."""
+
+    exit_code = 4
+
+
+class StreamFormatError(SnapferryError):
+    """The input is not a ZFS stream snapferry can handle (foreign, truncated header, unsupported kind)."""
+
+    exit_code = 5
+
+
+class StreamIntegrityError(StreamFormatError):
+    """A checksum did not match: the stream was corrupted on its way."""
+
+
+class ZfsCommandError(SnapferryError):
+    """A zfs command failed for a reason snapferry has no better name for."""
+
+    exit_code = 6

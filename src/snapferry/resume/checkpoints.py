@@ -1,0 +1,108 @@
+"""Checkpoint snapshots on a destination: their names, and the transfers they add up to."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from snapferry.codec.token import ResumeToken
+from snapferry.engine.zfs import Snapshot, Zfs
+
+PREFIX = "snapferry"
+
+# A piece is received under an "open" name (its end is not known when its BEGIN is written)
+# and renamed to a checkpoint name, which records where the next piece starts, once committed.
+_OPEN = re.compile(rf"^{PREFIX}-(?P<toguid>[0-9a-f]{{16}})-(?P<fromguid>[0-9a-f]{{16}})-(?P<seq>\d+)-open$")
+_CHECKPOINT = re.compile(
+    rf"^{PREFIX}-(?P<toguid>[0-9a-f]{{16}})-(?P<fromguid>[0-9a-f]{{16}})-(?P<seq>\d+)"
+    r"-(?P<end>[0-9a-f]+)-(?P<fpfrom>[0-9a-f]+)-(?P<fp>[0-9a-f]{16})$"
+)
+# The longest checkpoint name: prefix, two guids, and generous widths for seq and offsets.
+MAX_CHECKPOINT_NAME = len(PREFIX) + 1 + 17 + 17 + 9 + 17 + 17 + 16
+
+
+def open_name(toguid: int, fromguid: int, seq: int) -> str:
+    return f"{PREFIX}-{toguid:016x}-{fromguid:016x}-{seq}-open"
+
+
+def checkpoint_name(toguid: int, fromguid: int, seq: int, end: int, fingerprint_from: int, fingerprint: str) -> str:
+    return f"{PREFIX}-{toguid:016x}-{fromguid:016x}-{seq}-{end:x}-{fingerprint_from:x}-{fingerprint}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    snapshot: Snapshot
+    seq: int
+    end: int
+    fingerprint_from: int
+    fingerprint: str
+
+
+@dataclass
+class Transfer:
+    """The pieces on one dataset that belong to the transfer of one source snapshot."""
+
+    dataset: str
+    toguid: int
+    fromguid: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    open_pieces: list[Snapshot] = field(default_factory=list)
+    final: Snapshot | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.final is not None
+
+    @property
+    def last(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def pieces(self) -> list[Snapshot]:
+        return [c.snapshot for c in self.checkpoints] + self.open_pieces
+
+    def token(self) -> ResumeToken | None:
+        last = self.last
+        if last is None:
+            return None
+        return ResumeToken(
+            dataset=self.dataset,
+            toguid=self.toguid,
+            fromguid=self.fromguid,
+            checkpoint_guid=last.snapshot.guid,
+            seq=last.seq,
+            offset=last.end,
+            fingerprint_from=last.fingerprint_from,
+            fingerprint=last.fingerprint,
+        )
+
+
+def find_transfers(snapshots: list[Snapshot], dataset: str) -> list[Transfer]:
+    """Group a dataset's snapshots (oldest first) into snapferry transfers, oldest first."""
+    transfers: dict[int, Transfer] = {}
+    for snap in snapshots:
+        short = snap.short_name
+        match = _CHECKPOINT.match(short) or _OPEN.match(short)
+        if not match:
+            continue
+        toguid = int(match["toguid"], 16)
+        transfer = transfers.setdefault(toguid, Transfer(dataset, toguid, int(match["fromguid"], 16)))
+        if match.re is _OPEN:
+            transfer.open_pieces.append(snap)
+        else:
+            transfer.checkpoints.append(
+                Checkpoint(snap, int(match["seq"]), int(match["end"], 16), int(match["fpfrom"], 16), match["fp"])
+            )
+    by_guid = {s.guid: s for s in snapshots}
+    for transfer in transfers.values():
+        transfer.checkpoints.sort(key=lambda c: c.seq)
+        transfer.final = by_guid.get(transfer.toguid)
+    return list(transfers.values())
+
+
+def read_transfers(zfs: Zfs, dataset: str) -> tuple[list[Snapshot], list[Transfer]]:
+    snapshots = zfs.snapshots(dataset) if zfs.exists(dataset) else []
+    return snapshots, find_transfers(snapshots, dataset)
+
+
+def is_piece(snapshot: Snapshot) -> bool:
+    return bool(_CHECKPOINT.match(snapshot.short_name) or _OPEN.match(snapshot.short_name))

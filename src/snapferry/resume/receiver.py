@@ -1,0 +1,246 @@
+"""The piece-chain receiver: cuts a ZFS stream into checkpointed pieces applied by real `zfs receive`."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType
+from snapferry.codec.zfs_stream import Record, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.engine.pipes import ReceiveProcess
+from snapferry.engine.zfs import Snapshot, Zfs
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.events import EventSink, ignore_events
+from snapferry.resume.checkpoints import (
+    MAX_CHECKPOINT_NAME,
+    Transfer,
+    checkpoint_name,
+    open_name,
+    read_transfers,
+)
+from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
+
+MAX_DATASET_NAME = 255
+
+
+def resume_hint(dataset: str) -> str:
+    return f"resume with: snapferry send -t $(snapferry token {dataset}) | snapferry receive -s {dataset}"
+
+
+@dataclass
+class _Position:
+    """Where the chain stands: the next piece's number, base guid and start in the original stream."""
+
+    seq: int
+    base_guid: int
+    first_offset: int
+    fingerprint_from: int
+    force: bool
+
+
+class _Piece:
+    """One piece in flight: a `zfs receive` fed with a BEGIN of our own and the stream's records."""
+
+    def __init__(self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool) -> None:
+        self.begin = begin
+        self.size = 0
+        self._proc = ReceiveProcess(zfs.receive_argv(dataset, force=force), f"cannot receive into {dataset}")
+        self._writer = StampedWriter(self._proc.write)
+        self._writer.begin(begin, begin_payload)
+
+    def write(self, record: Record) -> None:
+        self._writer.record(record)
+        self.size += record.size
+
+    def commit(self) -> None:
+        self._writer.end(self.begin.toguid)
+        self._proc.finish()
+
+    def abort(self) -> None:
+        self._proc.abort()
+
+
+class PieceReceiver:
+    """Receives streams into one dataset, committing a checkpoint snapshot every `checkpoint_size` bytes."""
+
+    def __init__(
+        self, zfs: Zfs, dataset: str, *, checkpoint_size: int, force: bool = False, events: EventSink = ignore_events
+    ) -> None:
+        if "@" in dataset:
+            raise Refused(f"receive into a file system, not a snapshot: {dataset}")
+        if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
+            raise Refused(f"destination name too long to hold checkpoint snapshots: {dataset}")
+        self.zfs = zfs
+        self.dataset = dataset
+        self.checkpoint_size = checkpoint_size
+        self.force = force
+        self.events = events
+        self.received: list[str] = []
+
+    def receive(self, source: BinaryIO) -> list[str]:
+        """Apply every substream in `source`; returns the names of the completed snapshots."""
+        reader = StreamReader(source)
+        while (first := reader.read_begin()) is not None:
+            begin, begin_bytes = first
+            self._receive_substream(reader, begin, begin_bytes)
+        if not self.received:
+            raise StreamFormatError("no ZFS stream on input (it was empty)")
+        return self.received
+
+    def _plan(self, begin: Begin, begin_bytes: bytes) -> _Position:
+        """Decide from the destination's state whether this stream starts or continues a transfer."""
+        snapshots, transfers = read_transfers(self.zfs, self.dataset)
+        for transfer in transfers:
+            if transfer.complete:
+                remove_finished_pieces(self.zfs, transfer)
+        unfinished = [t for t in transfers if not t.complete]
+        for transfer in unfinished:
+            for checkpoint in transfer.checkpoints:
+                if checkpoint.snapshot.guid == begin.fromguid:
+                    return self._continue(transfer, checkpoint.seq, begin)
+        for transfer in unfinished:
+            if not transfer.checkpoints:
+                # A piece committed but never named as a checkpoint holds no resumable position.
+                self.events("discard", reason="uncommitted piece", dataset=self.dataset)
+                discard_transfer(self.zfs, transfer, snapshots)
+                snapshots, _ = read_transfers(self.zfs, self.dataset)
+                continue
+            raise self._refuse_second_transfer(transfer, begin)
+        return self._start(begin, begin_bytes, snapshots)
+
+    def _refuse_second_transfer(self, transfer: Transfer, begin: Begin) -> Refused:
+        assert transfer.last is not None
+        done = f"{transfer.last.end} bytes in {len(transfer.checkpoints)} checkpoints"
+        if transfer.toguid == begin.toguid:
+            return Refused(
+                f"{self.dataset} already holds an interrupted transfer of {begin.toname} ({done}); "
+                f"{resume_hint(self.dataset)}, or discard it with: snapferry receive -A {self.dataset}"
+            )
+        return Refused(
+            f"{self.dataset} holds an interrupted transfer of another snapshot (guid {transfer.toguid}, {done}); "
+            f"finish it, or discard it with: snapferry receive -A {self.dataset}"
+        )
+
+    def _continue(self, transfer: Transfer, seq: int, begin: Begin) -> _Position:
+        last = transfer.last
+        assert last is not None
+        if begin.toguid != transfer.toguid:
+            raise Refused(
+                f"this stream continues checkpoint {seq} of {self.dataset} but with another snapshot "
+                f"(guid {begin.toguid}, expected {transfer.toguid}): the token is stale"
+            )
+        if seq != last.seq:
+            raise Refused(
+                f"stale token: this stream continues checkpoint {seq}, but {self.dataset} has reached checkpoint "
+                f"{last.seq}; get a fresh one with: snapferry token {self.dataset}"
+            )
+        if transfer.open_pieces:
+            # A piece committed after the last checkpoint but never renamed: its end is unknown.
+            self.zfs.rollback(last.snapshot.name)
+        self.events("resume", dataset=self.dataset, offset=last.end, seq=last.seq)
+        return _Position(last.seq + 1, last.snapshot.guid, last.end, last.end, force=True)
+
+    def _start(self, begin: Begin, begin_bytes: bytes, snapshots: list[Snapshot]) -> _Position:
+        exists = bool(snapshots) or self.zfs.exists(self.dataset)
+        if any(s.guid == begin.toguid for s in snapshots):
+            raise Refused(f"{self.dataset} already has this snapshot ({begin.snapshot_name}, guid {begin.toguid})")
+        if not begin.is_incremental:
+            if exists:
+                raise Refused(
+                    f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)"
+                )
+        else:
+            if not exists:
+                raise Refused(f"{self.dataset} does not exist: an incremental stream needs its base snapshot there")
+            if not any(s.guid == begin.fromguid for s in snapshots):
+                raise Refused(
+                    f"{self.dataset} has no snapshot with guid {begin.fromguid}, the base of this incremental stream "
+                    "(a resume token for another dataset, or an aborted transfer?)"
+                )
+        first = len(begin_bytes)
+        return _Position(0, begin.fromguid, first, first, force=self.force)
+
+    def _open_piece(self, begin: Begin, begin_payload: bytes, pos: _Position, final: bool) -> _Piece:
+        if final:
+            piece_begin = begin.derive(toguid=begin.toguid, fromguid=pos.base_guid, toname=begin.toname)
+        else:
+            guid = secrets.randbits(64) or 1
+            fs = begin.toname.partition("@")[0]
+            name = open_name(begin.toguid, begin.fromguid, pos.seq)
+            piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{fs}@{name}")
+        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force)
+
+    def _commit(self, piece: _Piece, begin: Begin, pos: _Position, boundary: Record) -> None:
+        """Commit a piece and name it as a checkpoint ending right before `boundary`."""
+        piece.commit()
+        name = checkpoint_name(
+            begin.toguid, begin.fromguid, pos.seq, boundary.offset, pos.fingerprint_from,
+            fingerprint_digest(boundary.fingerprint),
+        )
+        self.zfs.rename(f"{self.dataset}@{piece.begin.snapshot_name}", f"{self.dataset}@{name}")
+        self.events("checkpoint", dataset=self.dataset, seq=pos.seq, offset=boundary.offset, piece_bytes=piece.size)
+        pos.seq += 1
+        pos.base_guid = piece.begin.toguid
+        pos.force = True
+
+    def _receive_substream(self, reader: StreamReader, begin: Begin, begin_bytes: bytes) -> None:
+        pos = self._plan(begin, begin_bytes)
+        start_seq = pos.seq
+        payload = begin_bytes[HEADER_SIZE:]
+        self.events("stream", dataset=self.dataset, toname=begin.toname, offset=pos.first_offset)
+        piece: _Piece | None = None
+        try:
+            for record in reader.records(begin_bytes, pos.first_offset, pos.fingerprint_from):
+                if record.kind == RecordType.END:
+                    if piece is not None:
+                        self._commit(piece, begin, pos, record)
+                        piece = None
+                    break
+                if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size:
+                    self._commit(piece, begin, pos, record)
+                    piece = None
+                if piece is None:
+                    piece = self._open_piece(begin, payload, pos, final=False)
+                piece.write(record)
+                self.events("progress", bytes=reader.bytes_read)
+            self._open_piece(begin, payload, pos, final=True).commit()
+        except StreamIntegrityError as exc:
+            if piece is not None:
+                piece.abort()
+            raise self._after_corruption(exc, begin, start_seq, pos.seq) from None
+        except (SnapferryError, KeyboardInterrupt) as exc:
+            if piece is not None:
+                piece.abort()
+            if isinstance(exc, KeyboardInterrupt):
+                raise TransferInterrupted(f"interrupted; {self._progress_note(pos, start_seq)}") from None
+            if isinstance(exc, TransferInterrupted):
+                raise type(exc)(f"{exc}; {self._progress_note(pos, start_seq)}") from None
+            raise
+        _, transfers = read_transfers(self.zfs, self.dataset)
+        for transfer in transfers:
+            if transfer.toguid == begin.toguid:
+                remove_finished_pieces(self.zfs, transfer)
+        self.received.append(f"{self.dataset}@{begin.snapshot_name}")
+        self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)
+
+    def _progress_note(self, pos: _Position, start_seq: int) -> str:
+        committed = pos.seq - start_seq
+        if pos.seq == 0:
+            return "no checkpoint was committed, so nothing is kept; send the stream again"
+        return f"{committed} checkpoint(s) committed in this run, {pos.seq} in all; {resume_hint(self.dataset)}"
+
+    def _after_corruption(self, exc: StreamIntegrityError, begin: Begin, start_seq: int, seq: int) -> StreamIntegrityError:
+        """A stream without per-record checksums is only verified at END: drop what this run committed."""
+        if seq == start_seq:
+            return StreamIntegrityError(f"{exc}; nothing from this stream was committed")
+        snapshots, transfers = read_transfers(self.zfs, self.dataset)
+        transfer = next(t for t in transfers if t.toguid == begin.toguid)
+        keep = [c for c in transfer.checkpoints if c.seq < start_seq]
+        if keep:
+            self.zfs.rollback(keep[-1].snapshot.name)
+            kept = f"rolled back to checkpoint {keep[-1].seq}; {resume_hint(self.dataset)}"
+        else:
+            discard_transfer(self.zfs, transfer, snapshots)
+            kept = "the partial transfer was discarded; send it again"
+        return StreamIntegrityError(f"{exc}; the {seq - start_seq} checkpoint(s) taken from it were unverified, {kept}")

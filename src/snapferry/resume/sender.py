@@ -1,0 +1,133 @@
+"""The sending side: `zfs send` re-stamped with per-record checksums, and continuations from a token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from snapferry.codec.token import ResumeToken
+from snapferry.codec.zfs_records import HEADER_SIZE, RecordType
+from snapferry.codec.zfs_stream import Sink, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.engine.pipes import SendProcess
+from snapferry.engine.zfs import Snapshot, Zfs
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
+from snapferry.events import EventSink, ignore_events
+
+
+@contextmanager
+def _zfs_send(argv: list[str], action: str) -> Iterator[tuple[SendProcess, StreamReader]]:
+    proc = SendProcess(argv, action)
+    reader = StreamReader(proc.stdout)
+    try:
+        yield proc, reader
+    except SnapferryError:
+        # A stream that stops short is most often zfs send failing: its own words say more.
+        failure = proc.failure()
+        if failure is not None:
+            raise failure from None
+        raise
+    except BrokenPipeError:
+        raise TransferInterrupted(f"the receiving side closed the stream after {reader.bytes_read} bytes") from None
+    finally:
+        proc.stop()
+
+
+def send_snapshot(
+    zfs: Zfs, snapshot: str, sink: Sink, *, base: str | None = None, intermediates: bool = False,
+    events: EventSink = ignore_events,
+) -> int:
+    """Send a snapshot (or an incremental) with every record's running checksum filled in."""
+    argv = zfs.send_argv(snapshot, incremental_from=base, intermediates=intermediates)
+    written = 0
+    with _zfs_send(argv, f"cannot send {snapshot}") as (proc, reader):
+        substreams = 0
+        while (first := reader.read_begin()) is not None:
+            begin, begin_bytes = first
+            events("stream", toname=begin.toname, offset=0)
+            writer = StampedWriter(sink)
+            writer.begin(begin, begin_bytes[HEADER_SIZE:])
+            for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
+                if record.kind == RecordType.END:
+                    writer.end(begin.toguid)
+                    break
+                writer.record(record)
+                events("progress", bytes=written + writer.bytes_written)
+            written += writer.bytes_written
+            substreams += 1
+        if substreams == 0:
+            proc.check()
+            raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
+        proc.check()
+    events("done", bytes=written)
+    return written
+
+
+def _find_by_guid(snapshots: list[Snapshot], guid: int) -> Snapshot | None:
+    return next((s for s in snapshots if s.guid == guid), None)
+
+
+def send_continuation(zfs: Zfs, token: ResumeToken, sink: Sink, *, events: EventSink = ignore_events) -> int:
+    """Regenerate the source stream, check its prefix against the token, and send the rest.
+
+    The output is an incremental stream from the token's checkpoint snapshot to the source
+    snapshot, so `snapferry receive -s` continues the chain and plain `zfs receive` accepts it.
+    """
+    snapshots = zfs.all_snapshots()
+    source = _find_by_guid(snapshots, token.toguid)
+    if source is None:
+        raise Refused(
+            f"stale token: the source snapshot (guid {token.toguid}) no longer exists here (destroyed, or replaced "
+            f"by one of the same name); discard the partial transfer with: snapferry receive -A {token.dataset}"
+        )
+    base: Snapshot | None = None
+    if token.fromguid:
+        base = _find_by_guid([s for s in snapshots if s.dataset == source.dataset], token.fromguid)
+        if base is None:
+            raise Refused(
+                f"stale token: the base snapshot of this incremental (guid {token.fromguid}) no longer exists "
+                f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
+            )
+    argv = zfs.send_argv(source.name, incremental_from=base.name if base else None)
+    with _zfs_send(argv, f"cannot send {source.name}") as (proc, reader):
+        first = reader.read_begin()
+        if first is None:
+            proc.check()
+            raise StreamFormatError(f"zfs send produced no stream for {source.name}")
+        begin, begin_bytes = first
+        if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
+            raise Refused(f"stale token: zfs send {source.name} produced a stream of other snapshots")
+        events("stream", toname=begin.toname, offset=token.offset)
+        records = reader.records(begin_bytes, len(begin_bytes), token.fingerprint_from)
+        writer: StampedWriter | None = None
+        for record in records:
+            if writer is None:
+                if record.offset < token.offset and record.kind != RecordType.END:
+                    events("skip", bytes=record.end_offset, total=token.offset)
+                    continue
+                if record.offset != token.offset:
+                    raise Refused(
+                        f"stale token: its checkpoint (stream byte {token.offset}) is not a record boundary of the "
+                        f"stream {source.name} produces now, so the source stream changed; discard the partial "
+                        f"transfer with: snapferry receive -A {token.dataset}"
+                    )
+                if fingerprint_digest(record.fingerprint) != token.fingerprint:
+                    raise Refused(
+                        f"stale token: the stream {source.name} produces now differs from the one received up to "
+                        f"byte {token.offset} (fingerprint {fingerprint_digest(record.fingerprint)}, token says "
+                        f"{token.fingerprint}); discard the partial transfer with: snapferry receive -A {token.dataset}"
+                    )
+                writer = StampedWriter(sink)
+                fs = token.dataset
+                writer.begin(
+                    begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
+                    begin_bytes[HEADER_SIZE:],
+                )
+            if record.kind == RecordType.END:
+                writer.end(begin.toguid)
+                break
+            writer.record(record)
+            events("progress", bytes=writer.bytes_written, offset=record.end_offset)
+        proc.check()
+    assert writer is not None
+    events("done", bytes=writer.bytes_written)
+    return writer.bytes_written
