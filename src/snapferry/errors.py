@@ -32,7 +32,7 @@ class Refused(SnapferryError):
 
 
 class StreamFormatError(SnapferryError):
-    """The input is not a ZFS stream snapferry can handle (foreign, truncated header, unsupported kind)."""
+    """The input is not a ZFS stream snapferry can handle (foreign, corrupt framing, unsupported kind)."""
 
     exit_code = 5
 

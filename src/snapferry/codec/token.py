@@ -52,14 +52,14 @@ class ResumeToken:
                 raise ValueError("check digits do not match")
             fields = json.loads(body)
             token = cls(**fields)
-        except (ValueError, TypeError, binascii.Error, zlib.error) as exc:
+        except (ValueError, TypeError, RecursionError, binascii.Error, zlib.error) as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
         token._check()
         return token
 
     def _check(self) -> None:
         ints = (self.toguid, self.fromguid, self.checkpoint_guid, self.seq, self.offset, self.fingerprint_from)
-        if not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in ints) or not isinstance(self.dataset, str):
+        if not all(type(v) is int and 0 <= v < 1 << 64 for v in ints) or not isinstance(self.dataset, str):
             raise MalformedToken("malformed token: a field is out of range")
         if not (0 < self.fingerprint_from <= self.offset):
             raise MalformedToken("malformed token: its offsets are inconsistent")

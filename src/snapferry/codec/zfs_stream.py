@@ -97,7 +97,8 @@ class StreamReader:
         wire = Fletcher4().update(begin_bytes)
         fingerprint = Fletcher4()
         offset = first_offset
-        verified_to = first_offset
+        # The first stamp covers BEGIN too; a continuation's BEGIN has no place in the original stream.
+        verified_to = 0 if first_offset == len(begin_bytes) else first_offset
         while True:
             header = self._header
             got = self._read_exact(memoryview(header))
@@ -114,18 +115,18 @@ class StreamReader:
             before = wire
             wire = wire.extend(head_sum)
             stamp = bytes(header[STAMP_OFFSET:])
-            if stamp != _ZERO_STAMP:
-                if stamp != wire.to_bytes():
-                    raise StreamIntegrityError(
-                        f"checksum mismatch in the record at stream byte {offset}: "
-                        f"bytes {verified_to}-{offset + STAMP_OFFSET} were corrupted in transit"
-                    )
-                verified_to = offset + STAMP_OFFSET
+            if stamp != _ZERO_STAMP and stamp != wire.to_bytes():
+                raise StreamIntegrityError(
+                    f"checksum mismatch in the record at stream byte {offset}: "
+                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit"
+                )
             if kind == RecordType.END and end_checksum(header) != before:
                 raise StreamIntegrityError(
                     f"stream checksum mismatch at END (stream byte {offset}): "
-                    f"bytes {verified_to}-{offset} were corrupted in transit"
+                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit"
                 )
+            if stamp != _ZERO_STAMP:
+                verified_to = offset + HEADER_SIZE
             wire = wire.update(stamp)
             if len(self._payload) < size:
                 self._payload = bytearray(size)

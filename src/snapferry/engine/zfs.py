@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ _MISSING = re.compile(r"does not exist|dataset does not exist|no such pool", re.
 _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
 _NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
-_CHECKSUM = re.compile(r"checksum mismatch|invalid backup stream|incomplete stream", re.I)
+_BUSY_RETRIES = 6
 
 
 def last_line(text: str) -> str:
@@ -125,7 +126,15 @@ class Zfs:
         return int(self.run(f"cannot read the guid of {name}", "get", "-H", "-p", "-o", "value", "guid", name).strip())
 
     def destroy(self, name: str, *, recursive: bool = False) -> None:
-        self.run(f"cannot destroy {name}", "destroy", *(["-r"] if recursive else []), name)
+        # A mount that was just read can stay busy for a moment (seen on zfs-fuse): retry briefly.
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                self.run(f"cannot destroy {name}", "destroy", *(["-r"] if recursive else []), name)
+                return
+            except TransferInterrupted as exc:
+                if attempt == _BUSY_RETRIES - 1 or "busy" not in str(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def rename(self, old: str, new: str) -> None:
         self.run(f"cannot rename {old}", "rename", old, new)
@@ -136,8 +145,5 @@ class Zfs:
     def receive_argv(self, dataset: str, *, force: bool) -> list[str]:
         return self.argv("receive", *(["-F"] if force else []), dataset)
 
-    def send_argv(self, snapshot: str, *, incremental_from: str | None = None, intermediates: bool = False) -> list[str]:
-        args = ["send"]
-        if incremental_from:
-            args += ["-I" if intermediates else "-i", incremental_from]
-        return self.argv(*args, snapshot)
+    def send_argv(self, snapshot: str, *, incremental_from: str | None = None) -> list[str]:
+        return self.argv("send", *(["-i", incremental_from] if incremental_from else []), snapshot)

@@ -32,34 +32,60 @@ def _zfs_send(argv: list[str], action: str) -> Iterator[tuple[SendProcess, Strea
         proc.stop()
 
 
+def _intermediates(zfs: Zfs, base: str, snapshot: str) -> list[str]:
+    """base, every snapshot between, and snapshot, oldest first (what zfs send -I covers)."""
+    dataset = snapshot.partition("@")[0]
+    chain = zfs.snapshots(dataset)
+    names = [s.name for s in chain]
+    for name in (base, snapshot):
+        if name not in names:
+            raise Refused(f"no snapshot {name} in {dataset}")
+    first, last = names.index(base), names.index(snapshot)
+    if first >= last:
+        raise Refused(f"{base} is not an earlier snapshot of {dataset} than {snapshot}")
+    return names[first : last + 1]
+
+
 def send_snapshot(
     zfs: Zfs, snapshot: str, sink: Sink, *, base: str | None = None, intermediates: bool = False,
     events: EventSink = ignore_events,
 ) -> int:
-    """Send a snapshot (or an incremental) with every record's running checksum filled in."""
-    argv = zfs.send_argv(snapshot, incremental_from=base, intermediates=intermediates)
+    """Send a snapshot (or incrementals) with every record's running checksum filled in.
+
+    `-I` is sent as one plain incremental per snapshot pair, concatenated: some zfs versions
+    wrap -I in a compound stream, which needs no such wrapping to be received in order.
+    """
+    if base and intermediates:
+        chain = _intermediates(zfs, base, snapshot)
+        pairs: list[tuple[str | None, str]] = list(zip(chain, chain[1:]))
+    else:
+        pairs = [(base, snapshot)]
     written = 0
-    with _zfs_send(argv, f"cannot send {snapshot}") as (proc, reader):
-        substreams = 0
-        while (first := reader.read_begin()) is not None:
-            begin, begin_bytes = first
-            events("stream", toname=begin.toname, offset=0)
-            writer = StampedWriter(sink)
-            writer.begin(begin, begin_bytes[HEADER_SIZE:])
-            for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
-                if record.kind == RecordType.END:
-                    writer.end(begin.toguid)
-                    break
-                writer.record(record)
-                events("progress", bytes=written + writer.bytes_written)
-            written += writer.bytes_written
-            substreams += 1
-        if substreams == 0:
-            proc.check()
-            raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
-        proc.check()
+    for pair_base, pair_snapshot in pairs:
+        written += _send_one(zfs, pair_snapshot, pair_base, sink, written, events)
     events("done", bytes=written)
     return written
+
+
+def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int, events: EventSink) -> int:
+    argv = zfs.send_argv(snapshot, incremental_from=base)
+    with _zfs_send(argv, f"cannot send {snapshot}") as (proc, reader):
+        first = reader.read_begin()
+        if first is None:
+            proc.check()
+            raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
+        begin, begin_bytes = first
+        events("stream", toname=begin.toname, offset=0)
+        writer = StampedWriter(sink)
+        writer.begin(begin, begin_bytes[HEADER_SIZE:])
+        for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
+            if record.kind == RecordType.END:
+                writer.end(begin.toguid)
+                break
+            writer.record(record)
+            events("progress", bytes=before + writer.bytes_written)
+        proc.check()
+    return writer.bytes_written
 
 
 def _find_by_guid(snapshots: list[Snapshot], guid: int) -> Snapshot | None:

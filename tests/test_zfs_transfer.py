@@ -1,0 +1,184 @@
+"""Transfers through real zfs-fuse: complete, cut at many offsets, killed, and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from snapferry.codec.zfs_records import HEADER_SIZE
+from tests import zfs_testbed as tb
+
+
+@pytest.fixture(scope="module")
+def source(bed: tb.Bed) -> dict[str, object]:
+    """One dataset with @s1 (full) and @s2 (changes), their guids, manifests and streams."""
+    fs = bed.dataset("data")
+    tb.sh("zfs", "create", fs)
+    root = tb.mountpoint(fs)
+    tb.write_tree(root, seed=1, megabytes=12)
+    guid1, files1 = tb.snapshot(f"{fs}@s1")
+    tb.change_tree(root, seed=2)
+    guid2, files2 = tb.snapshot(f"{fs}@s2")
+    return {
+        "fs": fs,
+        "guid1": guid1,
+        "files1": files1,
+        "guid2": guid2,
+        "files2": files2,
+        "full": tb.send_bytes(f"{fs}@s1"),
+        "incr": tb.send_bytes("-i", "@s1", f"{fs}@s2"),
+    }
+
+
+def assert_matches(dst: str, snap: str, guid: object, files: object) -> None:
+    assert tb.guid(f"{dst}@{snap}") == guid
+    assert tb.manifest(tb.mountpoint(dst)) == files
+    assert tb.piece_names(dst) == [], "checkpoint snapshots must be gone after completion"
+
+
+def test_full_uninterrupted(bed: tb.Bed, source: dict[str, object]) -> None:
+    dst = bed.target("full")
+    result = tb.receive(dst, source["full"])  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stderr
+    assert_matches(dst, "s1", source["guid1"], source["files1"])
+    assert tb.snapshot_names(dst) == ["s1"]
+
+
+def test_incremental_uninterrupted_from_plain_zfs_send(bed: tb.Bed, source: dict[str, object]) -> None:
+    dst = bed.target("incr")
+    assert tb.receive(dst, source["full"]).returncode == 0  # type: ignore[arg-type]
+    raw = tb.sh("zfs", "send", "-i", "@s1", f"{source['fs']}@s2").stdout
+    result = tb.receive(dst, raw, "-F")
+    assert result.returncode == 0, result.stderr
+    assert_matches(dst, "s2", source["guid2"], source["files2"])
+
+
+def test_send_I_carries_every_intermediate_snapshot(bed: tb.Bed, source: dict[str, object]) -> None:
+    fs = str(source["fs"])
+    tb.sh("zfs", "create", f"{fs}x")
+    root = tb.mountpoint(f"{fs}x")
+    tb.write_tree(root, seed=7, megabytes=4)
+    tb.snapshot(f"{fs}x@a")
+    tb.change_tree(root, seed=8)
+    tb.snapshot(f"{fs}x@b")
+    tb.change_tree(root, seed=9)
+    guid_c, files_c = tb.snapshot(f"{fs}x@c")
+    dst = bed.target("multi")
+    assert tb.receive(dst, tb.send_bytes(f"{fs}x@a")).returncode == 0
+    result = tb.receive(dst, tb.send_bytes("-I", "@a", f"{fs}x@c"), "-F")
+    assert result.returncode == 0, result.stderr
+    assert tb.snapshot_names(dst) == ["a", "b", "c"]
+    assert_matches(dst, "c", guid_c, files_c)
+
+
+def _cut_points(stream_len: int) -> list[tuple[str, int]]:
+    return [
+        ("start", 0),
+        ("mid-begin", 100),
+        ("mid-header", HEADER_SIZE + 200),
+        ("mid-payload", stream_len // 3 + 1001),
+        ("at-checkpoint-size", (1 << 20) + 4096),
+        ("before-end", stream_len - HEADER_SIZE),
+        ("mid-end", stream_len - 10),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["full", "incr"])
+def test_cut_at_many_offsets_then_resume(bed: tb.Bed, source: dict[str, object], kind: str) -> None:
+    stream: bytes = source[kind]  # type: ignore[assignment]
+    for label, cut in _cut_points(len(stream)):
+        dst = bed.target(f"cut{kind}{label}".replace("-", ""))
+        if kind == "incr":
+            assert tb.receive(dst, source["full"]).returncode == 0  # type: ignore[arg-type]
+        cut_run = tb.receive(dst, stream[:cut])
+        assert cut_run.returncode in (3, 5), (label, cut_run.stderr)
+        assert "Traceback" not in cut_run.stderr
+        if cut_run.returncode == 3 and tb.piece_names(dst):
+            assert "resume with: snapferry send -t" in cut_run.stderr
+            result = tb.resume(dst)
+        else:
+            # Nothing was committed: the only way on is to send again, and snapferry says so.
+            assert "no resume token" in tb.snapferry("token", dst).stderr
+            result = tb.receive(dst, stream)
+        assert result.returncode == 0, (label, result.stderr)
+        snap, guid_key, files_key = ("s1", "guid1", "files1") if kind == "full" else ("s2", "guid2", "files2")
+        assert_matches(dst, snap, source[guid_key], source[files_key])
+
+
+def test_resume_skips_committed_bytes(bed: tb.Bed, source: dict[str, object]) -> None:
+    stream: bytes = source["full"]  # type: ignore[assignment]
+    dst = bed.target("resent")
+    assert tb.receive(dst, stream[: len(stream) // 2]).returncode == 3
+    token = tb.token(dst)
+    committed = tb.snapferry("token", "--decode", token)
+    import json
+
+    offset = json.loads(committed.stdout)["offset"]
+    continuation = tb.snapferry("send", "-t", token).stdout
+    # The continuation is a new BEGIN, the uncommitted rest of the stream, and a new END.
+    assert len(continuation) == len(stream) - offset + HEADER_SIZE
+    assert offset > len(stream) // 2 - (1 << 20) - (128 << 10)
+    assert tb.receive(dst, continuation).returncode == 0
+    assert_matches(dst, "s1", source["guid1"], source["files1"])
+
+
+def test_continuation_is_accepted_by_plain_zfs_receive(bed: tb.Bed, source: dict[str, object]) -> None:
+    stream: bytes = source["full"]  # type: ignore[assignment]
+    dst = bed.target("plain")
+    assert tb.receive(dst, stream[: len(stream) // 2]).returncode == 3
+    continuation = tb.snapferry("send", "-t", tb.token(dst)).stdout
+    tb.sh("zfs", "receive", "-F", dst, input=continuation)
+    assert tb.guid(f"{dst}@s1") == source["guid1"]
+    assert tb.manifest(tb.mountpoint(dst)) == source["files1"]
+    # The leftover checkpoints of a transfer finished by plain zfs are ours to clean up.
+    assert tb.piece_names(dst)
+    assert "no resume token" in tb.snapferry("token", dst).stderr
+    assert tb.snapferry("receive", "-A", dst).returncode == 0
+    assert tb.snapshot_names(dst) == ["s1"]
+
+
+def _feed_and_kill(dst: str, stream: bytes, upto: int) -> None:
+    """Feed `upto` bytes to a real receiver, wait until it has committed, then SIGKILL it."""
+    proc = subprocess.Popen([*tb.SNAPFERRY, "receive", "-s", "--checkpoint", "1M", dst], stdin=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None
+    proc.stdin.write(stream[:upto])
+    proc.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not tb.piece_names(dst) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdin.close()
+
+
+def test_receiver_sigkilled_mid_piece_then_resumed(bed: tb.Bed, source: dict[str, object]) -> None:
+    stream: bytes = source["full"]  # type: ignore[assignment]
+    dst = bed.target("killed")
+    _feed_and_kill(dst, stream, len(stream) * 2 // 3 + 777)
+    assert tb.piece_names(dst)
+    result = tb.resume(dst)
+    assert result.returncode == 0, result.stderr
+    assert_matches(dst, "s1", source["guid1"], source["files1"])
+
+
+def test_three_interruptions_then_plain_incremental_on_top(bed: tb.Bed, source: dict[str, object]) -> None:
+    stream: bytes = source["full"]  # type: ignore[assignment]
+    dst = bed.target("thrice")
+    assert tb.receive(dst, stream[: len(stream) // 5]).returncode == 3
+    for fraction in (2, 3):
+        continuation = tb.snapferry("send", "-t", tb.token(dst)).stdout
+        result = tb.receive(dst, continuation[: len(continuation) // fraction])
+        assert result.returncode == 3, result.stderr
+        # Reading the partial destination (atime) between pieces must not break the chain.
+        tb.manifest(tb.mountpoint(dst))
+    assert tb.resume(dst).returncode == 0
+    assert_matches(dst, "s1", source["guid1"], source["files1"])
+    tb.sh("zfs", "receive", "-F", dst, input=tb.sh("zfs", "send", "-i", "@s1", f"{source['fs']}@s2").stdout)
+    assert tb.guid(f"{dst}@s2") == source["guid2"]
+    assert tb.manifest(tb.mountpoint(dst)) == source["files2"]
