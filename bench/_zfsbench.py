@@ -197,8 +197,11 @@ def run_pipeline(stages: Sequence[Sequence[str]], env: dict[str, str] | None = N
     for i, argv in enumerate(stages):
         last = i == len(stages) - 1
         p = subprocess.Popen(
-            list(argv), stdin=prev, stdout=subprocess.DEVNULL if last else subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env,
+            list(argv),
+            stdin=prev,
+            stdout=subprocess.DEVNULL if last else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
         )
         if prev is not None:
             prev.close()

@@ -43,8 +43,15 @@ def synth_stream(size_mib: int, seed: int = 0) -> bytes:
     """A full-stream-shaped ZFS stream of about size_mib MiB of WRITE payloads."""
     rng = np.random.default_rng(seed)
     data = rng.bytes(size_mib * MiB)
-    begin = Begin(versioninfo=1, creation_time=int(time.time()), objset_type=2, flags=4,
-                  toguid=int(rng.integers(1, 2**63)), fromguid=0, toname="bench/fs@s")
+    begin = Begin(
+        versioninfo=1,
+        creation_time=int(time.time()),
+        objset_type=2,
+        flags=4,
+        toguid=int(rng.integers(1, 2**63)),
+        fromguid=0,
+        toname="bench/fs@s",
+    )
     out = bytearray(begin.encode())
     per_object = 64 * MiB // RECORD
     for i in range(0, len(data) // RECORD):
@@ -56,8 +63,7 @@ def synth_stream(size_mib: int, seed: int = 0) -> bytes:
             out += header
             out += bytes(168)
         header = bytearray(HEADER_SIZE)
-        struct.pack_into("<IIQIIQQQ", header, 0, RecordType.WRITE, 0, obj, 19, 0, (i % per_object) * RECORD,
-                         RECORD, begin.toguid)
+        struct.pack_into("<IIQIIQQQ", header, 0, RecordType.WRITE, 0, obj, 19, 0, (i % per_object) * RECORD, RECORD, begin.toguid)
         out += header
         out += data[i * RECORD : (i + 1) * RECORD]
     out += end_header(Fletcher4().update(out), begin.toguid)
@@ -119,10 +125,12 @@ def main() -> int:
 
     def report(name: str, nbytes: int, times: tuple[float, float]) -> None:
         best, med = times
-        results[name] = {"bytes": nbytes, "best_s": best, "median_s": med,
-                         "gb_per_s": nbytes / 1e9 / med, "s_per_gb": med / (nbytes / 1e9)}
-        print(f"{name:<18} {nbytes / MiB:7.0f} MiB  median {med:7.3f} s  {nbytes / 1e9 / med:6.2f} GB/s"
-              f"  ({med / (nbytes / 1e9):.2f} CPU s/GB)", flush=True)
+        results[name] = {"bytes": nbytes, "best_s": best, "median_s": med, "gb_per_s": nbytes / 1e9 / med, "s_per_gb": med / (nbytes / 1e9)}
+        print(
+            f"{name:<18} {nbytes / MiB:7.0f} MiB  median {med:7.3f} s  {nbytes / 1e9 / med:6.2f} GB/s"
+            f"  ({med / (nbytes / 1e9):.2f} CPU s/GB)",
+            flush=True,
+        )
 
     buf = np.random.default_rng(1).bytes(args.fletcher_mib * MiB)
     report("fletcher4-update", len(buf), best_and_median(lambda: Fletcher4().update(buf), args.repeat))
@@ -140,17 +148,25 @@ def main() -> int:
     report("reader+writer", len(stream), best_and_median(lambda: process(stream, lambda parts: None), args.repeat))
     fd = os.open(os.devnull, os.O_WRONLY)
     try:
-        report("reader+writev", len(stream),
-               best_and_median(lambda: process(stream, lambda parts: write_all(fd, parts)), args.repeat))
+        report("reader+writev", len(stream), best_and_median(lambda: process(stream, lambda parts: write_all(fd, parts)), args.repeat))
     finally:
         os.close(fd)
 
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
-            "stream": source, "stream_bytes": len(stream), "repeat": args.repeat, "results": results,
-        }, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+                    "stream": source,
+                    "stream_bytes": len(stream),
+                    "repeat": args.repeat,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

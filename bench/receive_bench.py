@@ -64,9 +64,7 @@ def variants(src_snap: str, dst: str, checkpoints: list[str], sf: list[str]) -> 
     ]
     for c in checkpoints:
         target = f"{dst}/sf{c.lower()}"
-        out.append(
-            (f"sf-{c}", target, [["zfs", "send", src_snap], [*sf, "receive", "-q", "-s", "--checkpoint", c, target]])
-        )
+        out.append((f"sf-{c}", target, [["zfs", "send", src_snap], [*sf, "receive", "-q", "-s", "--checkpoint", c, target]]))
     out.append(("sf2", f"{dst}/sf2", [[*sf, "send", "-q", src_snap], [*sf, "receive", "-q", "-s", f"{dst}/sf2"]]))
     return out
 
@@ -112,10 +110,7 @@ def summarize(label: str, runs: list[dict[str, float]], stream: int, raw_median:
 
 def print_table(title: str, rows: list[dict[str, object]], stream: int) -> None:
     print(f"\n{title}: stream {stream} bytes ({stream / MiB:.0f} MiB)")
-    print(
-        f"{'variant':<10} {'median s':>9} {'MB/s':>7} {'raw/x':>6} {'recv CPU s/GB':>14} "
-        f"{'recv RSS MiB':>13} {'daemon CPU s':>13}"
-    )
+    print(f"{'variant':<10} {'median s':>9} {'MB/s':>7} {'raw/x':>6} {'recv CPU s/GB':>14} {'recv RSS MiB':>13} {'daemon CPU s':>13}")
     for r in rows:
         ratio = r["ratio_raw_over"]
         print(
@@ -157,8 +152,21 @@ def profile_receive(src_snap: str, target: str, checkpoint: str, out_dir: Path) 
     prof = out_dir / f"receive-{checkpoint}.prof"
     stages = [
         ["zfs", "send", src_snap],
-        [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "snapferry.cli.main",
-         "receive", "-q", "-s", "--checkpoint", checkpoint, target],
+        [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(prof),
+            "-m",
+            "snapferry.cli.main",
+            "receive",
+            "-q",
+            "-s",
+            "--checkpoint",
+            checkpoint,
+            target,
+        ],
     ]
     destroy(target)
     result = run_pipeline(stages)

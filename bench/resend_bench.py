@@ -89,9 +89,13 @@ def transfer(sender: list[str], receiver: list[str], limit: int | None, mode: st
         send_err = send.stderr.read().decode(errors="replace").strip() if send.stderr else ""
         send.wait()
     return {
-        "bytes": passed, "cut": cut, "wall_s": time.perf_counter() - t,
-        "send_rc": send.returncode, "recv_rc": recv.returncode,
-        "recv_stderr": recv_err[-400:], "send_stderr": send_err[-400:],
+        "bytes": passed,
+        "cut": cut,
+        "wall_s": time.perf_counter() - t,
+        "send_rc": send.returncode,
+        "recv_rc": recv.returncode,
+        "recv_stderr": recv_err[-400:],
+        "send_stderr": send_err[-400:],
     }
 
 
@@ -148,10 +152,18 @@ def one_case(
     total = sum(int(a["bytes"]) for a in attempts)  # type: ignore[call-overload]
     bound = stream + k * parse_size(checkpoint)
     return {
-        "k": k, "checkpoint": checkpoint, "cuts": cuts, "attempts": attempts,
-        "total_sent": total, "stream": stream, "ratio": total / stream,
-        "bound": bound, "bound_ratio": bound / stream, "within_bound": total <= bound,
-        "resent": total - stream, "wall_s": time.perf_counter() - t,
+        "k": k,
+        "checkpoint": checkpoint,
+        "cuts": cuts,
+        "attempts": attempts,
+        "total_sent": total,
+        "stream": stream,
+        "ratio": total / stream,
+        "bound": bound,
+        "bound_ratio": bound / stream,
+        "within_bound": total <= bound,
+        "resent": total - stream,
+        "wall_s": time.perf_counter() - t,
     }
 
 
@@ -161,8 +173,9 @@ def main() -> int:
     ap.add_argument("--file-mib", type=int, default=64)
     ap.add_argument("--checkpoints", default="64M,256M")
     ap.add_argument("--ks", default="1,2,3", help="numbers of interruptions")
-    ap.add_argument("--mode", choices=["cut", "kill"], default="cut",
-                    help="cut: close the pipe like head -c; kill: SIGKILL the receiver at the cut")
+    ap.add_argument(
+        "--mode", choices=["cut", "kill"], default="cut", help="cut: close the pipe like head -c; kill: SIGKILL the receiver at the cut"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-verify-data", action="store_true", help="skip the sha256 comparison of the files")
     ap.add_argument("--workdir", default="/var/tmp")
@@ -231,15 +244,24 @@ def main() -> int:
     runtime = time.perf_counter() - t0
     log(f"done in {runtime:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": {"cpus": os.cpu_count()},
-            "size_mib": args.size_mib, "stream_bytes": stream, "mode": args.mode, "seed": args.seed,
-            "cases": cases, "total_runtime_s": runtime,
-        }, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "machine": {"cpus": os.cpu_count()},
+                    "size_mib": args.size_mib,
+                    "stream_bytes": stream,
+                    "mode": args.mode,
+                    "seed": args.seed,
+                    "cases": cases,
+                    "total_runtime_s": runtime,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         log(f"wrote {args.json}")
-    ok = all(
-        c["guid_ok"] and c.get("data_ok", True) and c["within_bound"] and not c["leftover_snapshots"] for c in cases
-    )
+    ok = all(c["guid_ok"] and c.get("data_ok", True) and c["within_bound"] and not c["leftover_snapshots"] for c in cases)
     return 0 if ok else 1
 
 

@@ -167,7 +167,8 @@ def main() -> int:
                 plan[f"sf-{c}M +pipes+cfl"] = [zsend, recv("--pipe", big, *cfl, checkpoint=c << 20)]
         plan["sf2 (CLI)"] = [[*sf, "send", "-q", snap], [*sf, "receive", "-q", "-s", t]]
         plan["sf2 +pipes+cfl" if lib else "sf2 +pipes"] = [
-            [*me, "child-send", "--pipe", big, *cfl, snap], recv("--pipe", big, *cfl),
+            [*me, "child-send", "--pipe", big, *cfl, snap],
+            recv("--pipe", big, *cfl),
         ]
         results: dict[str, list[dict[str, float]]] = {k: [] for k in plan}
         destroy(t)
@@ -179,10 +180,14 @@ def main() -> int:
                 r = run_pipeline(stages)
                 if not r.ok or zfs_get(f"{t}@s", "guid") != guid:
                     raise RuntimeError(f"{label} failed: {[s.stderr for s in r.stages]}")
-                results[label].append({
-                    "wall_s": r.wall, "recv_cpu_s": r.stages[-1].user + r.stages[-1].sys,
-                    "send_cpu_s": r.stages[0].user + r.stages[0].sys, "daemon_cpu_s": r.daemon_cpu,
-                })
+                results[label].append(
+                    {
+                        "wall_s": r.wall,
+                        "recv_cpu_s": r.stages[-1].user + r.stages[-1].sys,
+                        "send_cpu_s": r.stages[0].user + r.stages[0].sys,
+                        "daemon_cpu_s": r.daemon_cpu,
+                    }
+                )
                 log(f"round {rep + 1}/{args.repeat} {label:<22} {r.wall:6.2f} s")
                 destroy(t)
     raw = median([r["wall_s"] for r in results["raw"]])
@@ -192,18 +197,33 @@ def main() -> int:
     for label, runs in results.items():
         wall = median([r["wall_s"] for r in runs])
         row = {
-            "label": label, "median_wall_s": wall, "mb_per_s": stream / 1e6 / wall, "ratio_raw_over": raw / wall,
+            "label": label,
+            "median_wall_s": wall,
+            "mb_per_s": stream / 1e6 / wall,
+            "ratio_raw_over": raw / wall,
             "recv_cpu_s_per_gb": median([r["recv_cpu_s"] for r in runs]) / (stream / 1e9),
-            "send_cpu_s_per_gb": median([r["send_cpu_s"] for r in runs]) / (stream / 1e9), "runs": runs,
+            "send_cpu_s_per_gb": median([r["send_cpu_s"] for r in runs]) / (stream / 1e9),
+            "runs": runs,
         }
         rows.append(row)
-        print(f"{label:<22} {wall:>9.2f} {row['mb_per_s']:>7.1f} {row['ratio_raw_over']:>6.2f} "
-              f"{row['recv_cpu_s_per_gb']:>14.2f} {row['send_cpu_s_per_gb']:>14.2f}")
+        print(
+            f"{label:<22} {wall:>9.2f} {row['mb_per_s']:>7.1f} {row['ratio_raw_over']:>6.2f} "
+            f"{row['recv_cpu_s_per_gb']:>14.2f} {row['send_cpu_s_per_gb']:>14.2f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": {"cpus": os.cpu_count()},
-            "stream_bytes": stream, "repeat": args.repeat, "rows": rows,
-        }, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "machine": {"cpus": os.cpu_count()},
+                    "stream_bytes": stream,
+                    "repeat": args.repeat,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

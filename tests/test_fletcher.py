@@ -187,9 +187,7 @@ def test_from_bytes_to_bytes_roundtrip(raw: bytes) -> None:
 
 def test_to_bytes_layout_is_four_little_endian_words() -> None:
     state = Fletcher4(1, 2, 3, MASK64)
-    assert state.to_bytes() == (
-        (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + (3).to_bytes(8, "little") + b"\xff" * 8
-    )
+    assert state.to_bytes() == ((1).to_bytes(8, "little") + (2).to_bytes(8, "little") + (3).to_bytes(8, "little") + b"\xff" * 8)
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 64])

@@ -63,6 +63,10 @@ class Rec:
         return self.offset + self.size
 
     @property
+    def header_end(self) -> int:
+        return self.offset + HEADER_SIZE
+
+    @property
     def stamp_at(self) -> int:
         return self.offset + STAMP_OFFSET
 
@@ -540,9 +544,7 @@ def test_compressed_write_with_impossible_compressed_size() -> None:
 def test_write_payload_not_whole_words() -> None:
     _, rec = first(parsed(FULL)[2], RecordType.WRITE)
     data = put(stream_bytes(FULL), rec.offset + 32, "<Q", 1026)
-    with pytest.raises(
-        StreamFormatError, match=f"WRITE record at byte {rec.offset} has a payload of 1026 bytes, not whole words"
-    ):
+    with pytest.raises(StreamFormatError, match=f"WRITE record at byte {rec.offset} has a payload of 1026 bytes, not whole words"):
         consume(data)
 
 
@@ -642,9 +644,9 @@ def test_flipped_bit_in_write_payload_of_modern_stream(name: str) -> None:
     i, write = first(recs, RecordType.WRITE, 4)
     nxt = recs[i + 1]
     pos = write.offset + HEADER_SIZE + write.payload_len // 2
-    with pytest.raises(StreamIntegrityError, match=_mismatch(nxt.offset, write.stamp_at, nxt.stamp_at)):
+    with pytest.raises(StreamIntegrityError, match=_mismatch(nxt.offset, write.header_end, nxt.header_end)):
         consume(flip(stream_bytes(name), pos))
-    assert write.stamp_at <= pos < nxt.stamp_at
+    assert write.header_end <= pos < nxt.header_end
 
 
 @given(st.data())
@@ -656,7 +658,7 @@ def test_any_flipped_payload_bit_is_caught_by_the_next_stamp(data: st.DataObject
     rec, nxt = recs[i], recs[i + 1]
     pos = rec.offset + HEADER_SIZE + data.draw(st.integers(0, rec.payload_len - 1))
     mask = 1 << data.draw(st.integers(0, 7))
-    with pytest.raises(StreamIntegrityError, match=_mismatch(nxt.offset, rec.stamp_at, nxt.stamp_at)):
+    with pytest.raises(StreamIntegrityError, match=_mismatch(nxt.offset, rec.header_end, nxt.header_end)):
         consume(flip(stream_bytes(SMALL), pos, mask))
 
 
@@ -664,7 +666,7 @@ def test_flipped_bit_in_record_header_is_caught_by_its_own_stamp() -> None:
     recs = parsed(FULL)[2]
     i, write = first(recs, RecordType.WRITE, 2)
     pos = write.offset + 24  # drr_offset: changes nothing about the stream's shape
-    with pytest.raises(StreamIntegrityError, match=_mismatch(write.offset, recs[i - 1].stamp_at, write.stamp_at)):
+    with pytest.raises(StreamIntegrityError, match=_mismatch(write.offset, recs[i - 1].header_end, write.header_end)):
         consume(flip(stream_bytes(FULL), pos))
 
 
@@ -686,8 +688,8 @@ def test_flipped_bit_in_unstamped_stream_is_caught_at_end(name: str) -> None:
     _, write = first(recs, RecordType.WRITE, 1)
     end = recs[-1]
     bad = flip(unstamped(name), write.offset + HEADER_SIZE + 4321)
-    start = recs[0].offset  # nothing was verified before END: the range starts right after BEGIN
-    message = f"stream checksum mismatch at END (stream byte {end.offset}): bytes {start}-{end.offset} were corrupted"
+    # nothing was verified before END: the range starts at the stream's first byte
+    message = f"stream checksum mismatch at END (stream byte {end.offset}): bytes 0-{end.header_end} were corrupted"
     with pytest.raises(StreamIntegrityError, match=re.escape(message)):
         consume(bad)
 
@@ -705,7 +707,7 @@ def test_partially_stamped_stream_narrows_the_range() -> None:
     mixed = rewrite_stamps(stream_bytes(FULL), recs, keep={i - 1, i + 3})
     assert consume(mixed)
     bad = flip(mixed, write.offset + HEADER_SIZE + 7)
-    expected = _mismatch(recs[i + 3].offset, recs[i - 1].stamp_at, recs[i + 3].stamp_at)
+    expected = _mismatch(recs[i + 3].offset, recs[i - 1].header_end, recs[i + 3].header_end)
     with pytest.raises(StreamIntegrityError, match=expected):
         consume(bad)
 
@@ -716,11 +718,6 @@ def _named_range(message: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: StreamReader.records names bytes verified_to-(offset+STAMP_OFFSET) as corrupted, "
-    "which excludes the 32 stamp bytes themselves; a corrupted stamp is reported outside the named range",
-)
 def test_flipped_bit_in_stamp_is_inside_the_named_range() -> None:
     recs = parsed(SMALL)[2]
     rec = recs[3]
@@ -731,11 +728,6 @@ def test_flipped_bit_in_stamp_is_inside_the_named_range() -> None:
     assert start <= pos < stop, f"flipped byte {pos} is outside the reported range {start}-{stop}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a corrupted BEGIN record is reported as 'bytes 312-592 were corrupted' (verified_to starts "
-    "at first_offset, after BEGIN), although the BEGIN bytes are covered by the first stamp",
-)
 def test_flipped_bit_in_begin_is_inside_the_named_range() -> None:
     pos = 56 + 5  # inside toname
     with pytest.raises(StreamIntegrityError) as info:
@@ -767,9 +759,7 @@ _mutation = st.one_of(
 
 @given(st.lists(_mutation, min_size=1, max_size=4), st.one_of(st.none(), st.integers(0, 1 << 20)))
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_mutated_stream_raises_only_snapferry_errors(
-    mutations: list[tuple[str, int, int, int]], truncate: int | None
-) -> None:
+def test_mutated_stream_raises_only_snapferry_errors(mutations: list[tuple[str, int, int, int]], truncate: int | None) -> None:
     prefix, offsets = small_prefix()
     data = bytearray(prefix)
     for op, where, field, value in mutations:

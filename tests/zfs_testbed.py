@@ -63,7 +63,7 @@ def reboot_daemon(pool_dirs: list[Path], pools: list[str]) -> None:
             break
         time.sleep(0.05)
     start_daemon()
-    for directory, pool in zip(pool_dirs, pools):
+    for directory, pool in zip(pool_dirs, pools, strict=True):
         if sh("zpool", "list", pool, check=False).returncode != 0:
             sh("zpool", "import", "-d", str(directory), pool)
     sh("zfs", "mount", "-a", check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import shlex
@@ -13,7 +14,7 @@ from types import FrameType
 
 from snapferry.cli.progress import Reporter
 from snapferry.codec.token import ResumeToken
-from snapferry.engine.pipes import write_all
+from snapferry.engine.pipes import enlarge_pipe, write_all
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
 from snapferry.resume.checkpoints import read_transfers
@@ -22,9 +23,10 @@ from snapferry.resume.lock import dataset_lock
 from snapferry.resume.receiver import PieceReceiver
 from snapferry.resume.sender import send_continuation, send_snapshot
 
-# Chosen by bench/receive_overhead.py: commits cost ~0.1 s each on zfs-fuse, so 256 MiB pieces
-# keep that under 2 % while an interruption loses at most a few seconds of transfer.
-DEFAULT_CHECKPOINT = 256 << 20
+# Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
+# 40-110 ms on zfs-fuse, so 1 GiB pieces keep the receive within 10 % of a raw pipe while an
+# interruption costs at most 1 GiB of re-sent data.
+DEFAULT_CHECKPOINT = 1 << 30
 
 EXIT_CODES = """exit codes:
   0  done
@@ -62,6 +64,7 @@ def _stdout_sink() -> object:
         raise UsageError("refusing to write a stream to a terminal: redirect it to a file or a pipe")
     sys.stdout.flush()
     fd = sys.stdout.fileno()
+    enlarge_pipe(fd)
     return lambda parts: write_all(fd, parts)
 
 
@@ -96,7 +99,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
     size = args.checkpoint if args.s else 1 << 62
     with dataset_lock(args.dataset, "receive"), _reporter(args, label=args.dataset) as events:
         receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
-        with open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False) as source:
+        enlarge_pipe(sys.stdin.fileno())
+        with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
             done = receiver.receive(source)
     if not args.quiet:
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
@@ -172,15 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP")
     send.set_defaults(func=cmd_send)
 
-    recv = sub.add_parser(
-        "receive", aliases=["recv"], parents=[common], help="apply a stream from stdin, checkpointing as it goes"
-    )
+    recv = sub.add_parser("receive", aliases=["recv"], parents=[common], help="apply a stream from stdin, checkpointing as it goes")
     recv.add_argument("-s", action="store_true", help="resumable: commit a checkpoint every --checkpoint bytes")
     recv.add_argument("-F", action="store_true", help="roll the destination back to its last snapshot first")
     recv.add_argument("-A", dest="abort", action="store_true", help="abort an interrupted transfer into DATASET")
     recv.add_argument(
-        "--checkpoint", type=parse_size, default=DEFAULT_CHECKPOINT, metavar="SIZE",
-        help="bytes of stream between checkpoints (default 256M)",
+        "--checkpoint",
+        type=parse_size,
+        default=DEFAULT_CHECKPOINT,
+        metavar="SIZE",
+        help="bytes of stream between checkpoints (default 1G)",
     )
     recv.add_argument("dataset", help="POOL/FS to receive into")
     recv.set_defaults(func=cmd_receive)

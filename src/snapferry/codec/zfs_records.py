@@ -89,12 +89,10 @@ def payload_size(kind: RecordType, header: bytes | bytearray | memoryview, offse
     else:
         return 0
     if size > limit:
-        raise StreamFormatError(
-            f"{kind.name} record at byte {offset} claims a {size}-byte payload (limit {limit}): corrupt stream"
-        )
+        raise StreamFormatError(f"{kind.name} record at byte {offset} claims a {size}-byte payload (limit {limit}): corrupt stream")
     if size % 4:
         raise StreamFormatError(f"{kind.name} record at byte {offset} has a payload of {size} bytes, not whole words: corrupt stream")
-    return size
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -142,9 +140,7 @@ class Begin:
 
     def check_supported(self) -> None:
         if self.header_type == COMPOUNDSTREAM:
-            raise StreamFormatError(
-                "compound stream (zfs send -R) is not supported yet: send each dataset's snapshot separately"
-            )
+            raise StreamFormatError("compound stream (zfs send -R) is not supported yet: send each dataset's snapshot separately")
         if self.header_type != SUBSTREAM:
             raise StreamFormatError(f"unknown stream header type {self.header_type} in BEGIN record")
         if self.features & (FEATURE_DEDUP | FEATURE_DEDUPPROPS):
@@ -157,8 +153,16 @@ class Begin:
         if len(name) >= MAX_TONAME:
             raise ValueError(f"snapshot name too long for a stream: {self.toname}")
         return _BEGIN.pack(
-            RecordType.BEGIN, self.payloadlen, BEGIN_MAGIC, self.versioninfo, self.creation_time,
-            self.objset_type, self.flags, self.toguid, self.fromguid, name,
+            RecordType.BEGIN,
+            self.payloadlen,
+            BEGIN_MAGIC,
+            self.versioninfo,
+            self.creation_time,
+            self.objset_type,
+            self.flags,
+            self.toguid,
+            self.fromguid,
+            name,
         )
 
     def derive(self, *, toguid: int, fromguid: int, toname: str) -> Begin:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 from snapferry.codec.fletcher import BlockSum, Fletcher4
 from snapferry.codec.zfs_records import (
@@ -21,6 +21,10 @@ from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferIn
 
 _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 class StreamTruncated(TransferInterrupted):
@@ -58,7 +62,7 @@ def fingerprint_digest(state: Fletcher4) -> str:
 class StreamReader:
     """Reads substreams from a binary source, checking every checksum the stream carries."""
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: Readable) -> None:
         self._source = source
         self._header = bytearray(HEADER_SIZE)
         self._payload = bytearray(1 << 17)

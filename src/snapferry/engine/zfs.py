@@ -142,6 +142,15 @@ class Zfs:
     def rollback(self, snapshot: str) -> None:
         self.run(f"cannot roll back to {snapshot}", "rollback", "-r", snapshot)
 
+    def is_mounted(self, dataset: str) -> bool:
+        return self.run(f"cannot read mounted of {dataset}", "get", "-H", "-o", "value", "mounted", dataset).strip() == "yes"
+
+    def unmount(self, dataset: str) -> None:
+        self.run(f"cannot unmount {dataset}", "unmount", dataset)
+
+    def mount(self, dataset: str) -> None:
+        self.run(f"cannot mount {dataset}", "mount", dataset)
+
     def receive_argv(self, dataset: str, *, force: bool) -> list[str]:
         return self.argv("receive", *(["-F"] if force else []), dataset)
 

@@ -89,9 +89,7 @@ def find_transfers(snapshots: list[Snapshot], dataset: str) -> list[Transfer]:
         if match.re is _OPEN:
             transfer.open_pieces.append(snap)
         else:
-            transfer.checkpoints.append(
-                Checkpoint(snap, int(match["seq"]), int(match["end"], 16), int(match["fpfrom"], 16), match["fp"])
-            )
+            transfer.checkpoints.append(Checkpoint(snap, int(match["seq"]), int(match["end"], 16), int(match["fpfrom"], 16), match["fp"]))
     by_guid = {s.guid: s for s in snapshots}
     for transfer in transfers.values():
         transfer.checkpoints.sort(key=lambda c: c.seq)

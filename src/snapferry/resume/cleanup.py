@@ -23,7 +23,9 @@ def discard_transfer(zfs: Zfs, transfer: Transfer, snapshots: list[Snapshot]) ->
         foreign = [s.name for s in snapshots if not is_piece(s)]
         if foreign:
             raise Refused(f"{transfer.dataset} holds snapshots snapferry did not create ({', '.join(foreign)}); not destroying it")
-        children = [name for name in zfs.get_properties(transfer.dataset, "type", recursive_depth=1) if name != transfer.dataset and "@" not in name]
+        children = [
+            name for name in zfs.get_properties(transfer.dataset, "type", recursive_depth=1) if name != transfer.dataset and "@" not in name
+        ]
         if children:
             raise Refused(f"{transfer.dataset} has child datasets ({', '.join(children)}); not destroying it")
         zfs.destroy(transfer.dataset, recursive=True)

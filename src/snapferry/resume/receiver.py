@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType
-from snapferry.codec.zfs_stream import Record, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.codec.zfs_stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import ReceiveProcess
 from snapferry.engine.zfs import Snapshot, Zfs
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
@@ -37,6 +36,7 @@ class _Position:
     first_offset: int
     fingerprint_from: int
     force: bool
+    unmounted: bool = False
 
 
 class _Piece:
@@ -64,9 +64,7 @@ class _Piece:
 class PieceReceiver:
     """Receives streams into one dataset, committing a checkpoint snapshot every `checkpoint_size` bytes."""
 
-    def __init__(
-        self, zfs: Zfs, dataset: str, *, checkpoint_size: int, force: bool = False, events: EventSink = ignore_events
-    ) -> None:
+    def __init__(self, zfs: Zfs, dataset: str, *, checkpoint_size: int, force: bool = False, events: EventSink = ignore_events) -> None:
         if "@" in dataset:
             raise Refused(f"receive into a file system, not a snapshot: {dataset}")
         if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
@@ -78,7 +76,7 @@ class PieceReceiver:
         self.events = events
         self.received: list[str] = []
 
-    def receive(self, source: BinaryIO) -> list[str]:
+    def receive(self, source: Readable) -> list[str]:
         """Apply every substream in `source`; returns the names of the completed snapshots."""
         reader = StreamReader(source)
         while (first := reader.read_begin()) is not None:
@@ -147,9 +145,7 @@ class PieceReceiver:
             raise Refused(f"{self.dataset} already has this snapshot ({begin.snapshot_name}, guid {begin.toguid})")
         if not begin.is_incremental:
             if exists:
-                raise Refused(
-                    f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)"
-                )
+                raise Refused(f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)")
         else:
             if not exists:
                 raise Refused(f"{self.dataset} does not exist: an incremental stream needs its base snapshot there")
@@ -175,11 +171,18 @@ class PieceReceiver:
         """Commit a piece and name it as a checkpoint ending right before `boundary`."""
         piece.commit()
         name = checkpoint_name(
-            begin.toguid, begin.fromguid, pos.seq, boundary.offset, pos.fingerprint_from,
+            begin.toguid,
+            begin.fromguid,
+            pos.seq,
+            boundary.offset,
+            pos.fingerprint_from,
             fingerprint_digest(boundary.fingerprint),
         )
         self.zfs.rename(f"{self.dataset}@{piece.begin.snapshot_name}", f"{self.dataset}@{name}")
         self.events("checkpoint", dataset=self.dataset, seq=pos.seq, offset=boundary.offset, piece_bytes=piece.size)
+        if not pos.unmounted:
+            self._unmount_partial()
+            pos.unmounted = True
         pos.seq += 1
         pos.base_guid = piece.begin.toguid
         pos.force = True
@@ -221,8 +224,25 @@ class PieceReceiver:
         for transfer in transfers:
             if transfer.toguid == begin.toguid:
                 remove_finished_pieces(self.zfs, transfer)
+        self._mount_complete()
         self.received.append(f"{self.dataset}@{begin.snapshot_name}")
         self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)
+
+    def _unmount_partial(self) -> None:
+        """A partial dataset can name objects that have not arrived yet, and zfs-fuse hangs the
+        reader of such a directory for good: keep it unmounted until the transfer completes."""
+        try:
+            if self.zfs.is_mounted(self.dataset):
+                self.zfs.unmount(self.dataset)
+        except SnapferryError as exc:
+            self.events("warning", message=f"{exc}; the partial dataset stays mounted")
+
+    def _mount_complete(self) -> None:
+        try:
+            if not self.zfs.is_mounted(self.dataset):
+                self.zfs.mount(self.dataset)
+        except SnapferryError as exc:
+            self.events("warning", message=f"{exc}; mount it with: zfs mount {self.dataset}")
 
     def _progress_note(self, pos: _Position, start_seq: int) -> str:
         committed = pos.seq - start_seq

@@ -47,7 +47,12 @@ def _intermediates(zfs: Zfs, base: str, snapshot: str) -> list[str]:
 
 
 def send_snapshot(
-    zfs: Zfs, snapshot: str, sink: Sink, *, base: str | None = None, intermediates: bool = False,
+    zfs: Zfs,
+    snapshot: str,
+    sink: Sink,
+    *,
+    base: str | None = None,
+    intermediates: bool = False,
     events: EventSink = ignore_events,
 ) -> int:
     """Send a snapshot (or incrementals) with every record's running checksum filled in.
@@ -57,7 +62,7 @@ def send_snapshot(
     """
     if base and intermediates:
         chain = _intermediates(zfs, base, snapshot)
-        pairs: list[tuple[str | None, str]] = list(zip(chain, chain[1:]))
+        pairs: list[tuple[str | None, str]] = list(zip(chain, chain[1:], strict=False))
     else:
         pairs = [(base, snapshot)]
     written = 0
