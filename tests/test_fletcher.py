@@ -15,7 +15,13 @@ from snapferry.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_refe
 
 # Internal slice size of BlockSum.of, in 32-bit words (4 MiB of input). Duplicated on purpose so
 # that a change of the constant does not silently shrink the "bigger than one slice" tests.
+# (BlockSum.of now works in smaller slices, ROWS_SLICE_WORDS below; blocks of this size span several.)
 SLICE_WORDS = 1 << 20
+# BlockSum.of sums rows of ROW_WORDS words exactly with a float64 matrix product, pads a block that is
+# not whole rows with leading zeros, and goes through big blocks ROWS_SLICE_WORDS words at a time.
+# Duplicated for the same reason: the edge tests below are placed around these sizes.
+ROW_WORDS = 64
+ROWS_SLICE_WORDS = 1 << 17
 
 DATA = Path("/work/shared/data/openzfs")
 HEADER = 312
@@ -238,6 +244,110 @@ def test_all_ones_around_slice_edges_wraps_like_reference(words: int) -> None:
 def test_all_ones_two_slices_matches_reference() -> None:
     data = b"\xff" * (4 * (2 * SLICE_WORDS + 2))
     assert Fletcher4().update(data) == fletcher4_reference(data)
+
+
+# --- around the row and slice edges of the float64 / uint64 summation ---------------------------
+
+
+def _words_data(words: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 1 << 32, size=words, dtype=np.uint32).astype("<u4").tobytes()
+
+
+def _cumsum_oracle(data: bytes) -> Fletcher4:
+    """Independent of BlockSum.of: four running sums with numpy's uint64 cumsum, which wraps mod 2**64."""
+    sums = np.frombuffer(data, dtype="<u4").astype(np.uint64)
+    last = []
+    for _ in range(4):
+        sums = np.cumsum(sums, dtype=np.uint64)
+        last.append(int(sums[-1]) if len(sums) else 0)
+    return Fletcher4(*last)
+
+
+@given(word_data())
+@settings(max_examples=100, deadline=None)
+def test_cumsum_oracle_matches_reference(data: bytes) -> None:
+    assert _cumsum_oracle(data) == fletcher4_reference(data)
+
+
+ROW_EDGE_WORDS = sorted({0, 1, 2, *(k * ROW_WORDS + e for k in (1, 2, 3, 7, 64, 511, 512, 513) for e in (-1, 0, 1)), 128 * ROW_WORDS - 33})
+
+
+@pytest.mark.parametrize("words", ROW_EDGE_WORDS)
+def test_row_edges_match_reference(words: int) -> None:
+    data = _words_data(words, seed=words)
+    block = BlockSum.of(data)
+    assert block.count == words
+    assert (block.a, block.b, block.c, block.d) == fletcher4_reference(data).words()
+
+
+@pytest.mark.parametrize("words", ROW_EDGE_WORDS)
+def test_row_edges_all_ones_match_reference(words: int) -> None:
+    # All 0xffffffff words make every row sum as large as it gets: the float64 products must stay exact.
+    data = b"\xff" * (4 * words)
+    block = BlockSum.of(data)
+    assert (block.a, block.b, block.c, block.d) == fletcher4_reference(data).words()
+
+
+SLICE_EDGE_WORDS = [
+    ROWS_SLICE_WORDS - ROW_WORDS - 1,
+    ROWS_SLICE_WORDS - ROW_WORDS,
+    ROWS_SLICE_WORDS - 1,
+    ROWS_SLICE_WORDS,
+    ROWS_SLICE_WORDS + 1,
+    ROWS_SLICE_WORDS + ROW_WORDS - 1,
+    ROWS_SLICE_WORDS + ROW_WORDS,
+    ROWS_SLICE_WORDS + ROW_WORDS + 1,
+    2 * ROWS_SLICE_WORDS - 1,
+    2 * ROWS_SLICE_WORDS,
+    2 * ROWS_SLICE_WORDS + 37,
+    3 * ROWS_SLICE_WORDS + ROW_WORDS + 5,
+]
+
+
+@pytest.mark.parametrize("words", SLICE_EDGE_WORDS)
+def test_slice_edges_match_reference(words: int) -> None:
+    data = _words_data(words, seed=words)
+    block = BlockSum.of(data)
+    assert block.count == words
+    assert (block.a, block.b, block.c, block.d) == fletcher4_reference(data).words()
+
+
+@pytest.mark.parametrize("words", SLICE_EDGE_WORDS)
+def test_slice_edges_all_ones_match_reference(words: int) -> None:
+    data = b"\xff" * (4 * words)
+    block = BlockSum.of(data)
+    assert (block.a, block.b, block.c, block.d) == fletcher4_reference(data).words()
+
+
+@pytest.mark.parametrize("words", [8 * ROWS_SLICE_WORDS + 3, 16 * ROWS_SLICE_WORDS + ROW_WORDS + 1])
+@pytest.mark.parametrize("fill", ["random", "ones", "high"])
+def test_many_slices_match_cumsum_oracle(words: int, fill: str) -> None:
+    if fill == "random":
+        data = _words_data(words, seed=7)
+    elif fill == "ones":
+        data = b"\xff" * (4 * words)
+    else:  # only the top bit set: catches a signed reading of the words
+        data = b"\x00\x00\x00\x80" * words
+    block = BlockSum.of(data)
+    assert (block.a, block.b, block.c, block.d) == _cumsum_oracle(data).words()
+
+
+@pytest.mark.parametrize("words", [ROW_WORDS - 1, ROWS_SLICE_WORDS + 1])
+def test_unaligned_view_at_edges(words: int) -> None:
+    data = _words_data(words, seed=3)
+    padded = b"\x01" + data + b"\x02"
+    assert BlockSum.of(memoryview(padded)[1 : 1 + len(data)]) == BlockSum.of(data)
+    assert BlockSum.of(bytearray(data)) == BlockSum.of(data)
+
+
+@given(st.integers(min_value=0, max_value=3 * ROW_WORDS), st.integers(min_value=0, max_value=3 * ROW_WORDS))
+@settings(max_examples=50, deadline=None)
+def test_leading_zero_words_change_nothing(zeros: int, words: int) -> None:
+    # BlockSum.of pads a block to whole rows with leading zeros; fletcher-4 must not see them.
+    data = _words_data(words, seed=words)
+    block = BlockSum.of(bytes(4 * zeros) + data)
+    assert block.count == zeros + words
+    assert (block.a, block.b, block.c, block.d) == fletcher4_reference(data).words()
 
 
 # --- a real OpenZFS stream ---------------------------------------------------------------------

@@ -24,11 +24,12 @@ _JSON_INTERVAL = 1.0
 
 
 class Reporter:
-    """An EventSink. Mode is "bar" (terminal only), "json" or "quiet"."""
+    """An EventSink. Mode is "bar" (on a terminal, else quiet), "json" or "quiet"."""
 
     def __init__(self, mode: str, total: int | None = None, label: str = "transfer") -> None:
         if mode == "bar" and not sys.stderr.isatty():
-            mode = "log"
+            # Like zfs itself, stay silent in scripts and cron; --json is there for machines.
+            mode = "quiet"
         self.mode = mode
         self.checkpoints = 0
         self._last = 0.0
@@ -72,8 +73,6 @@ class Reporter:
             print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=sys.stderr, flush=True)
         elif self.mode == "bar":
             self._update_bar(event, fields)
-        elif event not in ("progress", "skip"):
-            print(f"snapferry: {event}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
 
     def _update_bar(self, event: str, fields: dict[str, Any]) -> None:
         assert self._progress is not None
