@@ -38,7 +38,14 @@ class StreamFormatError(SnapferryError):
 
 
 class StreamIntegrityError(StreamFormatError):
-    """A checksum did not match: the stream was corrupted on its way."""
+    """A checksum did not match: the stream was corrupted on its way.
+
+    `verified_to` is the stream offset up to which every byte had been verified.
+    """
+
+    def __init__(self, message: str, verified_to: int = 0) -> None:
+        super().__init__(message)
+        self.verified_to = verified_to
 
 
 class ZfsCommandError(SnapferryError):

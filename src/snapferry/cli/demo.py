@@ -47,9 +47,7 @@ def _write_data(root: Path) -> None:
 
 
 def _manifest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _pipe(console: Console, sender: list[str], receiver: list[str], cut_at: int | None) -> tuple[int, int, str]:

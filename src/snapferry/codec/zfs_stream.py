@@ -122,12 +122,14 @@ class StreamReader:
             if stamp != _ZERO_STAMP and stamp != wire.to_bytes():
                 raise StreamIntegrityError(
                     f"checksum mismatch in the record at stream byte {offset}: "
-                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit"
+                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
+                    verified_to,
                 )
             if kind == RecordType.END and end_checksum(header) != before:
                 raise StreamIntegrityError(
                     f"stream checksum mismatch at END (stream byte {offset}): "
-                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit"
+                    f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
+                    verified_to,
                 )
             if stamp != _ZERO_STAMP:
                 verified_to = offset + HEADER_SIZE

@@ -97,25 +97,26 @@ class SendProcess:
         assert self._proc.stdout is not None
         enlarge_pipe(self._proc.stdout.fileno())
         self.stdout = cast(io.BufferedReader, self._proc.stdout)
+        self._stderr: str | None = None
 
-    def failure(self, timeout: float = 2.0) -> Exception | None:
-        """The command's own error, if it has failed (waiting briefly for it to exit)."""
+    def failure(self, timeout: float | None = 2.0) -> Exception | None:
+        """The command's own error if it has failed; None if it succeeded or is still running after `timeout`."""
         try:
             self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
         if self._proc.returncode == 0:
             return None
-        assert self._proc.stderr is not None
-        stderr = self._proc.stderr.read().decode(errors="replace")
-        return classify_failure(self.action, stderr or f"zfs send exited with status {self._proc.returncode}")
+        if self._stderr is None:
+            assert self._proc.stderr is not None
+            self._stderr = self._proc.stderr.read().decode(errors="replace")
+        return classify_failure(self.action, self._stderr or f"zfs send exited with status {self._proc.returncode}")
 
     def check(self) -> None:
-        """Raise the command's own error if it failed (call when its output ended early or oddly)."""
-        assert self._proc.stderr is not None
-        stderr = self._proc.stderr.read().decode(errors="replace")
-        if self._proc.wait() != 0:
-            raise classify_failure(self.action, stderr or f"zfs send exited with status {self._proc.returncode}")
+        """Wait for the command and raise its own error if it failed."""
+        failure = self.failure(timeout=None)
+        if failure is not None:
+            raise failure
 
     def stop(self) -> None:
         if self._proc.poll() is None:

@@ -16,7 +16,7 @@ ZFS_ENV = "SNAPFERRY_ZFS"
 
 # stderr patterns, each seen from real zfs-fuse 0.7 / OpenZFS runs.
 _OUT_OF_SPACE = re.compile(r"out of space|no space left|quota exceeded", re.I)
-_DAEMON_GONE = re.compile(r"connect: |failed to initialize ZFS library|Connection refused", re.I)
+_DAEMON_GONE = re.compile(r"connect: |failed to initialize ZFS library|Connection refused|ioctl_read_loop|file descriptor closed", re.I)
 _MISSING = re.compile(r"does not exist|dataset does not exist|no such pool", re.I)
 _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)

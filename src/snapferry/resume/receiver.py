@@ -97,6 +97,11 @@ class PieceReceiver:
             for checkpoint in transfer.checkpoints:
                 if checkpoint.snapshot.guid == begin.fromguid:
                     return self._continue(transfer, checkpoint.seq, begin)
+        if begin.is_incremental and all(s.guid != begin.fromguid for s in snapshots):
+            raise Refused(
+                f"{self.dataset} does not have this stream's base snapshot (guid {begin.fromguid}); if it continues "
+                f"a transfer into {begin.toname.partition('@')[0]}, its token belongs there, not here"
+            )
         for transfer in unfinished:
             if not transfer.checkpoints:
                 # A piece committed but never named as a checkpoint holds no resumable position.
@@ -140,20 +145,11 @@ class PieceReceiver:
         return _Position(last.seq + 1, last.snapshot.guid, last.end, last.end, force=True)
 
     def _start(self, begin: Begin, begin_bytes: bytes, snapshots: list[Snapshot]) -> _Position:
-        exists = bool(snapshots) or self.zfs.exists(self.dataset)
         if any(s.guid == begin.toguid for s in snapshots):
             raise Refused(f"{self.dataset} already has this snapshot ({begin.snapshot_name}, guid {begin.toguid})")
-        if not begin.is_incremental:
-            if exists:
-                raise Refused(f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)")
-        else:
-            if not exists:
-                raise Refused(f"{self.dataset} does not exist: an incremental stream needs its base snapshot there")
-            if not any(s.guid == begin.fromguid for s in snapshots):
-                raise Refused(
-                    f"{self.dataset} has no snapshot with guid {begin.fromguid}, the base of this incremental stream "
-                    "(a resume token for another dataset, or an aborted transfer?)"
-                )
+        # An incremental's base was checked by the caller; a full stream needs a new dataset.
+        if not begin.is_incremental and (snapshots or self.zfs.exists(self.dataset)):
+            raise Refused(f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)")
         first = len(begin_bytes)
         return _Position(0, begin.fromguid, first, first, force=self.force)
 
@@ -251,16 +247,20 @@ class PieceReceiver:
         return f"{committed} checkpoint(s) committed in this run, {pos.seq} in all; {resume_hint(self.dataset)}"
 
     def _after_corruption(self, exc: StreamIntegrityError, begin: Begin, start_seq: int, seq: int) -> StreamIntegrityError:
-        """A stream without per-record checksums is only verified at END: drop what this run committed."""
+        """Keep the checkpoints whose bytes were all verified; drop the rest (a stream without
+        per-record checksums is only verified at its END)."""
         if seq == start_seq:
-            return StreamIntegrityError(f"{exc}; nothing from this stream was committed")
+            return StreamIntegrityError(f"{exc}; nothing from this stream was committed", exc.verified_to)
         snapshots, transfers = read_transfers(self.zfs, self.dataset)
         transfer = next(t for t in transfers if t.toguid == begin.toguid)
-        keep = [c for c in transfer.checkpoints if c.seq < start_seq]
-        if keep:
+        keep = [c for c in transfer.checkpoints if c.seq < start_seq or c.end <= exc.verified_to]
+        dropped = len(transfer.checkpoints) - len(keep)
+        if not dropped:
+            kept = f"the {len(keep)} checkpoint(s) before it are intact; {resume_hint(self.dataset)}"
+        elif keep:
             self.zfs.rollback(keep[-1].snapshot.name)
-            kept = f"rolled back to checkpoint {keep[-1].seq}; {resume_hint(self.dataset)}"
+            kept = f"{dropped} unverified checkpoint(s) rolled back to checkpoint {keep[-1].seq}; {resume_hint(self.dataset)}"
         else:
             discard_transfer(self.zfs, transfer, snapshots)
-            kept = "the partial transfer was discarded; send it again"
-        return StreamIntegrityError(f"{exc}; the {seq - start_seq} checkpoint(s) taken from it were unverified, {kept}")
+            kept = f"its {dropped} unverified checkpoint(s) were discarded with the partial transfer; send it again"
+        return StreamIntegrityError(f"{exc}; {kept}", exc.verified_to)
