@@ -16,21 +16,7 @@ from tests import zfs_testbed as tb
 
 @pytest.fixture(scope="module")
 def source(bed: tb.Bed) -> dict[str, object]:
-    fs = bed.dataset("data")
-    tb.sh("zfs", "create", fs)
-    root = tb.mountpoint(fs)
-    tb.write_tree(root, seed=11, megabytes=8)
-    guid1, files1 = tb.snapshot(f"{fs}@s1")
-    tb.change_tree(root, seed=12)
-    guid2, files2 = tb.snapshot(f"{fs}@s2")
-    return {
-        "fs": fs,
-        "guid1": guid1,
-        "files1": files1,
-        "guid2": guid2,
-        "files2": files2,
-        "full": tb.send_bytes(f"{fs}@s1"),
-    }
+    return tb.two_snapshot_source(bed, seed=11, megabytes=8)
 
 
 def one_line_error(result: tb.Result, code: int, fragment: str) -> None:

@@ -15,23 +15,7 @@ from tests import zfs_testbed as tb
 
 @pytest.fixture(scope="module")
 def source(bed: tb.Bed) -> dict[str, object]:
-    """One dataset with @s1 (full) and @s2 (changes), their guids, manifests and streams."""
-    fs = bed.dataset("data")
-    tb.sh("zfs", "create", fs)
-    root = tb.mountpoint(fs)
-    tb.write_tree(root, seed=1, megabytes=12)
-    guid1, files1 = tb.snapshot(f"{fs}@s1")
-    tb.change_tree(root, seed=2)
-    guid2, files2 = tb.snapshot(f"{fs}@s2")
-    return {
-        "fs": fs,
-        "guid1": guid1,
-        "files1": files1,
-        "guid2": guid2,
-        "files2": files2,
-        "full": tb.send_bytes(f"{fs}@s1"),
-        "incr": tb.send_bytes("-i", "@s1", f"{fs}@s2"),
-    }
+    return tb.two_snapshot_source(bed, seed=1, megabytes=12)
 
 
 def assert_matches(dst: str, snap: str, guid: object, files: object) -> None:

@@ -207,3 +207,23 @@ class Bed:
 
 def iter_offsets(total: int, picks: list[int]) -> Iterator[int]:
     yield from (p if p >= 0 else total + p for p in picks)
+
+
+def two_snapshot_source(bed: Bed, seed: int, megabytes: int) -> dict[str, object]:
+    """A dataset with @s1 (full) and @s2 (changes): guids, manifests and both snapferry streams."""
+    fs = bed.dataset("data")
+    sh("zfs", "create", fs)
+    root = mountpoint(fs)
+    write_tree(root, seed=seed, megabytes=megabytes)
+    guid1, files1 = snapshot(f"{fs}@s1")
+    change_tree(root, seed=seed + 1)
+    guid2, files2 = snapshot(f"{fs}@s2")
+    return {
+        "fs": fs,
+        "guid1": guid1,
+        "files1": files1,
+        "guid2": guid2,
+        "files2": files2,
+        "full": send_bytes(f"{fs}@s1"),
+        "incr": send_bytes("-i", "@s1", f"{fs}@s2"),
+    }

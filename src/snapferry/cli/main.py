@@ -14,6 +14,7 @@ from types import FrameType
 
 from snapferry.cli.progress import Reporter
 from snapferry.codec.token import ResumeToken
+from snapferry.codec.zfs_stream import Sink
 from snapferry.engine.pipes import enlarge_pipe, write_all
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
@@ -59,7 +60,20 @@ def _reporter(args: argparse.Namespace, total: int | None = None, label: str = "
     return Reporter("quiet" if args.quiet else "json" if args.json else "bar", total, label)
 
 
-def _stdout_sink() -> object:
+def _estimated_stream_size(zfs: Zfs, snapshot: str) -> int | None:
+    """For the progress bar's ETA: a full stream carries about the snapshot's logical size."""
+    try:
+        props = zfs.get_properties(snapshot, "referenced", "compressratio")[snapshot]
+        return int(int(props["referenced"]) * float(props["compressratio"].rstrip("x")))
+    except (SnapferryError, KeyError, ValueError):
+        return None
+
+
+def _shows_bar(args: argparse.Namespace) -> bool:
+    return not (args.quiet or args.json) and sys.stderr.isatty()
+
+
+def _stdout_sink() -> Sink:
     if sys.stdout.isatty():
         raise UsageError("refusing to write a stream to a terminal: redirect it to a file or a pipe")
     sys.stdout.flush()
@@ -76,7 +90,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
         token = ResumeToken.decode(args.token)
         with _reporter(args, label="resume") as events:
-            send_continuation(zfs, token, sink, events=events)  # type: ignore[arg-type]
+            send_continuation(zfs, token, sink, events=events)
         return 0
     if not args.snapshot or "@" not in args.snapshot:
         raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
@@ -85,8 +99,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     base = args.i or args.I
     if base and base.startswith("@"):
         base = args.snapshot.partition("@")[0] + base
-    with _reporter(args, label=args.snapshot) as events:
-        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events)  # type: ignore[arg-type]
+    total = _estimated_stream_size(zfs, args.snapshot) if _shows_bar(args) and not base else None
+    with _reporter(args, total, label=args.snapshot) as events:
+        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events)
     return 0
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_records import HEADER_SIZE, RecordType
+from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType
 from snapferry.codec.zfs_stream import Sink, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import Snapshot, Zfs
@@ -15,11 +15,17 @@ from snapferry.events import EventSink, ignore_events
 
 
 @contextmanager
-def _zfs_send(argv: list[str], action: str) -> Iterator[tuple[SendProcess, StreamReader]]:
-    proc = SendProcess(argv, action)
+def _zfs_send(zfs: Zfs, snapshot: str, base: str | None) -> Iterator[tuple[StreamReader, Begin, bytes]]:
+    """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
+    proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base), f"cannot send {snapshot}")
     reader = StreamReader(proc.stdout)
     try:
-        yield proc, reader
+        first = reader.read_begin()
+        if first is None:
+            proc.check()
+            raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
+        yield reader, first[0], first[1]
+        proc.check()
     except SnapferryError:
         # A stream that stops short is most often zfs send failing: its own words say more.
         failure = proc.failure()
@@ -73,13 +79,7 @@ def send_snapshot(
 
 
 def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int, events: EventSink) -> int:
-    argv = zfs.send_argv(snapshot, incremental_from=base)
-    with _zfs_send(argv, f"cannot send {snapshot}") as (proc, reader):
-        first = reader.read_begin()
-        if first is None:
-            proc.check()
-            raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
-        begin, begin_bytes = first
+    with _zfs_send(zfs, snapshot, base) as (reader, begin, begin_bytes):
         events("stream", toname=begin.toname, offset=0)
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
@@ -89,7 +89,6 @@ def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int
                 break
             writer.record(record)
             events("progress", bytes=before + writer.bytes_written)
-        proc.check()
     return writer.bytes_written
 
 
@@ -118,13 +117,7 @@ def send_continuation(zfs: Zfs, token: ResumeToken, sink: Sink, *, events: Event
                 f"stale token: the base snapshot of this incremental (guid {token.fromguid}) no longer exists "
                 f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
             )
-    argv = zfs.send_argv(source.name, incremental_from=base.name if base else None)
-    with _zfs_send(argv, f"cannot send {source.name}") as (proc, reader):
-        first = reader.read_begin()
-        if first is None:
-            proc.check()
-            raise StreamFormatError(f"zfs send produced no stream for {source.name}")
-        begin, begin_bytes = first
+    with _zfs_send(zfs, source.name, base.name if base else None) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
             raise Refused(f"stale token: zfs send {source.name} produced a stream of other snapshots")
         events("stream", toname=begin.toname, offset=token.offset)
@@ -158,7 +151,6 @@ def send_continuation(zfs: Zfs, token: ResumeToken, sink: Sink, *, events: Event
                 break
             writer.record(record)
             events("progress", bytes=writer.bytes_written, offset=record.end_offset)
-        proc.check()
     assert writer is not None
     events("done", bytes=writer.bytes_written)
     return writer.bytes_written
