@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,8 +100,6 @@ def test_resume_skips_committed_bytes(bed: tb.Bed, source: dict[str, object]) ->
     assert tb.receive(dst, stream[: len(stream) // 2]).returncode == 3
     token = tb.token(dst)
     committed = tb.snapferry("token", "--decode", token)
-    import json
-
     offset = json.loads(committed.stdout)["offset"]
     continuation = tb.snapferry("send", "-t", token).stdout
     # The continuation is a new BEGIN, the uncommitted rest of the stream, and a new END.
@@ -164,6 +163,8 @@ def test_three_interruptions_then_plain_incremental_on_top(bed: tb.Bed, source: 
         tb.sh("zfs", "mount", dst)
         assert (tb.mountpoint(dst) / "blob0.bin").read_bytes()[:10]
         tb.sh("zfs", "unmount", dst)
+        # Every checkpoint, before and after a resume, names the transfer's own base (none: full).
+        assert {name.split("-")[2] for name in tb.piece_names(dst)} == {"0" * 16}
     assert tb.resume(dst).returncode == 0
     assert_matches(dst, "s1", source["guid1"], source["files1"])
     tb.sh("zfs", "receive", "-F", dst, input=tb.sh("zfs", "send", "-i", "@s1", f"{source['fs']}@s2").stdout)
@@ -172,3 +173,15 @@ def test_three_interruptions_then_plain_incremental_on_top(bed: tb.Bed, source: 
     tb.sh("zfs", "mount", dst)
     assert tb.guid(f"{dst}@s2") == source["guid2"]
     assert tb.manifest(tb.mountpoint(dst)) == source["files2"]
+
+
+def test_json_events_for_machines(bed: tb.Bed, source: dict[str, object]) -> None:
+    dst = bed.target("json")
+    result = tb.snapferry("receive", "-s", "--checkpoint", "2M", "--json", dst, input=source["full"])  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "stream" and kinds[-1] == "done"
+    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    assert [c["seq"] for c in checkpoints] == list(range(len(checkpoints))) and len(checkpoints) >= 3
+    assert events[-1]["bytes"] == len(source["full"])  # type: ignore[arg-type]

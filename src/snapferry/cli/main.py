@@ -117,7 +117,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
             done = receiver.receive(source)
-    if not args.quiet:
+    if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
     return 0
 
@@ -136,8 +136,10 @@ def _abort(zfs: Zfs, dataset: str, args: argparse.Namespace) -> int:
     if not messages:
         print(f"snapferry: {dataset} has no interrupted snapferry transfer to abort", file=sys.stderr)
         return 1
-    if not args.quiet:
-        for message in messages:
+    for message in messages:
+        if args.json:
+            print(json.dumps({"event": "aborted", "dataset": dataset, "message": message}), file=sys.stderr)
+        elif not args.quiet:
             print(f"snapferry: {message}", file=sys.stderr)
     return 0
 

@@ -31,6 +31,8 @@ def resume_hint(dataset: str) -> str:
 class _Position:
     """Where the chain stands: the next piece's number, base guid and start in the original stream."""
 
+    # The transfer's own base (0 for a full stream); a continuation's BEGIN names a checkpoint instead.
+    transfer_fromguid: int
     seq: int
     base_guid: int
     first_offset: int
@@ -142,7 +144,7 @@ class PieceReceiver:
             # A piece committed after the last checkpoint but never renamed: its end is unknown.
             self.zfs.rollback(last.snapshot.name)
         self.events("resume", dataset=self.dataset, offset=last.end, seq=last.seq)
-        return _Position(last.seq + 1, last.snapshot.guid, last.end, last.end, force=True)
+        return _Position(transfer.fromguid, last.seq + 1, last.snapshot.guid, last.end, last.end, force=True)
 
     def _start(self, begin: Begin, begin_bytes: bytes, snapshots: list[Snapshot]) -> _Position:
         if any(s.guid == begin.toguid for s in snapshots):
@@ -151,7 +153,7 @@ class PieceReceiver:
         if not begin.is_incremental and (snapshots or self.zfs.exists(self.dataset)):
             raise Refused(f"{self.dataset} exists: a full stream needs a new dataset (destroy it, or receive into another name)")
         first = len(begin_bytes)
-        return _Position(0, begin.fromguid, first, first, force=self.force)
+        return _Position(begin.fromguid, 0, begin.fromguid, first, first, force=self.force)
 
     def _open_piece(self, begin: Begin, begin_payload: bytes, pos: _Position, final: bool) -> _Piece:
         if final:
@@ -159,7 +161,7 @@ class PieceReceiver:
         else:
             guid = secrets.randbits(64) or 1
             fs = begin.toname.partition("@")[0]
-            name = open_name(begin.toguid, begin.fromguid, pos.seq)
+            name = open_name(begin.toguid, pos.transfer_fromguid, pos.seq)
             piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{fs}@{name}")
         return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force)
 
@@ -168,7 +170,7 @@ class PieceReceiver:
         piece.commit()
         name = checkpoint_name(
             begin.toguid,
-            begin.fromguid,
+            pos.transfer_fromguid,
             pos.seq,
             boundary.offset,
             pos.fingerprint_from,
