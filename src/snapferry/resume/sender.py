@@ -12,6 +12,7 @@ from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import Snapshot, Zfs
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
+from snapferry.resume.checkpoints import is_piece
 
 
 @contextmanager
@@ -41,8 +42,7 @@ def _zfs_send(zfs: Zfs, snapshot: str, base: str | None) -> Iterator[tuple[Strea
 def _intermediates(zfs: Zfs, base: str, snapshot: str) -> list[str]:
     """base, every snapshot between, and snapshot, oldest first (what zfs send -I covers)."""
     dataset = snapshot.partition("@")[0]
-    chain = zfs.snapshots(dataset)
-    names = [s.name for s in chain]
+    names = [s.name for s in zfs.snapshots(dataset) if not is_piece(s)]
     for name in (base, snapshot):
         if name not in names:
             raise Refused(f"no snapshot {name} in {dataset}")
