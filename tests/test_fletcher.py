@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapferry.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_reference
+from tests.shared_data import OPENZFS_DATA
 
 # Internal slice size of BlockSum.of, in 32-bit words (4 MiB of input). Duplicated on purpose so
 # that a change of the constant does not silently shrink the "bigger than one slice" tests.
@@ -23,7 +24,7 @@ SLICE_WORDS = 1 << 20
 ROW_WORDS = 64
 ROWS_SLICE_WORDS = 1 << 17
 
-DATA = Path("/work/shared/data/openzfs")
+DATA = OPENZFS_DATA
 HEADER = 312
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="OpenZFS fixtures not available")

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from snapferry.codec.token import TOKEN_PREFIX, MalformedToken, ResumeToken
 from snapferry.errors import Refused, SnapferryError
+from tests.shared_data import OPENZFS_DATA
 
-DATA = Path("/work/shared/data/openzfs")
+DATA = OPENZFS_DATA
 OPENZFS_TOKENS = sorted(DATA.glob("zfs-*/*.token"))
 U64 = (1 << 64) - 1
 AGAIN = "copy it again from `snapferry token DATASET`"

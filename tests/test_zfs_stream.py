@@ -30,8 +30,9 @@ from snapferry.codec.zfs_records import (
 )
 from snapferry.codec.zfs_stream import StampedWriter, StreamReader, StreamTruncated
 from snapferry.errors import SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
+from tests.shared_data import OPENZFS_DATA
 
-DATA = Path("/work/shared/data/openzfs")
+DATA = OPENZFS_DATA
 VERSIONS = ("zfs-2.3.2", "zfs-2.1.11")
 STEMS = ("full_s1", "full_s1.resume", "incr_s1_s2", "incr_s1_s2.resume")
 STREAMS = [f"{v}/{s}.stream" for v in VERSIONS for s in STEMS]
@@ -778,3 +779,38 @@ def test_mutated_stream_raises_only_snapferry_errors(mutations: list[tuple[str, 
     # than a SnapferryError (struct.error, ValueError, MemoryError...) fails the test.
     with pytest.raises(SnapferryError):
         consume(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["zfs-2.3.2/full_s1.stream", "zfs-2.1.11/incr_s1_s2.stream"])
+def test_modern_stream_cut_into_pieces_keeps_every_piece_verifiable(name: str) -> None:
+    """Cut as the receiver does: each piece gets its own BEGIN, re-stamped records and END, and
+    each verifies on its own (what a modern `zfs receive` checks)."""
+    data = stream_bytes(name)
+    reader = StreamReader(io.BytesIO(data))
+    first = reader.read_begin()
+    assert first is not None
+    begin, begin_bytes = first
+    pieces: list[bytes] = []
+    out = bytearray()
+    writer: StampedWriter | None = None
+    base, guid = begin.fromguid, 0
+    for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
+        if writer is not None and (record.kind == RecordType.END or len(out) > 400_000):
+            writer.end(guid)
+            pieces.append(bytes(out))
+            out.clear()
+            base, writer = guid, None
+        if record.kind == RecordType.END:
+            break
+        if writer is None:
+            guid = len(pieces) + 1000
+            writer = StampedWriter(lambda parts: out.extend(b"".join(bytes(p) for p in parts)))
+            writer.begin(begin.derive(toguid=guid, fromguid=base, toname=f"pool/fs@piece{len(pieces)}"), begin_bytes[HEADER_SIZE:])
+        writer.record(record)
+    assert len(pieces) >= 3
+    total_records = 0
+    for piece in pieces:
+        kinds = consume(piece)
+        assert kinds[-1] == RecordType.END
+        total_records += len(kinds) - 1
+    assert total_records == len(parsed(name)[2]) - 1
