@@ -52,6 +52,11 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _checkpoint_text(text: str) -> str:
+    parse_size(text)
+    return text
+
+
 def _zfs(args: argparse.Namespace) -> Zfs:
     return Zfs(shlex.split(args.zfs) if args.zfs else None)
 
@@ -165,6 +170,22 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from snapferry.sync.driver import Sync, SyncOptions
+    from snapferry.sync.endpoints import Endpoint, Shell
+
+    source, target = Endpoint.parse(args.source), Endpoint.parse(args.target)
+    ssh, remote = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
+    options = SyncOptions(
+        no_stream=args.no_stream, force=args.force, retries=args.retries, deadline=args.deadline, checkpoint=args.checkpoint
+    )
+    with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
+        result = Sync(Shell(source, ssh, remote), Shell(target, ssh, remote), options, events).run()
+    if not (args.quiet or args.json):
+        print(f"snapferry: {target}: {result}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from snapferry.cli.demo import run_demo
 
@@ -211,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--decode", action="store_true", help="print the fields of TOKEN as JSON")
     token.add_argument("target", metavar="DATASET|TOKEN")
     token.set_defaults(func=cmd_token)
+
+    sync = sub.add_parser("sync", parents=[common], help="replicate a dataset's snapshots, resuming until done")
+    sync.add_argument("--no-stream", action="store_true", help="send only the newest snapshot, not every one between")
+    sync.add_argument("--force", action="store_true", help="roll back a diverged destination (destroys its newer snapshots)")
+    sync.add_argument("--retries", type=int, default=5, metavar="N", help="retries after interruptions (default 5)")
+    sync.add_argument("--deadline", type=float, metavar="SECONDS", help="stop retrying after this long")
+    sync.add_argument("--ssh", default="ssh", metavar="CMD", help="ssh command for remote ends (default: ssh)")
+    sync.add_argument("--remote-snapferry", default="snapferry", metavar="CMD", help="snapferry on the remote host")
+    sync.add_argument("--checkpoint", type=_checkpoint_text, default="1G", metavar="SIZE", help="as for receive -s")
+    sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
+    sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
+    sync.set_defaults(func=cmd_sync)
 
     demo = sub.add_parser("demo", parents=[common], help="interrupted and resumed transfer between two file-backed pools")
     demo.set_defaults(func=cmd_demo)

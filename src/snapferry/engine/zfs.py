@@ -63,14 +63,18 @@ class Snapshot:
 
 
 class Zfs:
-    """The `zfs` command of one host. `command` may be a wrapper such as `ssh host zfs`."""
+    """The `zfs` command of one host; `via` (such as `ssh user@host`) runs it on another."""
 
-    def __init__(self, command: Sequence[str] | None = None) -> None:
+    def __init__(self, command: Sequence[str] | None = None, via: Sequence[str] = ()) -> None:
         if command is None:
             command = shlex.split(os.environ.get(ZFS_ENV, "zfs"))
         self.command = list(command)
+        self.via = list(via)
 
     def argv(self, *args: str) -> list[str]:
+        if self.via:
+            # ssh hands the remote shell one string: quote every word of it.
+            return [*self.via, shlex.join([*self.command, *args])]
         return [*self.command, *args]
 
     def run(self, action: str, *args: str) -> str:

@@ -1,0 +1,141 @@
+"""Running a sync: plan a step, pipe snapferry send into snapferry receive, retry interruptions with back-off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+from snapferry.engine.pipes import enlarge_pipe
+from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
+from snapferry.events import EventSink, ignore_events
+from snapferry.resume.checkpoints import read_transfers
+from snapferry.sync.endpoints import Shell
+from snapferry.sync.plan import Rollback, Step, next_step
+
+MAX_DELAY = 60.0
+# Exit codes of a snapferry process on either end (through ssh, which adds 255 for its own failures).
+_REFUSED, _BAD_STREAM = 4, 5
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    no_stream: bool = False
+    force: bool = False
+    retries: int = 5
+    deadline: float | None = None
+    checkpoint: str = "1G"
+
+
+def _collect(stream: object, into: list[bytes]) -> threading.Thread:
+    def run() -> None:
+        into.append(stream.read())  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_pipe(send_argv: list[str], receive_argv: list[str]) -> None:
+    """send | receive, with both ends' exit codes turned into one error (or none)."""
+    read_end, write_end = os.pipe()
+    enlarge_pipe(write_end)
+    try:
+        sender = subprocess.Popen(send_argv, stdout=write_end, stderr=subprocess.PIPE)
+        receiver = subprocess.Popen(receive_argv, stdin=read_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    send_err: list[bytes] = []
+    receive_err: list[bytes] = []
+    threads = [_collect(sender.stderr, send_err), _collect(receiver.stderr, receive_err)]
+    receive_rc = receiver.wait()
+    if receive_rc != 0 and sender.poll() is None:
+        sender.kill()
+    send_rc = sender.wait()
+    for thread in threads:
+        thread.join()
+    if receive_rc == 0 and send_rc == 0:
+        return
+    for rc, err, side in ((receive_rc, receive_err, "receiving"), (send_rc, send_err, "sending")):
+        message = _last_line(err[0] if err else b"") or f"the {side} side exited with status {rc}"
+        if rc == _REFUSED:
+            raise Refused(message.removeprefix("snapferry: "))
+        if rc == _BAD_STREAM:
+            raise StreamFormatError(message.removeprefix("snapferry: "))
+    failed = (receive_rc, receive_err) if receive_rc != 0 else (send_rc, send_err)
+    message = _last_line(failed[1][0] if failed[1] else b"") or f"exit status {failed[0]}"
+    raise TransferInterrupted(message.removeprefix("snapferry: "))
+
+
+class Sync:
+    """One dataset from `source` to `target`, until done, refused, or out of retries."""
+
+    def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
+        self.source = source
+        self.target = target
+        self.options = options
+        self.events = events
+
+    def _next(self) -> Step | Rollback | None:
+        src_zfs, dst_zfs = self.source.zfs(), self.target.zfs()
+        source = src_zfs.snapshots(self.source.endpoint.dataset)
+        dataset = self.target.endpoint.dataset
+        exists = dst_zfs.exists(dataset)
+        snapshots, transfers = read_transfers(dst_zfs, dataset) if exists else ([], [])
+        tokens = [t.token() for t in transfers if not t.complete]
+        token = next((t for t in reversed(tokens) if t is not None), None)
+        return next_step(source, snapshots if exists else None, token, no_stream=self.options.no_stream, force=self.options.force)
+
+    def _run(self, step: Step | Rollback) -> None:
+        if isinstance(step, Rollback):
+            self.target.zfs().rollback(step.snapshot)
+            return
+        quiet = ["-q"]
+        if step.token is not None:
+            send = self.source.snapferry_argv("send", *quiet, "-t", step.token.encode())
+        elif step.base is None:
+            send = self.source.snapferry_argv("send", *quiet, step.snapshot)
+        else:
+            send = self.source.snapferry_argv("send", *quiet, "-I" if step.intermediates else "-i", step.base, step.snapshot)
+        receive = self.target.snapferry_argv(
+            "receive",
+            *quiet,
+            "-s",
+            "--checkpoint",
+            self.options.checkpoint,
+            *(["-F"] if self.options.force else []),
+            self.target.endpoint.dataset,
+        )
+        run_pipe(send, receive)
+
+    def run(self) -> str:
+        started = time.monotonic()
+        delay = 1.0
+        attempt = 0
+        steps_done = 0
+        while True:
+            attempt += 1
+            self.events("attempt", number=attempt)
+            try:
+                while (step := self._next()) is not None:
+                    self.events("plan", steps=[step.describe()])
+                    self._run(step)
+                    steps_done += 1
+                result = "up to date" if steps_done == 0 else f"done in {steps_done} step(s), {attempt} attempt(s)"
+                self.events("done", result=result)
+                return result
+            except TransferInterrupted as exc:
+                late = self.options.deadline is not None and time.monotonic() + delay - started > self.options.deadline
+                if attempt > self.options.retries or late:
+                    raise TransferInterrupted(f"{exc}; gave up after {attempt} attempt(s): run the same sync again to resume") from None
+                self.events("retry", delay=delay, reason=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)

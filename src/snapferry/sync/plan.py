@@ -1,0 +1,75 @@
+"""Deciding the next transfer of a sync from both sides' snapshots (pure, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snapferry.codec.token import ResumeToken
+from snapferry.engine.zfs import Snapshot
+from snapferry.errors import Refused
+from snapferry.resume.checkpoints import is_piece
+
+
+@dataclass(frozen=True)
+class Step:
+    """One `snapferry send ... | snapferry receive -s ...`: a resume, a full or an incremental send."""
+
+    snapshot: str = ""
+    base: str | None = None
+    intermediates: bool = False
+    token: ResumeToken | None = None
+
+    def describe(self) -> str:
+        if self.token is not None:
+            return f"resume the interrupted transfer at byte {self.token.offset}"
+        if self.base is None:
+            return f"full send of {self.snapshot}"
+        return f"incremental {self.base} -> {self.snapshot}" + (" with every snapshot between" if self.intermediates else "")
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """With --force: roll the destination back to the last common snapshot."""
+
+    snapshot: str
+
+    def describe(self) -> str:
+        return f"roll the destination back to {self.snapshot} (--force)"
+
+
+def next_step(
+    source: list[Snapshot],
+    target: list[Snapshot] | None,
+    token: ResumeToken | None,
+    *,
+    no_stream: bool,
+    force: bool,
+) -> Step | Rollback | None:
+    """The next thing to do, or None when the target is up to date. `target` is None when it does not exist."""
+    if token is not None:
+        return Step(token=token)
+    source = [s for s in source if not is_piece(s)]
+    if not source:
+        raise Refused("the source has no snapshot to send (take one, or use --snapshot)")
+    newest = source[-1]
+    target_snaps = [s for s in target or [] if not is_piece(s)]
+    if target is None:
+        return Step(snapshot=(newest if no_stream else source[0]).name)
+    if not target_snaps:
+        raise Refused("the destination exists but holds no snapshot: it has diverged (destroy it to start over)")
+    source_by_guid = {s.guid: s for s in source}
+    common = next((s for s in reversed(target_snaps) if s.guid in source_by_guid), None)
+    if common is None:
+        raise Refused("the destination has diverged: it shares no snapshot with the source; nothing was changed")
+    newer = [s.short_name for s in target_snaps if s.createtxg > common.createtxg]
+    if newer:
+        if not force:
+            raise Refused(
+                f"the destination has diverged: it has snapshots after {common.short_name} that the source lacks "
+                f"({', '.join(newer)}); nothing was changed (--force rolls them back)"
+            )
+        return Rollback(common.name)
+    base = source_by_guid[common.guid]
+    if base.guid == newest.guid:
+        return None
+    return Step(snapshot=newest.name, base=base.name, intermediates=not no_stream)
