@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from snapferry.cli.progress import Reporter
@@ -95,7 +96,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
         token = ResumeToken.decode(args.token)
         with _reporter(args, label="resume") as events:
-            send_continuation(zfs, token, sink, events=events)
+            send_continuation(zfs, token, sink, events=events, visible=_serve_visibility())
         return 0
     if not args.snapshot or "@" not in args.snapshot:
         raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
@@ -186,6 +187,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_visibility() -> Callable[[str], bool]:
+    from snapferry.sync.serve import ALLOW_ENV, Policy
+
+    allowed = os.environ.get(ALLOW_ENV)
+    if allowed is None:
+        return lambda dataset: True
+    return Policy(tuple(allowed.split()), read_only=True).dataset_allowed
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from snapferry.sync.serve import Policy, serve
+
+    return serve(Policy(tuple(args.allow), args.read_only))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from snapferry.cli.demo import run_demo
 
@@ -244,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
     sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
     sync.set_defaults(func=cmd_sync)
+
+    serve = sub.add_parser("serve", help="SSH forced command: allow only sync's commands on some datasets")
+    serve.add_argument("--allow", action="append", required=True, metavar="POOL/PREFIX", help="dataset (and children) allowed")
+    serve.add_argument("--read-only", action="store_true", help="allow sending only, never receiving")
+    serve.set_defaults(func=cmd_serve, quiet=True, json=False, zfs=None)
 
     demo = sub.add_parser("demo", parents=[common], help="interrupted and resumed transfer between two file-backed pools")
     demo.set_defaults(func=cmd_demo)

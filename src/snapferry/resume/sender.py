@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from snapferry.codec.token import ResumeToken
@@ -96,13 +96,21 @@ def _find_by_guid(snapshots: list[Snapshot], guid: int) -> Snapshot | None:
     return next((s for s in snapshots if s.guid == guid), None)
 
 
-def send_continuation(zfs: Zfs, token: ResumeToken, sink: Sink, *, events: EventSink = ignore_events) -> int:
+def send_continuation(
+    zfs: Zfs,
+    token: ResumeToken,
+    sink: Sink,
+    *,
+    events: EventSink = ignore_events,
+    visible: Callable[[str], bool] = lambda dataset: True,
+) -> int:
     """Regenerate the source stream, check its prefix against the token, and send the rest.
 
     The output is an incremental stream from the token's checkpoint snapshot to the source
     snapshot, so `snapferry receive -s` continues the chain and plain `zfs receive` accepts it.
     """
-    snapshots = zfs.all_snapshots()
+    # `visible` narrows the search for a restricted ssh key (snapferry serve --allow).
+    snapshots = [s for s in zfs.all_snapshots() if visible(s.dataset)]
     source = _find_by_guid(snapshots, token.toguid)
     if source is None:
         raise Refused(

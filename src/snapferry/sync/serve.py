@@ -1,0 +1,90 @@
+"""`snapferry serve`: an SSH forced command that lets a key run only sync's commands on allowed datasets."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from snapferry.errors import Refused
+
+_READ_ONLY_VERBS = {"send", "token"}
+_WRITE_VERBS = {"receive", "recv"}
+ALLOW_ENV = "SNAPFERRY_SERVE_ALLOW"
+
+
+@dataclass(frozen=True)
+class Policy:
+    allowed: tuple[str, ...]
+    read_only: bool
+
+    def dataset_allowed(self, name: str) -> bool:
+        dataset = name.partition("@")[0]
+        return any(dataset == prefix or dataset.startswith(prefix.rstrip("/") + "/") for prefix in self.allowed)
+
+    def _check_dataset(self, name: str) -> None:
+        if not self.dataset_allowed(name):
+            raise Refused(f"serve: dataset {name.partition('@')[0]} is outside --allow {', '.join(self.allowed)}")
+
+    def check(self, original: str) -> list[str]:
+        """The argv to run for SSH_ORIGINAL_COMMAND, or Refused."""
+        try:
+            argv = shlex.split(original)
+        except ValueError:
+            raise Refused("serve: cannot parse the requested command") from None
+        if not argv:
+            raise Refused("serve: this key only runs snapferry sync commands")
+        if os.path.basename(argv[0]) == "zfs":
+            return self._check_zfs(argv)
+        for start in (1, 3):
+            if _is_snapferry(argv[:start]):
+                return self._check_snapferry(argv, start)
+        raise Refused(f"serve: {os.path.basename(argv[0])} is not allowed for this key")
+
+    def _check_zfs(self, argv: list[str]) -> list[str]:
+        verb = argv[1] if len(argv) > 1 else ""
+        if verb == "get":
+            self._check_dataset(argv[-1])
+            return ["zfs", *argv[1:]]
+        if verb == "rollback" and not self.read_only:
+            self._check_dataset(argv[-1])
+            return ["zfs", *argv[1:]]
+        raise Refused(f"serve: zfs {verb} is not allowed for this key")
+
+    def _check_snapferry(self, argv: list[str], start: int) -> list[str]:
+        verb = argv[start] if len(argv) > start else ""
+        if verb in _WRITE_VERBS and self.read_only:
+            raise Refused("serve: this key is read-only: receiving is not allowed")
+        if verb not in _READ_ONLY_VERBS | _WRITE_VERBS:
+            raise Refused(f"serve: snapferry {verb} is not allowed for this key")
+        words = iter(argv[start + 1 :])
+        for arg in words:
+            if arg.startswith("--zfs"):
+                raise Refused("serve: --zfs is not allowed for this key")
+            if arg in ("-t", "--checkpoint"):
+                next(words, None)
+            elif arg in ("-i", "-I"):
+                base = next(words, "")
+                if not base.startswith("@"):
+                    self._check_dataset(base)
+            elif not arg.startswith("-"):
+                self._check_dataset(arg)
+        return [sys.executable, "-m", "snapferry", *argv[start:]]
+
+
+def _is_snapferry(words: list[str]) -> bool:
+    if len(words) == 1:
+        return os.path.basename(words[0]) == "snapferry"
+    return len(words) == 3 and os.path.basename(words[0]).startswith("python") and words[1:] == ["-m", "snapferry"]
+
+
+def serve(policy: Policy) -> int:
+    """Run SSH_ORIGINAL_COMMAND if the policy allows it; never returns when it does."""
+    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if original is None:
+        raise Refused('serve runs as an SSH forced command: command="snapferry serve --allow POOL/FS" in authorized_keys')
+    argv = policy.check(original)
+    # send -t finds its snapshot by guid: tell it which datasets it may look in.
+    os.environ[ALLOW_ENV] = " ".join(policy.allowed)
+    os.execvp(argv[0], argv)

@@ -1,0 +1,56 @@
+"""The forced-command policy of `snapferry serve`: what a restricted key may run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from snapferry.errors import Refused
+from snapferry.sync.serve import Policy
+
+POLICY = Policy(("tank/backup",), read_only=False)
+READ_ONLY = Policy(("tank/backup",), read_only=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "snapferry receive -q -s --checkpoint 1G tank/backup/fs",
+        "/usr/local/bin/snapferry send -q -I @a tank/backup/fs@c",
+        "python3 -m snapferry token tank/backup",
+        "snapferry send -q -t sf1-abc-123",
+        "zfs get -H -p -o value type tank/backup/fs",
+        "zfs rollback -r tank/backup/fs@a",
+    ],
+)
+def test_allowed(command: str) -> None:
+    argv = POLICY.check(command)
+    assert argv[0] in ("zfs", sys.executable)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("snapferry receive -s tank/other", "outside --allow"),
+        ("snapferry receive -s tank/backupx", "outside --allow"),
+        ("snapferry send -I other/fs@a tank/backup/fs@c", "outside --allow"),
+        ("zfs destroy -r tank/backup", "zfs destroy is not allowed"),
+        ("zfs get all tank", "outside --allow"),
+        ("rm -rf /", "rm is not allowed"),
+        ("snapferry demo", "snapferry demo is not allowed"),
+        ("snapferry receive --zfs=/bin/sh tank/backup/fs", "--zfs is not allowed"),
+        ("snapferry send 'unterminated", "cannot parse"),
+    ],
+)
+def test_refused(command: str, message: str) -> None:
+    with pytest.raises(Refused, match=message):
+        POLICY.check(command)
+
+
+def test_read_only_key_cannot_receive_or_roll_back() -> None:
+    with pytest.raises(Refused, match="read-only"):
+        READ_ONLY.check("snapferry receive -s tank/backup/fs")
+    with pytest.raises(Refused, match="zfs rollback is not allowed"):
+        READ_ONLY.check("zfs rollback -r tank/backup/fs@a")
+    assert READ_ONLY.check("snapferry send tank/backup/fs@a")[-1] == "tank/backup/fs@a"
