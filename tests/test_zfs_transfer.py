@@ -185,3 +185,26 @@ def test_json_events_for_machines(bed: tb.Bed, source: dict[str, object]) -> Non
     checkpoints = [e for e in events if e["event"] == "checkpoint"]
     assert [c["seq"] for c in checkpoints] == list(range(len(checkpoints))) and len(checkpoints) >= 3
     assert events[-1]["bytes"] == len(source["full"])  # type: ignore[arg-type]
+
+
+def test_compressed_and_rate_limited_stream(bed: tb.Bed, source: dict[str, object]) -> None:
+    fs = str(source["fs"])
+    compressed = tb.send_bytes("--compress", "zstd:3", f"{fs}@s1")
+    assert compressed[:4] == bytes.fromhex("28b52ffd")
+    dst = bed.target("zstd")
+    cut = tb.receive(dst, compressed[: len(compressed) // 2])
+    assert cut.returncode == 3, cut.stderr
+    continuation = tb.snapferry("send", "--compress", "zstd", "--bwlimit", "4M", "-t", tb.token(dst))
+    assert continuation.returncode == 0, continuation.stderr
+    assert tb.receive(dst, continuation.stdout).returncode == 0
+    assert_matches(dst, "s1", source["guid1"], source["files1"])
+    started = time.monotonic()
+    limited = tb.snapferry("send", "--bwlimit", "4M", "-i", "@s1", f"{fs}@s2")
+    # A cap can only slow a transfer down: it may never go faster than the rate allows.
+    assert time.monotonic() - started >= len(limited.stdout) / (4 << 20) * 0.9
+    assert limited.stdout == source["incr"]
+
+
+def test_bad_compression_argument_is_a_usage_error(source: dict[str, object]) -> None:
+    result = tb.snapferry("send", "--compress", "lz9", f"{source['fs']}@s1")
+    assert result.returncode == 2 and "unknown compression" in result.stderr

@@ -15,8 +15,7 @@ from types import FrameType
 
 from snapferry.cli.progress import Reporter
 from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_stream import Sink
-from snapferry.engine.pipes import enlarge_pipe, write_all
+from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
 from snapferry.resume.checkpoints import read_transfers
@@ -24,6 +23,7 @@ from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.resume.lock import dataset_lock
 from snapferry.resume.receiver import PieceReceiver
 from snapferry.resume.sender import send_continuation, send_snapshot
+from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
 
 # Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
 # 40-110 ms on zfs-fuse, so 1 GiB pieces keep the receive within 10 % of a raw pipe while an
@@ -79,24 +79,26 @@ def _shows_bar(args: argparse.Namespace) -> bool:
     return not (args.quiet or args.json) and sys.stderr.isatty()
 
 
-def _stdout_sink() -> Sink:
+def _stdout_sink(args: argparse.Namespace) -> WireSink:
     if sys.stdout.isatty():
         raise UsageError("refusing to write a stream to a terminal: redirect it to a file or a pipe")
     sys.stdout.flush()
     fd = sys.stdout.fileno()
     enlarge_pipe(fd)
-    return lambda parts: write_all(fd, parts)
+    rate = parse_rate(args.bwlimit) if args.bwlimit else None
+    return WireSink(fd, zstd_level=parse_compression(args.compress), rate=rate)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     zfs = _zfs(args)
-    sink = _stdout_sink()
+    sink = _stdout_sink(args)
     if args.token:
         if args.snapshot or args.i or args.I:
             raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
         token = ResumeToken.decode(args.token)
         with _reporter(args, label="resume") as events:
             send_continuation(zfs, token, sink, events=events, visible=_serve_visibility())
+        sink.close()
         return 0
     if not args.snapshot or "@" not in args.snapshot:
         raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
@@ -108,6 +110,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     total = _estimated_stream_size(zfs, args.snapshot) if _shows_bar(args) and not base else None
     with _reporter(args, total, label=args.snapshot) as events:
         send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events)
+    sink.close()
     return 0
 
 
@@ -122,7 +125,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
-            done = receiver.receive(source)
+            done = receiver.receive(open_wire(source))
     if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
     return 0
@@ -176,12 +179,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from snapferry.sync.endpoints import Endpoint, Shell
 
     source, target = Endpoint.parse(args.source), Endpoint.parse(args.target)
-    ssh, remote = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
+    ssh, remote_snapferry = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
+    remote = source.host is not None or target.host is not None
+    compress = args.compress or ("zstd:3" if remote else "none")
+    parse_compression(compress)
+    if args.bwlimit:
+        parse_rate(args.bwlimit)
     options = SyncOptions(
-        no_stream=args.no_stream, force=args.force, retries=args.retries, deadline=args.deadline, checkpoint=args.checkpoint
+        no_stream=args.no_stream,
+        force=args.force,
+        retries=args.retries,
+        deadline=args.deadline,
+        checkpoint=args.checkpoint,
+        compress=compress,
+        bwlimit=args.bwlimit,
     )
     with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
-        result = Sync(Shell(source, ssh, remote), Shell(target, ssh, remote), options, events).run()
+        shells = Shell(source, ssh, remote_snapferry), Shell(target, ssh, remote_snapferry)
+        result = Sync(*shells, options, events).run()
     if not (args.quiet or args.json):
         print(f"snapferry: {target}: {result}", file=sys.stderr)
     return 0
@@ -227,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-i", metavar="SNAP", help="incremental from SNAP (@name or pool/fs@name)")
     send.add_argument("-I", metavar="SNAP", help="like -i, with every intermediate snapshot")
     send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
+    send.add_argument("--compress", default="none", metavar="zstd[:LEVEL]|none", help="compress the stream (receive detects it)")
+    send.add_argument("--bwlimit", metavar="RATE", help="cap the output rate, e.g. 10M (bytes per second)")
     send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP")
     send.set_defaults(func=cmd_send)
 
@@ -257,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--ssh", default="ssh", metavar="CMD", help="ssh command for remote ends (default: ssh)")
     sync.add_argument("--remote-snapferry", default="snapferry", metavar="CMD", help="snapferry on the remote host")
     sync.add_argument("--checkpoint", type=_checkpoint_text, default="1G", metavar="SIZE", help="as for receive -s")
+    sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
+    sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
     sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
     sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
     sync.set_defaults(func=cmd_sync)

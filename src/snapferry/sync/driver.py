@@ -27,6 +27,8 @@ class SyncOptions:
     retries: int = 5
     deadline: float | None = None
     checkpoint: str = "1G"
+    compress: str = "none"
+    bwlimit: str | None = None
 
 
 def _collect(stream: object, into: list[bytes]) -> threading.Thread:
@@ -98,16 +100,18 @@ class Sync:
         if isinstance(step, Rollback):
             self.target.zfs().rollback(step.snapshot)
             return
-        quiet = ["-q"]
+        wire = ["-q", "--compress", self.options.compress]
+        if self.options.bwlimit:
+            wire += ["--bwlimit", self.options.bwlimit]
         if step.token is not None:
-            send = self.source.snapferry_argv("send", *quiet, "-t", step.token.encode())
+            send = self.source.snapferry_argv("send", *wire, "-t", step.token.encode())
         elif step.base is None:
-            send = self.source.snapferry_argv("send", *quiet, step.snapshot)
+            send = self.source.snapferry_argv("send", *wire, step.snapshot)
         else:
-            send = self.source.snapferry_argv("send", *quiet, "-I" if step.intermediates else "-i", step.base, step.snapshot)
+            send = self.source.snapferry_argv("send", *wire, "-I" if step.intermediates else "-i", step.base, step.snapshot)
         receive = self.target.snapferry_argv(
             "receive",
-            *quiet,
+            "-q",
             "-s",
             "--checkpoint",
             self.options.checkpoint,
