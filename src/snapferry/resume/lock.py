@@ -17,8 +17,7 @@ DEFAULT_LOCK_DIR = "/run/lock/snapferry"
 def lock_path(dataset: str) -> Path:
     directory = Path(os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR))
     directory.mkdir(parents=True, exist_ok=True)
-    # Only the pool/fs part names the lock: the same dataset spelled with a snapshot is the same target.
-    return directory / (dataset.partition("@")[0].replace("/", "%") + ".lock")
+    return directory / (dataset.replace("/", "%") + ".lock")
 
 
 @contextmanager
