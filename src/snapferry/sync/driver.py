@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -31,22 +32,42 @@ class SyncOptions:
     bwlimit: str | None = None
 
 
-def _collect(stream: object, into: list[bytes]) -> threading.Thread:
-    def run() -> None:
-        into.append(stream.read())  # type: ignore[attr-defined]
+class _Side:
+    """One end's stderr, read on a thread: its JSON events go on to the sync's sink, the rest is kept."""
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, events: EventSink) -> None:
+        self.proc = proc
+        self.name = name
+        self.text: list[str] = []
+        self._events = events
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").strip()
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("event"), str):
+                # The bar follows the sending side's bytes; a side's own "done" is not the sync's.
+                if event["event"] == "done" or (event["event"] == "progress" and self.name == "receiving"):
+                    continue
+                fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+                self._events(event["event"], side=self.name, **fields)
+            elif line:
+                self.text.append(line)
+
+    def message(self) -> str:
+        self._thread.join()
+        last = self.text[-1] if self.text else f"the {self.name} side exited with status {self.proc.returncode}"
+        return last.removeprefix("snapferry: ")
 
 
-def _last_line(data: bytes) -> str:
-    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def run_pipe(send_argv: list[str], receive_argv: list[str]) -> None:
-    """send | receive, with both ends' exit codes turned into one error (or none)."""
+def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> None:
+    """send | receive (both run with --json), with both ends' exit codes turned into one error (or none)."""
     read_end, write_end = os.pipe()
     enlarge_pipe(write_end)
     try:
@@ -55,26 +76,20 @@ def run_pipe(send_argv: list[str], receive_argv: list[str]) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
-    send_err: list[bytes] = []
-    receive_err: list[bytes] = []
-    threads = [_collect(sender.stderr, send_err), _collect(receiver.stderr, receive_err)]
+    sending, receiving = _Side(sender, "sending", events), _Side(receiver, "receiving", events)
     receive_rc = receiver.wait()
     if receive_rc != 0 and sender.poll() is None:
         sender.kill()
     send_rc = sender.wait()
-    for thread in threads:
-        thread.join()
+    messages = {side.name: side.message() for side in (sending, receiving)}
     if receive_rc == 0 and send_rc == 0:
         return
-    for rc, err, side in ((receive_rc, receive_err, "receiving"), (send_rc, send_err, "sending")):
-        message = _last_line(err[0] if err else b"") or f"the {side} side exited with status {rc}"
+    for rc, side in ((receive_rc, "receiving"), (send_rc, "sending")):
         if rc == _REFUSED:
-            raise Refused(message.removeprefix("snapferry: "))
+            raise Refused(messages[side])
         if rc == _BAD_STREAM:
-            raise StreamFormatError(message.removeprefix("snapferry: "))
-    failed = (receive_rc, receive_err) if receive_rc != 0 else (send_rc, send_err)
-    message = _last_line(failed[1][0] if failed[1] else b"") or f"exit status {failed[0]}"
-    raise TransferInterrupted(message.removeprefix("snapferry: "))
+            raise StreamFormatError(messages[side])
+    raise TransferInterrupted(messages["receiving" if receive_rc != 0 else "sending"])
 
 
 class Sync:
@@ -100,7 +115,7 @@ class Sync:
         if isinstance(step, Rollback):
             self.target.zfs().rollback(step.snapshot)
             return
-        wire = ["-q", "--compress", self.options.compress]
+        wire = ["--json", "--compress", self.options.compress]
         if self.options.bwlimit:
             wire += ["--bwlimit", self.options.bwlimit]
         if step.token is not None:
@@ -111,14 +126,14 @@ class Sync:
             send = self.source.snapferry_argv("send", *wire, "-I" if step.intermediates else "-i", step.base, step.snapshot)
         receive = self.target.snapferry_argv(
             "receive",
-            "-q",
+            "--json",
             "-s",
             "--checkpoint",
             self.options.checkpoint,
             *(["-F"] if self.options.force else []),
             self.target.endpoint.dataset,
         )
-        run_pipe(send, receive)
+        run_pipe(send, receive, self.events)
 
     def run(self) -> str:
         started = time.monotonic()
