@@ -58,3 +58,24 @@ def test_checkpoint_snapshots_are_not_snapshots_of_the_dataset() -> None:
 def test_empty_source_is_refused() -> None:
     with pytest.raises(Refused, match="no snapshot"):
         next_step([], None, None, no_stream=False, force=False)
+
+
+def test_dry_run_plan_lists_every_step() -> None:
+    from snapferry.sync.plan import plan_all
+
+    token = ResumeToken("dst/fs", 2, 1, 99, 4, 5000, 312, "0" * 16)
+    steps = plan_all(SRC, snaps("dst/fs", "a:1"), token, no_stream=False, force=False)
+    assert [s.describe() for s in steps] == [
+        "resume the interrupted transfer at byte 5000",
+        "incremental src/fs@b -> src/fs@c with every snapshot between",
+    ]
+    assert [s.describe() for s in plan_all(SRC, None, None, no_stream=False, force=False)] == [
+        "full send of src/fs@a",
+        "incremental src/fs@a -> src/fs@c with every snapshot between",
+    ]
+    assert plan_all(SRC, snaps("dst/fs", "a:1 b:2 c:3"), None, no_stream=False, force=False) == []
+    rollback = plan_all(SRC, snaps("dst/fs", "a:1 x:9"), None, no_stream=True, force=True)
+    assert [s.describe() for s in rollback] == [
+        "roll the destination back to dst/fs@a (--force)",
+        "incremental src/fs@a -> src/fs@c",
+    ]

@@ -193,10 +193,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         compress=compress,
         bwlimit=args.bwlimit,
+        snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
     )
     with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
         shells = Shell(source, ssh, remote_snapferry), Shell(target, ssh, remote_snapferry)
-        result = Sync(*shells, options, events).run()
+        sync = Sync(*shells, options, events)
+        if args.dry_run:
+            for line in sync.plan():
+                print(line)
+            return 0
+        result = sync.run()
     if not (args.quiet or args.json):
         print(f"snapferry: {target}: {result}", file=sys.stderr)
     return 0
@@ -276,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--checkpoint", type=_checkpoint_text, default="1G", metavar="SIZE", help="as for receive -s")
     sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
     sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
+    sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
+    sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
     sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
     sync.set_defaults(func=cmd_sync)

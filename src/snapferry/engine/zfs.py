@@ -140,6 +140,9 @@ class Zfs:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
+    def snapshot(self, name: str) -> None:
+        self.run(f"cannot snapshot {name}", "snapshot", name)
+
     def rename(self, old: str, new: str) -> None:
         self.run(f"cannot rename {old}", "rename", old, new)
 

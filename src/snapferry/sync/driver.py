@@ -9,12 +9,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
+from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import read_transfers
 from snapferry.sync.endpoints import Shell
-from snapferry.sync.plan import Rollback, Step, next_step
+from snapferry.sync.plan import Rollback, Step, next_step, plan_all
 
 MAX_DELAY = 60.0
 # Exit codes of a snapferry process on either end (through ssh, which adds 255 for its own failures).
@@ -30,6 +32,8 @@ class SyncOptions:
     checkpoint: str = "1G"
     compress: str = "none"
     bwlimit: str | None = None
+    snapshot_prefix: str | None = None
+    dry_run: bool = False
 
 
 class _Side:
@@ -101,15 +105,34 @@ class Sync:
         self.options = options
         self.events = events
 
-    def _next(self) -> Step | Rollback | None:
-        src_zfs, dst_zfs = self.source.zfs(), self.target.zfs()
-        source = src_zfs.snapshots(self.source.endpoint.dataset)
+    def _state(self) -> tuple[list[Snapshot], list[Snapshot] | None, ResumeToken | None]:
+        """Both sides as they are now: source snapshots, target snapshots (None: no target), resume token."""
+        dst_zfs = self.target.zfs()
+        source = self.source.zfs().snapshots(self.source.endpoint.dataset)
         dataset = self.target.endpoint.dataset
-        exists = dst_zfs.exists(dataset)
-        snapshots, transfers = read_transfers(dst_zfs, dataset) if exists else ([], [])
+        if not dst_zfs.exists(dataset):
+            return source, None, None
+        snapshots, transfers = read_transfers(dst_zfs, dataset)
         tokens = [t.token() for t in transfers if not t.complete]
-        token = next((t for t in reversed(tokens) if t is not None), None)
-        return next_step(source, snapshots if exists else None, token, no_stream=self.options.no_stream, force=self.options.force)
+        return source, snapshots, next((t for t in reversed(tokens) if t is not None), None)
+
+    def _next(self) -> Step | Rollback | None:
+        return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
+
+    def plan(self) -> list[str]:
+        """What a run would do now, without doing it (--dry-run)."""
+        steps = [f"take snapshot {self._new_snapshot_name()}"] if self.options.snapshot_prefix is not None else []
+        if steps:
+            source, target, token = self._state()
+            latest = Snapshot(self._new_snapshot_name(), 0, max((s.createtxg for s in source), default=0) + 1)
+            planned = plan_all([*source, latest], target, token, no_stream=self.options.no_stream, force=self.options.force)
+        else:
+            planned = plan_all(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
+        return steps + [step.describe() for step in planned] or ["nothing: the destination is up to date"]
+
+    def _new_snapshot_name(self) -> str:
+        stamp = time.strftime("%Y-%m-%d_%H%M%S", time.gmtime())
+        return f"{self.source.endpoint.dataset}@{self.options.snapshot_prefix}{stamp}"
 
     def _run(self, step: Step | Rollback) -> None:
         if isinstance(step, Rollback):
@@ -136,6 +159,10 @@ class Sync:
         run_pipe(send, receive, self.events)
 
     def run(self) -> str:
+        if self.options.snapshot_prefix is not None:
+            name = self._new_snapshot_name()
+            self.source.zfs().snapshot(name)
+            self.events("snapshot", name=name)
         started = time.monotonic()
         delay = 1.0
         attempt = 0

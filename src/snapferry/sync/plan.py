@@ -73,3 +73,42 @@ def next_step(
     if base.guid == newest.guid:
         return None
     return Step(snapshot=newest.name, base=base.name, intermediates=not no_stream)
+
+
+def plan_all(
+    source: list[Snapshot],
+    target: list[Snapshot] | None,
+    token: ResumeToken | None,
+    *,
+    no_stream: bool,
+    force: bool,
+) -> list[Step | Rollback]:
+    """Every step a sync would take, by applying each planned step to a model of the target (--dry-run)."""
+    steps: list[Step | Rollback] = []
+    by_guid = {s.guid: s for s in source}
+    txg = max((s.createtxg for s in (target or []) + source), default=0)
+
+    def arrive(snaps: list[Snapshot]) -> list[Snapshot]:
+        nonlocal txg
+        arrived = []
+        for snap in snaps:
+            txg += 1
+            arrived.append(Snapshot(snap.name, snap.guid, txg))
+        return arrived
+
+    while (step := next_step(source, target, token, no_stream=no_stream, force=force)) is not None:
+        steps.append(step)
+        if isinstance(step, Rollback):
+            cut = next(s.createtxg for s in target or [] if s.name == step.snapshot)
+            target = [s for s in target or [] if s.createtxg <= cut]
+        elif step.token is not None:
+            target = (target or []) + arrive([by_guid[step.token.toguid]] if step.token.toguid in by_guid else [])
+            token = None
+        else:
+            names = [s.name for s in source]
+            last = names.index(step.snapshot)
+            first = last if step.base is None or not step.intermediates else names.index(step.base) + 1
+            target = (target or []) + arrive(source[first : last + 1])
+        if len(steps) > len(source) + 2:
+            break
+    return steps
