@@ -75,10 +75,6 @@ def _estimated_stream_size(zfs: Zfs, snapshot: str) -> int | None:
         return None
 
 
-def _shows_bar(args: argparse.Namespace) -> bool:
-    return not (args.quiet or args.json) and sys.stderr.isatty()
-
-
 def _stdout_sink(args: argparse.Namespace) -> WireSink:
     if sys.stdout.isatty():
         raise UsageError("refusing to write a stream to a terminal: redirect it to a file or a pipe")
@@ -107,9 +103,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     base = args.i or args.I
     if base and base.startswith("@"):
         base = args.snapshot.partition("@")[0] + base
-    total = _estimated_stream_size(zfs, args.snapshot) if _shows_bar(args) and not base else None
+    total = _estimated_stream_size(zfs, args.snapshot) if not (args.quiet or base) else None
     with _reporter(args, total, label=args.snapshot) as events:
-        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events)
+        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events, estimate=total)
     sink.close()
     return 0
 

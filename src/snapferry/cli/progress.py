@@ -80,7 +80,8 @@ class Reporter:
         if event == "skip":
             self._progress.update(self._task, description="verifying committed prefix", completed=fields["bytes"], total=fields["total"])
         elif event == "stream":
-            self._progress.update(self._task, description=str(fields.get("toname", self._label)), total=self._total)
+            total = fields.get("estimate") or self._total
+            self._progress.update(self._task, description=str(fields.get("toname", self._label)), total=total)
         elif "bytes" in fields:
             self._progress.update(self._task, completed=fields["bytes"], note=note)
         else:

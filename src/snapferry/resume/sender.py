@@ -60,6 +60,7 @@ def send_snapshot(
     base: str | None = None,
     intermediates: bool = False,
     events: EventSink = ignore_events,
+    estimate: int | None = None,
 ) -> int:
     """Send a snapshot (or incrementals) with every record's running checksum filled in.
 
@@ -73,14 +74,14 @@ def send_snapshot(
         pairs = [(base, snapshot)]
     written = 0
     for pair_base, pair_snapshot in pairs:
-        written += _send_one(zfs, pair_snapshot, pair_base, sink, written, events)
+        written += _send_one(zfs, pair_snapshot, pair_base, sink, written, events, estimate if not written else None)
     events("done", bytes=written)
     return written
 
 
-def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int, events: EventSink) -> int:
+def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int, events: EventSink, estimate: int | None) -> int:
     with _zfs_send(zfs, snapshot, base) as (reader, begin, begin_bytes):
-        events("stream", toname=begin.toname, offset=0)
+        events("stream", toname=begin.toname, offset=0, estimate=estimate)
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
         for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
