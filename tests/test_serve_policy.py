@@ -22,6 +22,7 @@ READ_ONLY = Policy(("tank/backup",), read_only=True)
         "snapferry send -q -t sf1-abc-123",
         "zfs get -H -p -o value type tank/backup/fs",
         "zfs rollback -r tank/backup/fs@a",
+        "zfs set atime=off tank/backup/fs",
     ],
 )
 def test_allowed(command: str) -> None:
@@ -36,6 +37,7 @@ def test_allowed(command: str) -> None:
         ("snapferry receive -s tank/backupx", "outside --allow"),
         ("snapferry send -I other/fs@a tank/backup/fs@c", "outside --allow"),
         ("zfs destroy -r tank/backup", "zfs destroy is not allowed"),
+        ("zfs set mountpoint=/etc tank/backup/fs", "zfs set is not allowed"),
         ("zfs get all tank", "outside --allow"),
         ("rm -rf /", "rm is not allowed"),
         ("snapferry demo", "snapferry demo is not allowed"),

@@ -16,7 +16,13 @@ ZFS_ENV = "SNAPFERRY_ZFS"
 
 # stderr patterns, each seen from real zfs-fuse 0.7 / OpenZFS runs.
 _OUT_OF_SPACE = re.compile(r"out of space|no space left|quota exceeded", re.I)
-_DAEMON_GONE = re.compile(r"connect: |failed to initialize ZFS library|Connection refused|ioctl_read_loop|file descriptor closed", re.I)
+_DAEMON_GONE = re.compile(
+    r"connect: |failed to initialize ZFS library|Connection refused|ioctl_read_loop|file descriptor closed"
+    # ssh's own words when the link, not the command, failed
+    r"|timed out|Connection reset|Connection closed|Broken pipe|No route to host|Network is unreachable"
+    r"|kex_exchange_identification|Could not resolve hostname",
+    re.I,
+)
 _MISSING = re.compile(r"does not exist|dataset does not exist|no such pool", re.I)
 _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
@@ -35,7 +41,7 @@ def classify_failure(action: str, stderr: str) -> Exception:
     if _OUT_OF_SPACE.search(stderr):
         return OutOfSpace(f"{action}: destination is out of space ({message}); free space or raise the quota, then resume")
     if _DAEMON_GONE.search(stderr):
-        return TransferInterrupted(f"{action}: the ZFS service is not answering ({last_line(stderr)}); start it, then resume")
+        return TransferInterrupted(f"{action}: the ZFS service or the link to it is not answering ({last_line(stderr)})")
     if _MODIFIED.search(stderr):
         return Refused(f"{action}: {message}; use -F to roll it back to its last snapshot")
     if _NOT_MATCHING.search(stderr):
@@ -139,6 +145,9 @@ class Zfs:
                 if attempt == _BUSY_RETRIES - 1 or "busy" not in str(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def set_property(self, dataset: str, name: str, value: str) -> None:
+        self.run(f"cannot set {name} on {dataset}", "set", f"{name}={value}", dataset)
 
     def snapshot(self, name: str) -> None:
         self.run(f"cannot snapshot {name}", "snapshot", name)

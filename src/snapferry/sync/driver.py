@@ -157,6 +157,10 @@ class Sync:
             self.target.endpoint.dataset,
         )
         run_pipe(send, receive, self.events)
+        if step.base is None and (step.token is None or step.token.fromguid == 0):
+            # A replica this sync created: with atime off, looking at it cannot count as a change
+            # that would make the next incremental need --force.
+            self.target.zfs().set_property(self.target.endpoint.dataset, "atime", "off")
 
     def run(self) -> str:
         if self.options.snapshot_prefix is not None:

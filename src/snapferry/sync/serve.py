@@ -47,7 +47,7 @@ class Policy:
         if verb == "get":
             self._check_dataset(argv[-1])
             return ["zfs", *argv[1:]]
-        if verb == "rollback" and not self.read_only:
+        if (verb == "rollback" or argv[1:3] == ["set", "atime=off"]) and not self.read_only:
             self._check_dataset(argv[-1])
             return ["zfs", *argv[1:]]
         raise Refused(f"serve: zfs {verb} is not allowed for this key")

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""`snapferry sync` over ssh on loopback against `zfs send | ssh host zfs receive`, in one run.
+
+A real OpenSSH server on 127.0.0.1 (generated keys, as in the tests) is the "remote" host. Two
+datasets are sent: incompressible random data and compressible text. Variants, interleaved:
+
+  raw        zfs send SRC@s | ssh root@127.0.0.1 zfs receive DST/raw
+  sync-none  snapferry sync --compress none SRC root@127.0.0.1:DST/x
+  sync-zstd  snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x   (the default for remote)
+
+Prints the median wall time and the ratio raw_time / time (target >= 0.9).
+
+    sudo python3 bench/sync_bench.py --size-mib 512 --json bench/results/sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _zfsbench import MiB, ScratchPools, destroy, fill_random, install_sigterm_cleanup, log, median, run, run_pipeline  # noqa: E402
+from tests.sshd import _start as start_sshd  # noqa: E402
+from tests.sshd import _stop as stop_sshd  # noqa: E402
+
+
+def fill_text(directory: str, total_mib: int) -> None:
+    rng = random.Random(5)
+    words = [f"word{i}" for i in range(2000)]
+    for index in range(max(1, total_mib // 32)):
+        lines = (f"{time.time():.0f} host{rng.randrange(50)} {' '.join(rng.choices(words, k=12))}\n" for _ in range(300_000))
+        with open(Path(directory) / f"log{index}.txt", "w") as out:
+            out.writelines(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workdir", default="/var/tmp")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    install_sigterm_cleanup()
+    snapferry = [sys.executable, "-m", "snapferry"]
+    results: dict[str, dict[str, float]] = {}
+    with ScratchPools(args.workdir, "sy") as pools, tempfile.TemporaryDirectory(prefix="sfbench-ssh-") as tmp:
+        server = start_sshd(Path(tmp))
+        try:
+            ssh = shlex.split(server.command)
+            src = pools.create("s", args.size_mib * MiB * 3 + (2 << 30))
+            dst = pools.create("d", args.size_mib * MiB * 3 + (2 << 30))
+            for kind, fill in (("random", lambda d: fill_random(d, args.size_mib)), ("text", lambda d: fill_text(d, args.size_mib))):
+                run("zfs", "create", f"{src}/{kind}")
+                fill(f"/{src}/{kind}")
+                run("zfs", "snapshot", f"{src}/{kind}@s")
+                variants = {
+                    "raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]],
+                    "sync-none": [
+                        [
+                            *snapferry,
+                            "sync",
+                            "-q",
+                            "--compress",
+                            "none",
+                            "--ssh",
+                            server.command,
+                            "--remote-snapferry",
+                            f"{sys.executable} -m snapferry",
+                            f"{src}/{kind}",
+                            f"root@127.0.0.1:{dst}/{kind}",
+                        ]
+                    ],
+                    "sync-zstd": [
+                        [
+                            *snapferry,
+                            "sync",
+                            "-q",
+                            "--compress",
+                            "zstd:3",
+                            "--ssh",
+                            server.command,
+                            "--remote-snapferry",
+                            f"{sys.executable} -m snapferry",
+                            f"{src}/{kind}",
+                            f"root@127.0.0.1:{dst}/{kind}",
+                        ]
+                    ],
+                }
+                times: dict[str, list[float]] = {name: [] for name in variants}
+                for round_ in range(args.repeat + 1):
+                    for name, stages in variants.items():
+                        destroy(f"{dst}/{kind}")
+                        result = run_pipeline(stages)
+                        if not result.ok:
+                            raise RuntimeError(f"{name} failed: {[s.stderr for s in result.stages]}")
+                        if round_:  # the first round warms caches and is not counted
+                            times[name].append(result.wall)
+                        log(f"{kind} round {round_} {name:10s} {result.wall:6.2f} s")
+                raw = median(times["raw"])
+                for name, values in times.items():
+                    results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
+        finally:
+            stop_sshd(server)
+    print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}")
+    print(f"{'variant':24s} {'median s':>9s} {'raw/x':>7s}")
+    for name, row in results.items():
+        print(f"{name:24s} {row['median_s']:9.2f} {row['ratio']:7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size_mib": args.size_mib, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
