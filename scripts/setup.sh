@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-if ! command -v zfs-fuse >/dev/null || ! command -v pgrep >/dev/null; then
+if ! command -v zfs-fuse >/dev/null || ! command -v pgrep >/dev/null || [ ! -x /usr/sbin/sshd ]; then
     apt-get update -qq
-    apt-get install -y -qq zfs-fuse procps >/dev/null
+    apt-get install -y -qq zfs-fuse procps openssh-server openssh-client >/dev/null
 fi
 
 python3 -m pip install -q -e '.[test]' 2>/dev/null \

@@ -30,7 +30,7 @@ REMOTE = "root@127.0.0.1"
 SYNC_TIMEOUT = 120
 # Over loopback a 24 MiB sync takes about 3 s: the cut and kill tests slow the link down so that
 # the interruption surely lands mid-transfer, and count the bytes that crossed it.
-RATE = 6 << 20
+RATE = 8 << 20
 
 # `--ssh` wrapper: `python3 THIS LOG RATE DOWN ssh ARGS...` runs ssh, feeding it our stdin at RATE bytes/s,
 # and appends the number of bytes it passed on to LOG when ssh ends. While the file DOWN exists the
@@ -41,7 +41,7 @@ log, rate, down, ssh = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:
 if os.path.exists(down):
     # ssh takes the first -p and -o ConnectTimeout it is given
     port = open(down).read().strip() or "1"
-    ssh = [ssh[0], "-p", port, "-o", "ConnectTimeout=2", *ssh[1:]]
+    ssh = [ssh[0], "-p", port, "-o", "ConnectTimeout=1", *ssh[1:]]
 child = subprocess.Popen(ssh, stdin=subprocess.PIPE)
 total = 0
 def pump():

@@ -28,6 +28,11 @@ _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
 _NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
 _BUSY_RETRIES = 6
+_SERVE_REFUSED = re.compile(r"^snapferry: serve: ", re.M)
+
+
+class DatasetMissing(Refused):
+    """The dataset or snapshot named does not exist."""
 
 
 def last_line(text: str) -> str:
@@ -38,6 +43,8 @@ def last_line(text: str) -> str:
 def classify_failure(action: str, stderr: str) -> Exception:
     """Turn a failed zfs command's stderr into the error a user can act on."""
     message = " ".join(stderr.split()) or "(no message)"
+    if _SERVE_REFUSED.search(stderr):
+        return Refused(last_line(stderr).removeprefix("snapferry: "))
     if _OUT_OF_SPACE.search(stderr):
         return OutOfSpace(f"{action}: destination is out of space ({message}); free space or raise the quota, then resume")
     if _DAEMON_GONE.search(stderr):
@@ -49,7 +56,7 @@ def classify_failure(action: str, stderr: str) -> Exception:
     if _BUSY.search(stderr):
         return TransferInterrupted(f"{action}: {message}; try again when it is no longer in use")
     if _MISSING.search(stderr):
-        return Refused(f"{action}: {message}")
+        return DatasetMissing(f"{action}: {message}")
     return ZfsCommandError(f"{action}: {message}")
 
 
@@ -95,7 +102,7 @@ class Zfs:
     def exists(self, dataset: str) -> bool:
         try:
             self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset)
-        except Refused:
+        except DatasetMissing:
             return False
         return True
 

@@ -1,0 +1,68 @@
+"""`snapferry serve` as a real SSH forced command: a restricted key syncs only where it is allowed."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import zfs_testbed as tb
+from tests.sshd import SshServer, remote_snapferry, ssh_command, sshd_server  # noqa: F401
+
+
+def restricted_key(server: SshServer, name: str, serve_args: str) -> str:
+    """Add a key whose only command is `snapferry serve SERVE_ARGS`; return the --ssh CMD for it."""
+    key = server.client_key.parent / name
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        forced = f"{sys.executable} -m snapferry serve {serve_args}"
+        line = f'command="{forced}",no-pty,no-port-forwarding {Path(f"{key}.pub").read_text().strip()}\n'
+        with open(server.client_key.parent / "authorized_keys", "a") as keys:
+            keys.write(line)
+    return server.command.replace(shlex.quote(str(server.client_key)), shlex.quote(str(key)))
+
+
+def sync(ssh: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [*tb.SNAPFERRY, "sync", "-q", "--ssh", ssh, "--remote-snapferry", "snapferry", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def source(bed: tb.Bed) -> str:
+    fs = bed.dataset("served")
+    tb.sh("zfs", "create", fs)
+    tb.write_tree(tb.mountpoint(fs), seed=90, megabytes=4)
+    tb.snapshot(f"{fs}@a")
+    tb.sh("zfs", "create", f"{bed.dst.name}/allowed")
+    return fs
+
+
+def test_restricted_key_syncs_into_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+    ssh = restricted_key(sshd_server, "writer_key", f"--allow {bed.dst.name}/allowed")
+    dst = f"{bed.dst.name}/allowed/fs"
+    result = sync(ssh, source, f"root@127.0.0.1:{dst}")
+    assert result.returncode == 0, result.stderr
+    assert tb.guid(f"{dst}@a") == tb.guid(f"{source}@a")
+
+
+def test_restricted_key_is_refused_outside_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+    ssh = restricted_key(sshd_server, "writer_key", f"--allow {bed.dst.name}/allowed")
+    result = sync(ssh, source, f"root@127.0.0.1:{bed.dst.name}/other")
+    assert result.returncode == 4, result.stderr
+    assert "outside --allow" in result.stderr and "Traceback" not in result.stderr
+    assert not tb.exists(f"{bed.dst.name}/other")
+    shell = subprocess.run(
+        [*shlex.split(ssh), "root@127.0.0.1", "cat /etc/shadow"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert shell.returncode == 4 and "cat is not allowed" in shell.stderr
+
+
+def test_read_only_key_cannot_receive(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+    ssh = restricted_key(sshd_server, "reader_key", f"--allow {bed.dst.name}/allowed --read-only")
+    result = sync(ssh, source, f"root@127.0.0.1:{bed.dst.name}/allowed/ro")
+    assert result.returncode == 4, result.stderr
+    assert "read-only" in result.stderr
+    assert not tb.exists(f"{bed.dst.name}/allowed/ro")
