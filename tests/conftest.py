@@ -10,6 +10,9 @@ import pytest
 
 from tests import zfs_testbed as tb
 
+# The real sshd on 127.0.0.1 that the sync and serve tests log in to.
+pytest_plugins = ["tests.sshd"]
+
 
 @pytest.fixture(scope="session")
 def zfs_daemon() -> None:

@@ -1,8 +1,9 @@
-"""A real OpenSSH server on 127.0.0.1 for the remote-side tests (session-scoped).
+"""A real OpenSSH server on 127.0.0.1 for the remote-side tests (one per session).
 
-Import the fixtures into a test module:
-
-    from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401
+Use it from a test module either as a plugin, `pytest_plugins = ["tests.sshd"]`, or by importing the
+fixtures, `from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401`. Both
+ways share the one server. (PYTEST_DONT_REWRITE: no asserts here, and no warning when a module has
+imported this one before another names it in pytest_plugins.)
 
 `ssh_command` is the `--ssh` string for snapferry (a key-only login as root@127.0.0.1 on a free
 port, no host-key prompts); `remote_snapferry` runs this interpreter's snapferry, because an ssh
@@ -158,16 +159,27 @@ def _stop(server: SshServer) -> None:
             server.process.wait(timeout=10)
 
 
+# Each module that imports the fixtures gets its own session-scoped fixture definition: they share
+# this server, stopped when the last of them is torn down.
+_shared: dict[str, object] = {"server": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     if os.geteuid() != 0:
         pytest.fail("the ssh tests need root (they log in as root@127.0.0.1)")
-    _ensure_sshd()
-    server = _start(tmp_path_factory.mktemp("sshd"))
+    server = _shared["server"]
+    if not isinstance(server, SshServer) or server.process.poll() is not None:
+        _ensure_sshd()
+        server = _shared["server"] = _start(tmp_path_factory.mktemp("sshd"))
+    _shared["users"] = int(_shared["users"]) + 1  # type: ignore[call-overload]
     try:
         yield server
     finally:
-        _stop(server)
+        _shared["users"] = int(_shared["users"]) - 1  # type: ignore[call-overload]
+        if _shared["users"] == 0:
+            _stop(server)
+            _shared["server"] = None
 
 
 @pytest.fixture(scope="session")

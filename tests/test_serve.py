@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import zfs_testbed as tb
-from tests.sshd import SshServer, remote_snapferry, ssh_command, sshd_server  # noqa: F401
+from tests.sshd import SshServer
 
 
 def restricted_key(server: SshServer, name: str, serve_args: str) -> str:
@@ -40,7 +40,7 @@ def source(bed: tb.Bed) -> str:
     return fs
 
 
-def test_restricted_key_syncs_into_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+def test_restricted_key_syncs_into_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:
     ssh = restricted_key(sshd_server, "writer_key", f"--allow {bed.dst.name}/allowed")
     dst = f"{bed.dst.name}/allowed/fs"
     result = sync(ssh, source, f"root@127.0.0.1:{dst}")
@@ -48,7 +48,7 @@ def test_restricted_key_syncs_into_its_prefix(bed: tb.Bed, sshd_server: SshServe
     assert tb.guid(f"{dst}@a") == tb.guid(f"{source}@a")
 
 
-def test_restricted_key_is_refused_outside_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+def test_restricted_key_is_refused_outside_its_prefix(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:
     ssh = restricted_key(sshd_server, "writer_key", f"--allow {bed.dst.name}/allowed")
     result = sync(ssh, source, f"root@127.0.0.1:{bed.dst.name}/other")
     assert result.returncode == 4, result.stderr
@@ -60,7 +60,7 @@ def test_restricted_key_is_refused_outside_its_prefix(bed: tb.Bed, sshd_server: 
     assert shell.returncode == 4 and "cat is not allowed" in shell.stderr
 
 
-def test_read_only_key_cannot_receive(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:  # noqa: F811
+def test_read_only_key_cannot_receive(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:
     ssh = restricted_key(sshd_server, "reader_key", f"--allow {bed.dst.name}/allowed --read-only")
     result = sync(ssh, source, f"root@127.0.0.1:{bed.dst.name}/allowed/ro")
     assert result.returncode == 4, result.stderr

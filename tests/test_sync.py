@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from tests.sshd import SshServer
 
 # The session-scoped sshd and its fixtures (sshd_server, ssh_command, remote_snapferry).
-pytest_plugins = ["tests.sshd"]
 
 REMOTE = "root@127.0.0.1"
 SYNC_TIMEOUT = 120
