@@ -23,7 +23,7 @@ from tests import zfs_testbed as tb
 if TYPE_CHECKING:
     from tests.sshd import SshServer
 
-# The session-scoped sshd and its fixtures (sshd_server, ssh_command, remote_snapferry).
+# sshd_server, ssh_command and remote_snapferry: tests/sshd.py, a plugin registered in conftest.py.
 
 REMOTE = "root@127.0.0.1"
 SYNC_TIMEOUT = 120

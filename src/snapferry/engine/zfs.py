@@ -27,7 +27,7 @@ _MISSING = re.compile(r"does not exist|dataset does not exist|no such pool", re.
 _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
 _NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
-_BUSY_RETRIES = 6
+_BUSY_RETRIES = 10
 _SERVE_REFUSED = re.compile(r"^snapferry: serve: ", re.M)
 
 

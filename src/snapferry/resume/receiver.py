@@ -218,10 +218,14 @@ class PieceReceiver:
             if isinstance(exc, TransferInterrupted):
                 raise type(exc)(f"{exc}; {self._progress_note(pos, start_seq)}") from None
             raise
-        _, transfers = read_transfers(self.zfs, self.dataset)
-        for transfer in transfers:
-            if transfer.toguid == begin.toguid:
-                remove_finished_pieces(self.zfs, transfer)
+        try:
+            _, transfers = read_transfers(self.zfs, self.dataset)
+            for transfer in transfers:
+                if transfer.toguid == begin.toguid:
+                    remove_finished_pieces(self.zfs, transfer)
+        except SnapferryError as exc:
+            # The snapshot is complete; leftover checkpoints are only clutter, removed next time.
+            self.events("warning", message=f"{exc}; remove the leftover checkpoints with: snapferry receive -A {self.dataset}")
         self._mount_complete()
         self.received.append(f"{self.dataset}@{begin.snapshot_name}")
         self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)

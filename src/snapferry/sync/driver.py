@@ -82,18 +82,22 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
         os.close(write_end)
     sending, receiving = _Side(sender, "sending", events), _Side(receiver, "receiving", events)
     receive_rc = receiver.wait()
-    if receive_rc != 0 and sender.poll() is None:
+    stopped_sender = receive_rc != 0 and sender.poll() is None
+    if stopped_sender:
         sender.kill()
     send_rc = sender.wait()
-    messages = {side.name: side.message() for side in (sending, receiving)}
+    send_message, receive_message = sending.message(), receiving.message()
     if receive_rc == 0 and send_rc == 0:
         return
-    for rc, side in ((receive_rc, "receiving"), (send_rc, "sending")):
-        if rc == _REFUSED:
-            raise Refused(messages[side])
-        if rc == _BAD_STREAM:
-            raise StreamFormatError(messages[side])
-    raise TransferInterrupted(messages["receiving" if receive_rc != 0 else "sending"])
+    # Find the end that failed first: a receiver that got an empty or cut stream only reports the
+    # sender's failure, and a sender whose reader went away only reports the receiver's.
+    sender_first = send_rc != 0 and not stopped_sender and "receiving side closed" not in send_message
+    rc, message = (send_rc, send_message) if sender_first else (receive_rc, receive_message)
+    if rc == _REFUSED:
+        raise Refused(message)
+    if rc == _BAD_STREAM:
+        raise StreamFormatError(message)
+    raise TransferInterrupted(message)
 
 
 class Sync:
@@ -118,6 +122,13 @@ class Sync:
 
     def _next(self) -> Step | Rollback | None:
         return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
+
+    def _remove_leftovers(self) -> None:
+        """Checkpoints of completed transfers that a busy dataset kept from being destroyed."""
+        dataset = self.target.endpoint.dataset
+        _, transfers = read_transfers(self.target.zfs(), dataset)
+        if any(t.complete and t.pieces() for t in transfers):
+            subprocess.run(self.target.snapferry_argv("receive", "-q", "-A", dataset), capture_output=True, check=False)
 
     def plan(self) -> list[str]:
         """What a run would do now, without doing it (--dry-run)."""
@@ -179,6 +190,7 @@ class Sync:
                     self.events("plan", steps=[step.describe()])
                     self._run(step)
                     steps_done += 1
+                self._remove_leftovers()
                 result = "up to date" if steps_done == 0 else f"done in {steps_done} step(s), {attempt} attempt(s)"
                 self.events("done", result=result)
                 return result

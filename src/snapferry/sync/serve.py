@@ -44,13 +44,23 @@ class Policy:
 
     def _check_zfs(self, argv: list[str]) -> list[str]:
         verb = argv[1] if len(argv) > 1 else ""
-        if verb == "get":
-            self._check_dataset(argv[-1])
-            return ["zfs", *argv[1:]]
-        if (verb == "rollback" or argv[1:3] == ["set", "atime=off"]) and not self.read_only:
-            self._check_dataset(argv[-1])
-            return ["zfs", *argv[1:]]
-        raise Refused(f"serve: zfs {verb} is not allowed for this key")
+        writes = verb == "rollback" or argv[1:3] == ["set", "atime=off"]
+        if verb != "get" and not (writes and not self.read_only):
+            raise Refused(f"serve: zfs {' '.join(argv[1:3]) if verb == 'set' else verb} is not allowed for this key")
+        # Positional words after the verb: get's property list (or set's assignment), then datasets.
+        words = iter(argv[2:])
+        positional = []
+        for arg in words:
+            if arg in ("-o", "-d", "-s", "-t"):
+                next(words, None)
+            elif not arg.startswith("-"):
+                positional.append(arg)
+        datasets = positional if verb == "rollback" else positional[1:]
+        if not datasets:
+            raise Refused(f"serve: zfs {verb} must name a dataset under --allow")
+        for dataset in datasets:
+            self._check_dataset(dataset)
+        return ["zfs", *argv[1:]]
 
     def _check_snapferry(self, argv: list[str], start: int) -> list[str]:
         verb = argv[start] if len(argv) > start else ""
@@ -60,9 +70,9 @@ class Policy:
             raise Refused(f"serve: snapferry {verb} is not allowed for this key")
         words = iter(argv[start + 1 :])
         for arg in words:
-            if arg.startswith("--zfs"):
+            if arg.startswith("--z"):  # --zfs, however abbreviated
                 raise Refused("serve: --zfs is not allowed for this key")
-            if arg in ("-t", "--checkpoint"):
+            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit"):
                 next(words, None)
             elif arg in ("-i", "-I"):
                 base = next(words, "")
