@@ -39,7 +39,7 @@ def test_allowed(command: str) -> None:
         ("snapferry receive -s tank/backupx", "outside --allow"),
         ("snapferry send -I other/fs@a tank/backup/fs@c", "outside --allow"),
         ("zfs destroy -r tank/backup", "zfs destroy is not allowed"),
-        ("zfs set mountpoint=/etc tank/backup/fs", "zfs set is not allowed"),
+        ("zfs set mountpoint=/etc tank/backup/fs", "zfs set mountpoint=/etc is not allowed"),
         ("zfs get all tank", "outside --allow"),
         ("zfs get all other/secret tank/backup/fs", "outside --allow"),
         ("zfs get -H guid", "must name a dataset"),
