@@ -203,6 +203,8 @@ def test_compressed_and_rate_limited_stream(bed: tb.Bed, source: dict[str, objec
     # A cap can only slow a transfer down: it may never go faster than the rate allows.
     assert time.monotonic() - started >= len(limited.stdout) / (4 << 20) * 0.9
     assert limited.stdout == source["incr"]
+    buffered = tb.snapferry("send", "--buffer", "8M", "--compress", "zstd", f"{fs}@s1")
+    assert buffered.returncode == 0 and buffered.stdout == compressed
 
 
 def test_bad_compression_argument_is_a_usage_error(source: dict[str, object]) -> None:

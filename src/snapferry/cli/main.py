@@ -82,7 +82,8 @@ def _stdout_sink(args: argparse.Namespace) -> WireSink:
     fd = sys.stdout.fileno()
     enlarge_pipe(fd)
     rate = parse_rate(args.bwlimit) if args.bwlimit else None
-    return WireSink(fd, zstd_level=parse_compression(args.compress), rate=rate)
+    buffer = parse_size(args.buffer) if args.buffer else 0
+    return WireSink(fd, zstd_level=parse_compression(args.compress), rate=rate, buffer=buffer)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -189,6 +190,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         compress=compress,
         bwlimit=args.bwlimit,
+        buffer=args.buffer,
         snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
     )
     with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
@@ -246,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
     send.add_argument("--compress", default="none", metavar="zstd[:LEVEL]|none", help="compress the stream (receive detects it)")
     send.add_argument("--bwlimit", metavar="RATE", help="cap the output rate, e.g. 10M (bytes per second)")
+    send.add_argument("--buffer", metavar="SIZE", help="hold up to SIZE in memory to smooth a bursty link (like mbuffer)")
     send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP")
     send.set_defaults(func=cmd_send)
 
@@ -278,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--checkpoint", type=_checkpoint_text, default="1G", metavar="SIZE", help="as for receive -s")
     sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
     sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
+    sync.add_argument("--buffer", metavar="SIZE", help="memory buffer on the sending side (like mbuffer), e.g. 256M")
     sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")

@@ -32,6 +32,7 @@ class SyncOptions:
     checkpoint: str = "1G"
     compress: str = "none"
     bwlimit: str | None = None
+    buffer: str | None = None
     snapshot_prefix: str | None = None
     dry_run: bool = False
 
@@ -152,6 +153,8 @@ class Sync:
         wire = ["--json", "--compress", self.options.compress]
         if self.options.bwlimit:
             wire += ["--bwlimit", self.options.bwlimit]
+        if self.options.buffer:
+            wire += ["--buffer", self.options.buffer]
         if step.token is not None:
             send = self.source.snapferry_argv("send", *wire, "-t", step.token.encode())
         elif step.base is None:

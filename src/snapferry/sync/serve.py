@@ -72,7 +72,7 @@ class Policy:
         for arg in words:
             if arg.startswith("--z"):  # --zfs, however abbreviated
                 raise Refused("serve: --zfs is not allowed for this key")
-            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit"):
+            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit", "--buffer"):
                 next(words, None)
             elif arg in ("-i", "-I"):
                 base = next(words, "")

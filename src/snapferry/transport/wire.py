@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import IO, cast
 
@@ -41,29 +43,36 @@ def parse_rate(text: str) -> float:
 
 
 class WireSink:
-    """A Sink onto a file descriptor, compressing and rate-limiting on the way; close() ends it."""
+    """A Sink onto a file descriptor: compress, hold up to `buffer` bytes in memory, cap the rate.
 
-    def __init__(self, fd: int, *, zstd_level: int | None = None, rate: float | None = None) -> None:
+    close() flushes everything and reports a failure of the writing thread.
+    """
+
+    def __init__(self, fd: int, *, zstd_level: int | None = None, rate: float | None = None, buffer: int = 0) -> None:
         self._fd = fd
         self._rate = rate
         self._started = time.monotonic()
         self._sent = 0
+        self._smoother = _Smoother(self._output, buffer) if buffer else None
         self._compressor = None
         if zstd_level is not None:
-            target = cast(IO[bytes], _RawFd(self._write_raw))
+            target = cast(IO[bytes], _RawFd(lambda data: self._raw([data])))
             self._compressor = zstandard.ZstdCompressor(level=zstd_level).stream_writer(target, write_size=1 << 20, closefd=False)
 
     def __call__(self, parts: Sequence[Buffer]) -> None:
         if self._compressor is None:
-            self._write_raw_parts(parts)
+            self._raw(parts)
         else:
             for part in parts:
                 self._compressor.write(part)
 
-    def _write_raw(self, data: Buffer) -> None:
-        self._write_raw_parts([data])
+    def _raw(self, parts: Sequence[Buffer]) -> None:
+        if self._smoother is None:
+            self._output(parts)
+        else:
+            self._smoother.put(parts)
 
-    def _write_raw_parts(self, parts: Sequence[Buffer]) -> None:
+    def _output(self, parts: Sequence[Buffer]) -> None:
         write_all(self._fd, parts)
         if self._rate:
             self._sent += sum(len(p) for p in parts)
@@ -75,6 +84,61 @@ class WireSink:
     def close(self) -> None:
         if self._compressor is not None:
             self._compressor.flush(zstandard.FLUSH_FRAME)
+        if self._smoother is not None:
+            self._smoother.close()
+
+
+class _Smoother:
+    """Up to `limit` bytes held between the stream and a bursty link, like mbuffer; written by a thread."""
+
+    def __init__(self, write: Callable[[Sequence[Buffer]], None], limit: int) -> None:
+        self._write = write
+        self._limit = limit
+        self._held = 0
+        self._chunks: deque[bytes] = deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def put(self, parts: Sequence[Buffer]) -> None:
+        data = b"".join(parts)  # a copy: the caller reuses its record buffers
+        with self._cond:
+            while self._held and self._held + len(data) > self._limit and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            self._chunks.append(data)
+            self._held += len(data)
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closed:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                data = self._chunks.popleft()
+            try:
+                self._write([data])
+            except BaseException as exc:  # handed to the producing thread, which re-raises it
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._held -= len(data)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class _RawFd(io.RawIOBase):
