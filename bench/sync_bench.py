@@ -60,38 +60,16 @@ def main() -> int:
                 run("zfs", "create", f"{src}/{kind}")
                 fill(f"/{src}/{kind}")
                 run("zfs", "snapshot", f"{src}/{kind}@s")
+                remote = f"root@127.0.0.1:{dst}/{kind}"
+
+                def sync(compress: str, dataset: str = f"{src}/{kind}", target: str = remote) -> list[list[str]]:
+                    argv = [*snapferry, "sync", "-q", "--compress", compress, "--ssh", server.command]
+                    return [[*argv, "--remote-snapferry", f"{sys.executable} -m snapferry", dataset, target]]
+
                 variants = {
                     "raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]],
-                    "sync-none": [
-                        [
-                            *snapferry,
-                            "sync",
-                            "-q",
-                            "--compress",
-                            "none",
-                            "--ssh",
-                            server.command,
-                            "--remote-snapferry",
-                            f"{sys.executable} -m snapferry",
-                            f"{src}/{kind}",
-                            f"root@127.0.0.1:{dst}/{kind}",
-                        ]
-                    ],
-                    "sync-zstd": [
-                        [
-                            *snapferry,
-                            "sync",
-                            "-q",
-                            "--compress",
-                            "zstd:3",
-                            "--ssh",
-                            server.command,
-                            "--remote-snapferry",
-                            f"{sys.executable} -m snapferry",
-                            f"{src}/{kind}",
-                            f"root@127.0.0.1:{dst}/{kind}",
-                        ]
-                    ],
+                    "sync-none": sync("none"),
+                    "sync-zstd": sync("zstd:3"),
                 }
                 times: dict[str, list[float]] = {name: [] for name in variants}
                 for round_ in range(args.repeat + 1):
