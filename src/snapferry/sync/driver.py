@@ -170,7 +170,11 @@ class Sync:
             *(["-F"] if self.options.force else []),
             self.target.endpoint.dataset,
         )
-        run_pipe(send, receive, self.events)
+        try:
+            run_pipe(send, receive, self.events)
+        except Refused as exc:
+            # receive's advice names its own flag; sync's is --force.
+            raise Refused(str(exc).replace("use -F to roll it back", "sync --force rolls it back")) from None
         if step.base is None and (step.token is None or step.token.fromguid == 0):
             # A replica this sync created: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
