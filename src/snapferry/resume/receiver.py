@@ -160,9 +160,9 @@ class PieceReceiver:
             piece_begin = begin.derive(toguid=begin.toguid, fromguid=pos.base_guid, toname=begin.toname)
         else:
             guid = secrets.randbits(64) or 1
-            fs = begin.toname.partition("@")[0]
             name = open_name(begin.toguid, pos.transfer_fromguid, pos.seq)
-            piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{fs}@{name}")
+            # `zfs receive DST` takes only the part after '@'; DST's own name is known to fit.
+            piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{self.dataset}@{name}")
         return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force)
 
     def _commit(self, piece: _Piece, begin: Begin, pos: _Position, boundary: Record) -> None:
