@@ -18,7 +18,7 @@ from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
-from snapferry.resume.checkpoints import read_transfers
+from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.resume.lock import dataset_lock
 from snapferry.resume.receiver import PieceReceiver
@@ -156,8 +156,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
     _, transfers = read_transfers(_zfs(args), args.target)
     unfinished = [t for t in transfers if not t.complete]
-    tokens = [t.token() for t in unfinished]
-    token = next((t for t in reversed(tokens) if t is not None), None)
+    token = latest_token(transfers)
     if token is None:
         if unfinished:
             reason = "its interrupted transfer committed no checkpoint; send the stream again"

@@ -56,13 +56,16 @@ class ReceiveProcess:
         try:
             write_all(self._fd, parts)
         except BrokenPipeError:
-            raise self._failure() from None
+            # It stopped reading: its own error says why (a pipe cannot break on a clean exit 0).
+            raise self._failure() or ZfsCommandError(f"{self.action}: zfs receive stopped reading") from None
 
-    def _failure(self) -> Exception:
+    def _failure(self) -> Exception | None:
+        """Close our end, wait for zfs receive, and return its error if it failed."""
         self._close_stdin()
         assert self._proc.stderr is not None
         stderr = self._proc.stderr.read().decode(errors="replace")
-        self._proc.wait()
+        if self._proc.wait() == 0:
+            return None
         return classify_failure(self.action, stderr or f"zfs receive exited with status {self._proc.returncode}")
 
     def _close_stdin(self) -> None:
@@ -71,11 +74,9 @@ class ReceiveProcess:
                 self._proc.stdin.close()
 
     def finish(self) -> None:
-        self._close_stdin()
-        assert self._proc.stderr is not None
-        stderr = self._proc.stderr.read().decode(errors="replace")
-        if self._proc.wait() != 0:
-            raise classify_failure(self.action, stderr or f"zfs receive exited with status {self._proc.returncode}")
+        failure = self._failure()
+        if failure is not None:
+            raise failure
 
     def abort(self) -> None:
         """Close the stream without an END: zfs receive discards everything of this piece."""

@@ -97,6 +97,12 @@ def find_transfers(snapshots: list[Snapshot], dataset: str) -> list[Transfer]:
     return list(transfers.values())
 
 
+def latest_token(transfers: list[Transfer]) -> ResumeToken | None:
+    """The token of the newest unfinished transfer that has a checkpoint, if any."""
+    tokens = [t.token() for t in transfers if not t.complete]
+    return next((t for t in reversed(tokens) if t is not None), None)
+
+
 def read_transfers(zfs: Zfs, dataset: str) -> tuple[list[Snapshot], list[Transfer]]:
     snapshots = zfs.snapshots(dataset) if zfs.exists(dataset) else []
     return snapshots, find_transfers(snapshots, dataset)

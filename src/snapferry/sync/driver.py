@@ -14,7 +14,7 @@ from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import read_transfers
+from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.sync.endpoints import Shell
 from snapferry.sync.plan import Rollback, Step, next_step, plan_all
 
@@ -118,8 +118,7 @@ class Sync:
         if not dst_zfs.exists(dataset):
             return source, None, None
         snapshots, transfers = read_transfers(dst_zfs, dataset)
-        tokens = [t.token() for t in transfers if not t.complete]
-        return source, snapshots, next((t for t in reversed(tokens) if t is not None), None)
+        return source, snapshots, latest_token(transfers)
 
     def _next(self) -> Step | Rollback | None:
         return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
