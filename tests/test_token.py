@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from snapferry.codec.token import TOKEN_PREFIX, MalformedToken, ResumeToken
 from snapferry.errors import Refused, SnapferryError
 from tests.shared_data import OPENZFS_DATA
+from tests.zfs_testbed import snapferry
 
 DATA = OPENZFS_DATA
 OPENZFS_TOKENS = sorted(DATA.glob("zfs-*/*.token"))
@@ -114,6 +115,7 @@ def test_describe() -> None:
         "offset": 3875236,
         "fingerprint_from": 312,
         "fingerprint": "0123456789abcdef",
+        "send_flags": "",
     }
 
 
@@ -147,18 +149,26 @@ def test_malformed_token_is_a_refusal() -> None:
 
 @pytest.mark.parametrize("text", ["", "   ", "hello", "sf2-abc-00000000", "SF1-abc-00000000", "-sf1-abc"])
 def test_wrong_prefix(text: str) -> None:
-    with pytest.raises(MalformedToken, match=re.escape("malformed token: it does not start with 'sf1-'")) as info:
+    with pytest.raises(MalformedToken, match=re.escape("malformed token: it starts with neither 'sf1-'")) as info:
         ResumeToken.decode(text)
     assert "zfs send -t" not in str(info.value)
 
 
 @pytest.mark.skipif(not OPENZFS_TOKENS, reason="OpenZFS fixtures not available")
 @pytest.mark.parametrize("path", OPENZFS_TOKENS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_openzfs_token_points_to_zfs_send_t(path: Path) -> None:
+def test_cli_decodes_openzfs_tokens_as_zfs_send_nvt_does(path: Path) -> None:
     text = path.read_text()
-    assert text.startswith("1-")
-    with pytest.raises(MalformedToken, match=r"an OpenZFS kernel token: use zfs send -t"):
-        ResumeToken.decode(text)
+    with pytest.raises(MalformedToken, match=r"nor '1-' \(OpenZFS's\)"):
+        ResumeToken.decode("2" + text)
+    decoded = snapferry("token", "--decode", text)
+    assert decoded.returncode == 0, decoded.stderr
+    expected = path.with_name(path.name + ".decoded.txt")
+    if expected.exists():
+        contents = expected.read_text().split("\n")
+        block = "\n".join(contents[: next(i for i, line in enumerate(contents) if line and not line[0].isspace() and i > 1)]) + "\n"
+        assert decoded.stdout.decode() == block
+    fields = json.loads(snapferry("token", "--decode", "--json", text).stdout)
+    assert fields["toname"] == "tank/src@s1" or fields["toname"] == "tank/src@s2"
 
 
 def test_bad_check_digits() -> None:

@@ -181,7 +181,8 @@ def test_json_events_for_machines(bed: tb.Bed, source: dict[str, object]) -> Non
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stderr.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "stream" and kinds[-1] == "done"
+    assert kinds[:2] == ["mode", "stream"] and kinds[-1] == "done"
+    assert events[0]["mode"] == "pieces", "zfs-fuse has no kernel resume"
     checkpoints = [e for e in events if e["event"] == "checkpoint"]
     assert [c["seq"] for c in checkpoints] == list(range(len(checkpoints))) and len(checkpoints) >= 3
     assert events[-1]["bytes"] == len(source["full"])  # type: ignore[arg-type]

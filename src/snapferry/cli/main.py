@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from snapferry.cli.progress import Reporter
+from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Zfs
@@ -21,6 +22,7 @@ from snapferry.errors import SnapferryError, UsageError
 from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.resume.lock import dataset_lock
+from snapferry.resume.native import MODES, abort_native, choose_mode, receive_native, send_native_continuation
 from snapferry.resume.receiver import PieceReceiver
 from snapferry.resume.sender import send_continuation, send_snapshot
 from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
@@ -39,6 +41,11 @@ EXIT_CODES = """exit codes:
   5  bad stream: corrupt, truncated header, foreign or unsupported
   6  a zfs command failed
 """
+
+MODE_HELP = (
+    "native: OpenZFS's own zfs receive -s / send -t (no re-reading of the source); pieces: snapferry's "
+    "checkpoint snapshots (any ZFS). Default: native where both ends' ZFS can do it"
+)
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.I)
 
@@ -86,15 +93,24 @@ def _stdout_sink(args: argparse.Namespace) -> WireSink:
     return WireSink(fd, zstd_level=parse_compression(args.compress), rate=rate, buffer=args.buffer or 0)
 
 
+def _is_openzfs_token(text: str) -> bool:
+    return text.strip().startswith("1-")
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     zfs = _zfs(args)
+    flags = [flag for flag, wanted in (("-L", args.L), ("-e", args.e), ("-c", args.c), ("-w", args.w)) if wanted]
     sink = _stdout_sink(args)
     if args.token:
         if args.snapshot or args.i or args.I:
             raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
-        token = ResumeToken.decode(args.token)
         with _reporter(args, label="resume") as events:
-            send_continuation(zfs, token, sink, events=events, visible=_serve_visibility())
+            if _is_openzfs_token(args.token):
+                send_native_continuation(zfs, args.token, sink, flags=flags, events=events, visible=_serve_visibility())
+            else:
+                if flags:
+                    raise UsageError("send -t takes -L/-e/-c/-w from the token (the interrupted stream's own flags): drop them")
+                send_continuation(zfs, ResumeToken.decode(args.token), sink, events=events, visible=_serve_visibility())
         sink.close()
         return 0
     if not args.snapshot or "@" not in args.snapshot:
@@ -106,7 +122,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         base = args.snapshot.partition("@")[0] + base
     total = _estimated_stream_size(zfs, args.snapshot) if not (args.quiet or base) else None
     with _reporter(args, total, label=args.snapshot) as events:
-        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events, estimate=total)
+        send_snapshot(zfs, args.snapshot, sink, base=base, intermediates=bool(args.I), events=events, estimate=total, flags=flags)
     sink.close()
     return 0
 
@@ -119,10 +135,15 @@ def cmd_receive(args: argparse.Namespace) -> int:
         raise UsageError("receive reads a stream from standard input: pipe one in")
     size = args.checkpoint if args.s else 1 << 62
     with dataset_lock(args.dataset, "receive"), _reporter(args, label=args.dataset) as events:
-        receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
+        mode = choose_mode(zfs, args.dataset, args.mode)
+        events("mode", mode=mode)
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
-            done = receiver.receive(open_wire(source))
+            if mode == "native":
+                done = receive_native(zfs, args.dataset, open_wire(source), resumable=args.s, force=args.F, events=events)
+            else:
+                receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
+                done = receiver.receive(open_wire(source))
     if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
     return 0
@@ -131,7 +152,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def _abort(zfs: Zfs, dataset: str, args: argparse.Namespace) -> int:
     with dataset_lock(dataset, "abort"):
         snapshots, transfers = read_transfers(zfs, dataset)
-        messages = []
+        native = abort_native(zfs, dataset)
+        messages = [native] if native else []
         for transfer in transfers:
             if transfer.complete:
                 remove_finished_pieces(zfs, transfer)
@@ -152,11 +174,20 @@ def _abort(zfs: Zfs, dataset: str, args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     if args.decode:
-        print(json.dumps(ResumeToken.decode(args.target).describe(), indent=2))
+        if not _is_openzfs_token(args.target):
+            print(json.dumps(ResumeToken.decode(args.target).describe(), indent=2))
+        elif args.json:
+            print(json.dumps(OpenZfsToken.decode(args.target).as_json(), indent=2))
+        else:
+            print(OpenZfsToken.decode(args.target).describe(), end="")
         return 0
-    _, transfers = read_transfers(_zfs(args), args.target)
+    zfs = _zfs(args)
+    _, transfers = read_transfers(zfs, args.target)
     unfinished = [t for t in transfers if not t.complete]
     token = latest_token(transfers)
+    if token is None and not unfinished and args.mode != "pieces" and (native := zfs.resume_token(args.target)):
+        print(native)
+        return 0
     if token is None:
         if unfinished:
             reason = "its interrupted transfer committed no checkpoint; send the stream again"
@@ -191,6 +222,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         bwlimit=args.bwlimit,
         buffer=args.buffer,
         snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
+        mode=args.mode,
     )
     with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
         shells = Shell(source, ssh, remote_snapferry), Shell(target, ssh, remote_snapferry)
@@ -245,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-i", metavar="SNAP", help="incremental from SNAP (@name or pool/fs@name)")
     send.add_argument("-I", metavar="SNAP", help="like -i, with every intermediate snapshot")
     send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
+    send.add_argument("-L", action="store_true", help="zfs send -L: blocks larger than 128K as they are (OpenZFS)")
+    send.add_argument("-e", action="store_true", help="zfs send -e: embedded blocks as they are (OpenZFS)")
+    send.add_argument("-c", action="store_true", help="zfs send -c: compressed blocks as they are on disk (OpenZFS)")
+    send.add_argument("-w", action="store_true", help="zfs send -w: raw, encrypted blocks as they are (OpenZFS)")
     send.add_argument("--compress", default="none", metavar="zstd[:LEVEL]|none", help="compress the stream (receive detects it)")
     send.add_argument("--bwlimit", metavar="RATE", help="cap the output rate, e.g. 10M (bytes per second)")
     send.add_argument("--buffer", type=parse_size, metavar="SIZE", help="hold up to SIZE in memory to smooth a bursty link (like mbuffer)")
@@ -262,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="bytes of stream between checkpoints (default 1G)",
     )
+    recv.add_argument("--mode", choices=MODES, help=MODE_HELP)
     recv.add_argument("dataset", help="POOL/FS to receive into")
     recv.set_defaults(func=cmd_receive)
 
     token = sub.add_parser("token", parents=[common], help="print the resume token of an interrupted receive")
-    token.add_argument("--decode", action="store_true", help="print the fields of TOKEN as JSON")
+    token.add_argument("--decode", action="store_true", help="print the fields of TOKEN (snapferry's or OpenZFS's)")
+    token.add_argument("--mode", choices=MODES, help="only this mode's token (default: whichever the dataset has)")
     token.add_argument("target", metavar="DATASET|TOKEN")
     token.set_defaults(func=cmd_token)
 
@@ -284,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    sync.add_argument("--mode", choices=MODES, help=MODE_HELP)
     sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
     sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
     sync.set_defaults(func=cmd_sync)

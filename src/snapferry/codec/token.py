@@ -33,6 +33,8 @@ class ResumeToken:
     offset: int
     fingerprint_from: int
     fingerprint: str
+    # Letters of the `zfs send` flags (-L -e -c -w) the interrupted stream was made with.
+    send_flags: str = ""
 
     def encode(self) -> str:
         body = json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
@@ -43,8 +45,7 @@ class ResumeToken:
     def decode(cls, text: str) -> ResumeToken:
         text = text.strip()
         if not text.startswith(TOKEN_PREFIX):
-            hint = " (an OpenZFS kernel token: use zfs send -t)" if text.startswith("1-") else ""
-            raise MalformedToken(f"malformed token: it does not start with {TOKEN_PREFIX!r}{hint}")
+            raise MalformedToken(f"malformed token: it starts with neither {TOKEN_PREFIX!r} (snapferry's) nor '1-' (OpenZFS's)")
         body_text, _, crc_text = text[len(TOKEN_PREFIX) :].rpartition("-")
         try:
             body = zlib.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)))
@@ -65,6 +66,8 @@ class ResumeToken:
             raise MalformedToken("malformed token: its offsets are inconsistent")
         if not isinstance(self.fingerprint, str) or len(self.fingerprint) != 16:
             raise MalformedToken("malformed token: bad fingerprint")
+        if not isinstance(self.send_flags, str) or not set(self.send_flags) <= set("Lecw"):
+            raise MalformedToken("malformed token: bad send flags")
 
     def describe(self) -> dict[str, object]:
         """Fields for `token --decode`; guids as decimal strings, as `zfs get guid` prints them."""

@@ -29,15 +29,28 @@ _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
 _NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
 _BUSY_RETRIES = 10
 _SERVE_REFUSED = re.compile(r"^snapferry: serve: ", re.M)
+# OpenZFS's words for the kernel's saved receive state ("zfs receive -s") being in the way.
+_PARTIAL_STATE = re.compile(r"contains partially-complete state|/%recv", re.I)
+_RESUMABLE_SAVED = re.compile(r"Partially received snapshot is saved", re.I)
+_NO_SUCH_PROPERTY = re.compile(r"invalid property|bad property list|unsupported property", re.I)
 
 
 class DatasetMissing(Refused):
     """The dataset or snapshot named does not exist."""
 
 
+class PartialReceiveInTheWay(Refused):
+    """OpenZFS keeps an interrupted `zfs receive -s` (a token, a %recv child) that blocks this command."""
+
+
 def last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no message)"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not line.startswith("receiving ")]
+    return lines[0] if lines else "(no message)"
 
 
 def classify_failure(action: str, stderr: str) -> Exception:
@@ -47,6 +60,10 @@ def classify_failure(action: str, stderr: str) -> Exception:
         return Refused(last_line(stderr).removeprefix("snapferry: "))
     if _OUT_OF_SPACE.search(stderr):
         return OutOfSpace(f"{action}: destination is out of space ({message}); free space or raise the quota, then resume")
+    if _RESUMABLE_SAVED.search(stderr):
+        return TransferInterrupted(f"{action}: the stream stopped early ({_first_line(stderr)}); the kernel kept what arrived")
+    if _PARTIAL_STATE.search(stderr):
+        return PartialReceiveInTheWay(f"{action}: {message}")
     if _DAEMON_GONE.search(stderr):
         return TransferInterrupted(f"{action}: the ZFS service or the link to it is not answering ({last_line(stderr)})")
     if _MODIFIED.search(stderr):
@@ -174,8 +191,52 @@ class Zfs:
     def mount(self, dataset: str) -> None:
         self.run(f"cannot mount {dataset}", "mount", dataset)
 
-    def receive_argv(self, dataset: str, *, force: bool) -> list[str]:
-        return self.argv("receive", *(["-F"] if force else []), dataset)
+    def zpool_argv(self, *args: str) -> list[str]:
+        """`zpool` beside the zfs command in use (a --zfs path names its directory)."""
+        zpool = [*self.command[:-1], os.path.join(os.path.dirname(self.command[-1]), "zpool")]
+        return [*self.via, shlex.join([*zpool, *args])] if self.via else [*zpool, *args]
 
-    def send_argv(self, snapshot: str, *, incremental_from: str | None = None) -> list[str]:
-        return self.argv("send", *(["-i", incremental_from] if incremental_from else []), snapshot)
+    def native_resume(self, dataset: str) -> bool:
+        """Whether the kernel resumes receives into this dataset's pool: OpenZFS's `zfs receive -s`
+        needs the property (0.7+) and the pool feature extensible_dataset."""
+        pool = dataset.split("/", 1)[0].partition("@")[0]
+        try:
+            self.run(f"cannot read receive_resume_token of {pool}", "get", "-H", "-o", "value", "receive_resume_token", pool)
+        except ZfsCommandError as exc:
+            if _NO_SUCH_PROPERTY.search(str(exc)):
+                return False
+            raise
+        proc = subprocess.run(
+            self.zpool_argv("get", "-H", "-o", "value", "feature@extensible_dataset", pool), capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            failure = classify_failure(f"cannot read the features of pool {pool}", proc.stderr)
+            if isinstance(failure, ZfsCommandError) and _NO_SUCH_PROPERTY.search(proc.stderr):
+                return False
+            raise failure
+        return proc.stdout.strip() in ("enabled", "active")
+
+    def resume_token(self, dataset: str) -> str | None:
+        """OpenZFS's token for an interrupted `zfs receive -s` into dataset, if there is one."""
+        try:
+            value = self.run(f"cannot read receive_resume_token of {dataset}", "get", "-H", "-o", "value", "receive_resume_token", dataset)
+        except DatasetMissing:
+            return None
+        except ZfsCommandError as exc:
+            if _NO_SUCH_PROPERTY.search(str(exc)):
+                return None
+            raise
+        value = value.strip()
+        return None if value in ("", "-") else value
+
+    def abort_receive(self, dataset: str) -> None:
+        self.run(f"cannot abort the interrupted receive into {dataset}", "receive", "-A", dataset)
+
+    def receive_argv(self, dataset: str, *, force: bool, resumable: bool = False) -> list[str]:
+        return self.argv("receive", *(["-s"] if resumable else []), *(["-F"] if force else []), dataset)
+
+    def send_token_argv(self, token: str, flags: Sequence[str] = ()) -> list[str]:
+        return self.argv("send", *flags, "-t", token)
+
+    def send_argv(self, snapshot: str, *, incremental_from: str | None = None, flags: Sequence[str] = ()) -> list[str]:
+        return self.argv("send", *flags, *(["-i", incremental_from] if incremental_from else []), snapshot)

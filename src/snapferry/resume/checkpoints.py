@@ -15,18 +15,20 @@ PREFIX = "snapferry"
 _OPEN = re.compile(rf"^{PREFIX}-(?P<toguid>[0-9a-f]{{16}})-(?P<fromguid>[0-9a-f]{{16}})-(?P<seq>\d+)-open$")
 _CHECKPOINT = re.compile(
     rf"^{PREFIX}-(?P<toguid>[0-9a-f]{{16}})-(?P<fromguid>[0-9a-f]{{16}})-(?P<seq>\d+)"
-    r"-(?P<end>[0-9a-f]+)-(?P<fpfrom>[0-9a-f]+)-(?P<fp>[0-9a-f]{16})$"
+    r"-(?P<end>[0-9a-f]+)-(?P<fpfrom>[0-9a-f]+)-(?P<fp>[0-9a-f]{16})(?:-(?P<flags>[Lecw]+))?$"
 )
-# The longest checkpoint name: prefix, two guids, and generous widths for seq and offsets.
-MAX_CHECKPOINT_NAME = len(PREFIX) + 1 + 17 + 17 + 9 + 17 + 17 + 16
+# The longest checkpoint name: prefix, two guids, generous widths for seq and offsets, send flags.
+MAX_CHECKPOINT_NAME = len(PREFIX) + 1 + 17 + 17 + 9 + 17 + 17 + 16 + 5
 
 
 def open_name(toguid: int, fromguid: int, seq: int) -> str:
     return f"{PREFIX}-{toguid:016x}-{fromguid:016x}-{seq}-open"
 
 
-def checkpoint_name(toguid: int, fromguid: int, seq: int, end: int, fingerprint_from: int, fingerprint: str) -> str:
-    return f"{PREFIX}-{toguid:016x}-{fromguid:016x}-{seq}-{end:x}-{fingerprint_from:x}-{fingerprint}"
+def checkpoint_name(toguid: int, fromguid: int, seq: int, end: int, fingerprint_from: int, fingerprint: str, send_flags: str = "") -> str:
+    """`send_flags` (letters of -L -e -c -w) let the sender regenerate the same stream for a resume."""
+    name = f"{PREFIX}-{toguid:016x}-{fromguid:016x}-{seq}-{end:x}-{fingerprint_from:x}-{fingerprint}"
+    return f"{name}-{send_flags}" if send_flags else name
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Checkpoint:
     end: int
     fingerprint_from: int
     fingerprint: str
+    send_flags: str = ""
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Transfer:
             offset=last.end,
             fingerprint_from=last.fingerprint_from,
             fingerprint=last.fingerprint,
+            send_flags=last.send_flags,
         )
 
 
@@ -89,7 +93,9 @@ def find_transfers(snapshots: list[Snapshot], dataset: str) -> list[Transfer]:
         if match.re is _OPEN:
             transfer.open_pieces.append(snap)
         else:
-            transfer.checkpoints.append(Checkpoint(snap, int(match["seq"]), int(match["end"], 16), int(match["fpfrom"], 16), match["fp"]))
+            transfer.checkpoints.append(
+                Checkpoint(snap, int(match["seq"]), int(match["end"], 16), int(match["fpfrom"], 16), match["fp"], match["flags"] or "")
+            )
     by_guid = {s.guid: s for s in snapshots}
     for transfer in transfers.values():
         transfer.checkpoints.sort(key=lambda c: c.seq)

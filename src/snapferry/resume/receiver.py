@@ -63,6 +63,15 @@ class _Piece:
         self._proc.abort()
 
 
+# A raw stream's OBJECT records are checked against the OBJECT_RANGE before them, which must be in
+# the same piece; data records carry their own encryption parameters.
+_RAW_CUT_BEFORE = {RecordType.OBJECT_RANGE, RecordType.WRITE, RecordType.WRITE_EMBEDDED, RecordType.SPILL, RecordType.FREEOBJECTS}
+
+
+def _can_cut(begin: Begin, record: Record) -> bool:
+    return not begin.is_raw or record.kind in _RAW_CUT_BEFORE
+
+
 class PieceReceiver:
     """Receives streams into one dataset, committing a checkpoint snapshot every `checkpoint_size` bytes."""
 
@@ -90,6 +99,8 @@ class PieceReceiver:
 
     def _plan(self, begin: Begin, begin_bytes: bytes) -> _Position:
         """Decide from the destination's state whether this stream starts or continues a transfer."""
+        if begin.is_resuming:
+            raise StreamFormatError("this is an OpenZFS resume stream (zfs send -t): receive it with --mode native")
         snapshots, transfers = read_transfers(self.zfs, self.dataset)
         for transfer in transfers:
             if transfer.complete:
@@ -175,6 +186,7 @@ class PieceReceiver:
             boundary.offset,
             pos.fingerprint_from,
             fingerprint_digest(boundary.fingerprint),
+            begin.send_flags,
         )
         self.zfs.rename(f"{self.dataset}@{piece.begin.snapshot_name}", f"{self.dataset}@{name}")
         self.events("checkpoint", dataset=self.dataset, seq=pos.seq, offset=boundary.offset, piece_bytes=piece.size)
@@ -198,7 +210,7 @@ class PieceReceiver:
                         self._commit(piece, begin, pos, record)
                         piece = None
                     break
-                if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size:
+                if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size and _can_cut(begin, record):
                     self._commit(piece, begin, pos, record)
                     piece = None
                 if piece is None:

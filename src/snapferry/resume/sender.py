@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from snapferry.codec.token import ResumeToken
@@ -16,9 +16,9 @@ from snapferry.resume.checkpoints import is_piece
 
 
 @contextmanager
-def _zfs_send(zfs: Zfs, snapshot: str, base: str | None) -> Iterator[tuple[StreamReader, Begin, bytes]]:
+def _zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = ()) -> Iterator[tuple[StreamReader, Begin, bytes]]:
     """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
-    proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base), f"cannot send {snapshot}")
+    proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}")
     reader = StreamReader(proc.stdout)
     try:
         first = reader.read_begin()
@@ -61,6 +61,7 @@ def send_snapshot(
     intermediates: bool = False,
     events: EventSink = ignore_events,
     estimate: int | None = None,
+    flags: Sequence[str] = (),
 ) -> int:
     """Send a snapshot (or incrementals) with every record's running checksum filled in.
 
@@ -74,13 +75,15 @@ def send_snapshot(
         pairs = [(base, snapshot)]
     written = 0
     for pair_base, pair_snapshot in pairs:
-        written += _send_one(zfs, pair_snapshot, pair_base, sink, written, events, estimate if not written else None)
+        written += _send_one(zfs, pair_snapshot, pair_base, flags, sink, written, events, estimate if not written else None)
     events("done", bytes=written)
     return written
 
 
-def _send_one(zfs: Zfs, snapshot: str, base: str | None, sink: Sink, before: int, events: EventSink, estimate: int | None) -> int:
-    with _zfs_send(zfs, snapshot, base) as (reader, begin, begin_bytes):
+def _send_one(
+    zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str], sink: Sink, before: int, events: EventSink, estimate: int | None
+) -> int:
+    with _zfs_send(zfs, snapshot, base, flags) as (reader, begin, begin_bytes):
         events("stream", toname=begin.toname, offset=0, estimate=estimate)
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
@@ -126,7 +129,8 @@ def send_continuation(
                 f"stale token: the base snapshot of this incremental (guid {token.fromguid}) no longer exists "
                 f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
             )
-    with _zfs_send(zfs, source.name, base.name if base else None) as (reader, begin, begin_bytes):
+    flags = [f"-{letter}" for letter in token.send_flags]
+    with _zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
             raise Refused(f"stale token: zfs send {source.name} produced a stream of other snapshots")
         events("stream", toname=begin.toname, offset=token.offset)

@@ -9,12 +9,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import latest_token, read_transfers
+from snapferry.resume.native import Mode, choose_mode
 from snapferry.sync.endpoints import Shell
 from snapferry.sync.plan import Rollback, Step, next_step, plan_all
 
@@ -35,6 +37,7 @@ class SyncOptions:
     buffer: str | None = None
     snapshot_prefix: str | None = None
     dry_run: bool = False
+    mode: Mode | None = None
 
 
 class _Side:
@@ -109,8 +112,20 @@ class Sync:
         self.target = target
         self.options = options
         self.events = events
+        self._mode: Mode | None = None
 
-    def _state(self) -> tuple[list[Snapshot], list[Snapshot] | None, ResumeToken | None]:
+    def mode(self) -> Mode:
+        """Native only when the target's pool keeps receive state and the source's zfs can send -t."""
+        if self._mode is None:
+            dataset = self.target.endpoint.dataset
+            requested = self.options.mode
+            if requested is None and not self.source.zfs().native_resume(self.source.endpoint.dataset):
+                requested = "pieces"
+            self._mode = choose_mode(self.target.zfs(), dataset, requested)
+            self.events("mode", mode=self._mode)
+        return self._mode
+
+    def _state(self) -> tuple[list[Snapshot], list[Snapshot] | None, ResumeToken | OpenZfsToken | None]:
         """Both sides as they are now: source snapshots, target snapshots (None: no target), resume token."""
         dst_zfs = self.target.zfs()
         source = self.source.zfs().snapshots(self.source.endpoint.dataset)
@@ -118,7 +133,10 @@ class Sync:
         if not dst_zfs.exists(dataset):
             return source, None, None
         snapshots, transfers = read_transfers(dst_zfs, dataset)
-        return source, snapshots, latest_token(transfers)
+        token = latest_token(transfers)
+        if token is None and not any(not t.complete for t in transfers) and (native := dst_zfs.resume_token(dataset)):
+            return source, snapshots, OpenZfsToken.decode(native)
+        return source, snapshots, token
 
     def _next(self) -> Step | Rollback | None:
         return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
@@ -166,6 +184,8 @@ class Sync:
             "-s",
             "--checkpoint",
             self.options.checkpoint,
+            "--mode",
+            self.mode(),
             *(["-F"] if self.options.force else []),
             self.target.endpoint.dataset,
         )
@@ -174,7 +194,7 @@ class Sync:
         except Refused as exc:
             # receive's advice names its own flag; sync's is --force.
             raise Refused(str(exc).replace("use -F to roll it back", "sync --force rolls it back")) from None
-        if step.base is None and (step.token is None or step.token.fromguid == 0):
+        if step.base is None and (step.token is None or not step.token.fromguid):
             # A replica this sync created: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
             self.target.zfs().set_property(self.target.endpoint.dataset, "atime", "off")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused
@@ -17,10 +18,12 @@ class Step:
     snapshot: str = ""
     base: str | None = None
     intermediates: bool = False
-    token: ResumeToken | None = None
+    token: ResumeToken | OpenZfsToken | None = None
 
     def describe(self) -> str:
         if self.token is not None:
+            if isinstance(self.token, OpenZfsToken):
+                return f"resume the interrupted receive of {self.token.toname} after {self.token.bytes} bytes (native)"
             return f"resume the interrupted transfer at byte {self.token.offset}"
         if self.base is None:
             return f"full send of {self.snapshot}"
@@ -40,7 +43,7 @@ class Rollback:
 def next_step(
     source: list[Snapshot],
     target: list[Snapshot] | None,
-    token: ResumeToken | None,
+    token: ResumeToken | OpenZfsToken | None,
     *,
     no_stream: bool,
     force: bool,
@@ -78,7 +81,7 @@ def next_step(
 def plan_all(
     source: list[Snapshot],
     target: list[Snapshot] | None,
-    token: ResumeToken | None,
+    token: ResumeToken | OpenZfsToken | None,
     *,
     no_stream: bool,
     force: bool,

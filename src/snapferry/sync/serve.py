@@ -37,6 +37,8 @@ class Policy:
             raise Refused("serve: this key only runs snapferry sync commands")
         if os.path.basename(argv[0]) == "zfs":
             return self._check_zfs(argv)
+        if os.path.basename(argv[0]) == "zpool":
+            return self._check_zpool(argv)
         for start in (1, 3):
             if _is_snapferry(argv[:start]):
                 return self._check_snapferry(argv, start)
@@ -62,6 +64,15 @@ class Policy:
             self._check_dataset(dataset)
         return ["zfs", *argv[1:]]
 
+    def _check_zpool(self, argv: list[str]) -> list[str]:
+        """Only sync's question whether a pool keeps receive state (native resume), of an allowed pool."""
+        if argv[1:5] != ["get", "-H", "-o", "value"] or len(argv) != 7 or not argv[5].startswith("feature@"):
+            raise Refused("serve: zpool is only allowed to read a feature of a pool under --allow")
+        pool = argv[6]
+        if not any(prefix.split("/", 1)[0] == pool for prefix in self.allowed):
+            raise Refused(f"serve: pool {pool} holds no dataset under --allow {', '.join(self.allowed)}")
+        return ["zpool", *argv[1:]]
+
     def _check_snapferry(self, argv: list[str], start: int) -> list[str]:
         verb = argv[start] if len(argv) > start else ""
         if verb in _WRITE_VERBS and self.read_only:
@@ -72,7 +83,7 @@ class Policy:
         for arg in words:
             if arg.startswith("--z"):  # --zfs, however abbreviated
                 raise Refused("serve: --zfs is not allowed for this key")
-            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit", "--buffer"):
+            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit", "--buffer", "--mode"):
                 next(words, None)
             elif arg in ("-i", "-I"):
                 base = next(words, "")

@@ -1,0 +1,105 @@
+"""Pieces mode on real OpenZFS: modern streams cut and resumed, raw sends, and a zfs-fuse (v23) stream."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.openzfs.test_native import modes_chosen
+from tests.zfs_testbed import (
+    change_tree,
+    guid,
+    manifest,
+    mountpoint,
+    piece_names,
+    send_bytes,
+    sh,
+    snapferry,
+    snapshot,
+    snapshot_names,
+    write_tree,
+)
+
+# Carried into the VM by tests/test_openzfs_vm.py: streams made by zfs-fuse (pool v23) on the host.
+V23_DIR = Path(os.environ.get("SNAPFERRY_V23_STREAMS", "v23"))
+
+
+def _receive_pieces(dst: str, data: bytes, *extra: str) -> tuple[int, str]:
+    result = snapferry("receive", "-s", "--json", "--mode", "pieces", "--checkpoint", "1M", *extra, dst, input=data)
+    return result.returncode, result.stderr
+
+
+def _checkpoints(stderr: str) -> int:
+    return sum(1 for line in stderr.splitlines() if line.startswith("{") and json.loads(line)["event"] == "checkpoint")
+
+
+@pytest.mark.parametrize("flags", [(), ("-L", "-e", "-c")], ids=["plain", "Lec"])
+def test_modern_stream_cut_resumed_in_pieces_then_plain_incremental(pool: str, flags: tuple[str, ...]) -> None:
+    fs = f"{pool}/src"
+    sh("zfs", "create", fs)
+    write_tree(mountpoint(fs), seed=41, megabytes=4, small_files=20)
+    guid1, files1 = snapshot(f"{fs}@s1")
+    change_tree(mountpoint(fs), seed=42)
+    guid2, files2 = snapshot(f"{fs}@s2")
+    stream = send_bytes(*flags, f"{fs}@s1")
+    dst = f"{pool}/dst"
+
+    rc, stderr = _receive_pieces(dst, stream[: len(stream) * 3 // 4])
+    assert rc == 3, stderr
+    assert modes_chosen(stderr) == ["pieces"] and _checkpoints(stderr) >= 2
+    token = snapferry("token", dst).stdout.decode().strip()
+    assert token.startswith("sf1-")
+    assert json.loads(snapferry("token", "--decode", token).stdout)["send_flags"] == "".join(f[1] for f in flags)
+    continuation = snapferry("send", "-t", token)
+    assert continuation.returncode == 0, continuation.stderr
+    assert len(continuation.stdout) < len(stream) // 2
+    rc, stderr = _receive_pieces(dst, continuation.stdout)
+    assert rc == 0, stderr
+
+    assert guid(f"{dst}@s1") == guid1 and manifest(mountpoint(dst)) == files1
+    assert piece_names(dst) == []
+    # The chain of pieces ends in the real snapshot: a plain OpenZFS incremental applies on top.
+    plain = sh("zfs", "send", *flags, "-i", f"{fs}@s1", f"{fs}@s2").stdout
+    sh("zfs", "receive", "-F", dst, input=plain)
+    assert guid(f"{dst}@s2") == guid2 and manifest(mountpoint(dst)) == files2
+
+
+def test_raw_encrypted_stream_in_pieces(pool: str, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("correct horse battery staple\n")
+    fs = f"{pool}/secret"
+    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase", "-o", f"keylocation=file://{key}", fs)
+    write_tree(mountpoint(fs), seed=43, megabytes=4, small_files=40)
+    snap_guid, files = snapshot(f"{fs}@s1")
+    stream = send_bytes("-w", f"{fs}@s1")
+    dst = f"{pool}/secretcopy"
+    rc, stderr = _receive_pieces(dst, stream[: len(stream) * 3 // 4])
+    assert rc == 3, stderr
+    assert _checkpoints(stderr) >= 2
+    continuation = snapferry("send", "-t", snapferry("token", dst).stdout.decode().strip())
+    assert continuation.returncode == 0, continuation.stderr
+    rc, stderr = _receive_pieces(dst, continuation.stdout)
+    assert rc == 0, stderr
+    assert guid(f"{dst}@s1") == snap_guid and piece_names(dst) == []
+    sh("zfs", "load-key", "-L", f"file://{key}", dst)
+    sh("zfs", "mount", dst)
+    assert manifest(mountpoint(dst)) == files
+
+
+def test_v23_stream_from_zfs_fuse_received_in_pieces(pool: str) -> None:
+    meta = json.loads((V23_DIR / "v23.json").read_text())
+    full = (V23_DIR / "full.stream").read_bytes()
+    dst = f"{pool}/fromfuse"
+    rc, stderr = _receive_pieces(dst, full)
+    assert rc == 0, stderr
+    assert _checkpoints(stderr) >= 3
+    assert guid(f"{dst}@s1") == meta["guid1"] and piece_names(dst) == []
+    assert manifest(mountpoint(dst)) == meta["files1"]
+    # zfs-fuse's own incremental, received by plain zfs receive on top of the chain's last snapshot.
+    sh("zfs", "receive", "-F", dst, input=(V23_DIR / "incr.stream").read_bytes())
+    assert guid(f"{dst}@s2") == meta["guid2"]
+    assert snapshot_names(dst) == ["s1", "s2"]
+    assert manifest(mountpoint(dst)) == meta["files2"]
