@@ -28,7 +28,7 @@ def make_pool(tmp_path: Path, *options: str) -> Iterator[str]:
     name = f"oz{next(_counter)}"
     image = tmp_path / f"{name}.img"
     sh("truncate", "-s", "512M", str(image))
-    sh("zpool", "create", "-f", *options, "-O", "compression=lz4", "-O", f"mountpoint=/{name}", name, str(image))
+    sh("zpool", "create", "-f", *options, "-O", f"mountpoint=/{name}", name, str(image))
     try:
         yield name
     finally:
@@ -39,7 +39,7 @@ def make_pool(tmp_path: Path, *options: str) -> Iterator[str]:
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[str]:
     """A pool with every feature (native resume available)."""
-    yield from make_pool(tmp_path)
+    yield from make_pool(tmp_path, "-O", "compression=lz4")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from tests.zfs_testbed import (
 def _source(pool: str, seed: int = 1, megabytes: int = 4) -> dict[str, object]:
     fs = f"{pool}/src"
     sh("zfs", "create", fs)
-    write_tree(mountpoint(fs), seed=seed, megabytes=megabytes, small_files=20)
+    write_tree(mountpoint(fs), seed=seed, megabytes=megabytes)
     guid1, files1 = snapshot(f"{fs}@s1")
     change_tree(mountpoint(fs), seed=seed + 1)
     guid2, files2 = snapshot(f"{fs}@s2")

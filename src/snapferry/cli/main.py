@@ -16,6 +16,8 @@ from types import FrameType
 from snapferry.cli.progress import Reporter
 from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
+from snapferry.codec.zfs_records import Begin
+from snapferry.codec.zfs_stream import Prefixed, read_header
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
@@ -135,15 +137,19 @@ def cmd_receive(args: argparse.Namespace) -> int:
         raise UsageError("receive reads a stream from standard input: pipe one in")
     size = args.checkpoint if args.s else 1 << 62
     with dataset_lock(args.dataset, "receive"), _reporter(args, label=args.dataset) as events:
-        mode = choose_mode(zfs, args.dataset, args.mode)
-        events("mode", mode=mode)
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
+            wire = open_wire(source)
+            header = read_header(wire)
+            sender_can_resume = Begin.decode(header, supported_only=False).sender_can_resume
+            mode = choose_mode(zfs, args.dataset, args.mode, sender_can_resume=sender_can_resume)
+            events("mode", mode=mode)
+            stream = Prefixed(header, wire)
             if mode == "native":
-                done = receive_native(zfs, args.dataset, open_wire(source), resumable=args.s, force=args.F, events=events)
+                done = receive_native(zfs, args.dataset, stream, resumable=args.s, force=args.F, events=events)
             else:
                 receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
-                done = receiver.receive(open_wire(source))
+                done = receiver.receive(stream)
     if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
     return 0

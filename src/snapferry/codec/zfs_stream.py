@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from snapferry.codec.fletcher import BlockSum, Fletcher4
@@ -25,6 +25,35 @@ _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
 
 class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class Prefixed:
+    """A Readable that gives `head` (bytes already read from `rest`) before the rest of `rest`."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        if not self._head:
+            return self._rest.readinto(buffer)
+        n = min(len(buffer), len(self._head))
+        buffer[:n] = self._head[:n]
+        self._head = self._head[n:]
+        return n
+
+
+def read_header(source: Readable) -> bytes:
+    """The first record header of a stream, for deciding how to receive it."""
+    header = bytearray(HEADER_SIZE)
+    view, got = memoryview(header), 0
+    while got < HEADER_SIZE and (n := source.readinto(view[got:])):
+        got += n
+    if got == 0:
+        raise StreamFormatError("no ZFS stream on input (it was empty)")
+    if got < HEADER_SIZE:
+        raise StreamTruncated(f"input ended inside the BEGIN record ({got} of {HEADER_SIZE} bytes)")
+    return bytes(header)
 
 
 class StreamTruncated(TransferInterrupted):
@@ -172,7 +201,7 @@ class StampedWriter:
         self.bytes_written += sum(len(p) for p in parts)
 
     def begin(self, begin: Begin, payload: bytes = b"") -> None:
-        raw = begin.encode() + payload
+        raw = replace(begin, payloadlen=len(payload)).encode() + payload
         self._state = Fletcher4().update(raw)
         self._emit([raw])
 

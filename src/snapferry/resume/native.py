@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin
-from snapferry.codec.zfs_stream import Readable, Sink
+from snapferry.codec.zfs_records import Begin
+from snapferry.codec.zfs_stream import Readable, Sink, read_header
 from snapferry.engine.pipes import ReceiveProcess, SendProcess
 from snapferry.engine.zfs import PartialReceiveInTheWay, Snapshot, Zfs
-from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
+from snapferry.errors import Refused, SnapferryError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import read_transfers
 from snapferry.resume.receiver import resume_hint
@@ -28,9 +28,9 @@ def has_piece_transfer(zfs: Zfs, dataset: str) -> bool:
     return any(not t.complete for t in transfers)
 
 
-def choose_mode(zfs: Zfs, dataset: str, requested: Mode | None) -> Mode:
-    """pieces where the kernel cannot resume, or where a piece transfer is already under way."""
-    if requested == "pieces":
+def choose_mode(zfs: Zfs, dataset: str, requested: Mode | None, *, sender_can_resume: bool = True) -> Mode:
+    """pieces where either end's kernel cannot resume, or where a piece transfer is already under way."""
+    if requested == "pieces" or (requested is None and not sender_can_resume):
         return "pieces"
     native = zfs.native_resume(dataset)
     if requested == "native":
@@ -54,7 +54,7 @@ def receive_native(
     events: EventSink = ignore_events,
 ) -> list[str]:
     """Pass the stream to `zfs receive [-s]`: the kernel checks every record and keeps what arrived."""
-    header = _read_header(source)
+    header = read_header(source)
     begin = Begin.decode(header, supported_only=False)
     events("stream", dataset=dataset, toname=begin.toname, offset=0, mode="native")
     proc = ReceiveProcess(zfs.receive_argv(dataset, force=force, resumable=resumable), f"cannot receive into {dataset}")
@@ -82,18 +82,6 @@ def receive_native(
     received = f"{dataset}@{begin.snapshot_name}" if begin.snapshot_name else dataset
     events("done", dataset=dataset, snapshot=begin.snapshot_name, bytes=total)
     return [received]
-
-
-def _read_header(source: Readable) -> bytes:
-    header = bytearray(HEADER_SIZE)
-    view, got = memoryview(header), 0
-    while got < HEADER_SIZE and (n := source.readinto(view[got:])):
-        got += n
-    if got == 0:
-        raise StreamFormatError("no ZFS stream on input (it was empty)")
-    if got < HEADER_SIZE:
-        raise StreamFormatError(f"the stream ends after {got} bytes, inside its first record header")
-    return bytes(header)
 
 
 def _find(snapshots: list[Snapshot], guid: int) -> Snapshot | None:

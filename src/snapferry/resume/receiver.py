@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType
+from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
 from snapferry.codec.zfs_stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import ReceiveProcess
 from snapferry.engine.zfs import Snapshot, Zfs
@@ -174,6 +174,8 @@ class PieceReceiver:
             name = open_name(begin.toguid, pos.transfer_fromguid, pos.seq)
             # `zfs receive DST` takes only the part after '@'; DST's own name is known to fit.
             piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{self.dataset}@{name}")
+        if pos.base_guid != pos.transfer_fromguid:
+            begin_payload = chained_begin_payload(begin, begin_payload)
         return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force)
 
     def _commit(self, piece: _Piece, begin: Begin, pos: _Position, boundary: Record) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType
+from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
 from snapferry.codec.zfs_stream import Sink, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import Snapshot, Zfs
@@ -157,7 +157,7 @@ def send_continuation(
                 fs = token.dataset
                 writer.begin(
                     begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
-                    begin_bytes[HEADER_SIZE:],
+                    chained_begin_payload(begin, begin_bytes[HEADER_SIZE:]),
                 )
             if record.kind == RecordType.END:
                 writer.end(begin.toguid)
