@@ -63,13 +63,11 @@ class _Piece:
         self._proc.abort()
 
 
-# A raw stream's OBJECT records are checked against the OBJECT_RANGE before them, which must be in
-# the same piece; data records carry their own encryption parameters.
-_RAW_CUT_BEFORE = {RecordType.OBJECT_RANGE, RecordType.WRITE, RecordType.WRITE_EMBEDDED, RecordType.SPILL, RecordType.FREEOBJECTS}
-
-
-def _can_cut(begin: Begin, record: Record) -> bool:
-    return not begin.is_raw or record.kind in _RAW_CUT_BEFORE
+# OpenZFS checks each OBJECT record of a raw stream against the OBJECT_RANGE before it in the same
+# `zfs receive`. So a piece that starts inside a range starts with a copy of that range's record
+# (applying it twice is harmless), and a raw stream is only cut once a range has been seen, so that
+# a continuation can always start with one: its sender puts the range in effect at the checkpoint
+# before the checkpoint's record.
 
 
 class PieceReceiver:
@@ -155,7 +153,9 @@ class PieceReceiver:
             # A piece committed after the last checkpoint but never renamed: its end is unknown.
             self.zfs.rollback(last.snapshot.name)
         self.events("resume", dataset=self.dataset, offset=last.end, seq=last.seq)
-        return _Position(transfer.fromguid, last.seq + 1, last.snapshot.guid, last.end, last.end, force=True)
+        # A raw continuation starts with a copy of the OBJECT_RANGE in effect, placed just before `end`.
+        first = last.end - HEADER_SIZE if begin.is_raw else last.end
+        return _Position(transfer.fromguid, last.seq + 1, last.snapshot.guid, first, last.end, force=True)
 
     def _start(self, begin: Begin, begin_bytes: bytes, snapshots: list[Snapshot]) -> _Position:
         if any(s.guid == begin.toguid for s in snapshots):
@@ -205,6 +205,7 @@ class PieceReceiver:
         payload = begin_bytes[HEADER_SIZE:]
         self.events("stream", dataset=self.dataset, toname=begin.toname, offset=pos.first_offset)
         piece: _Piece | None = None
+        object_range: Record | None = None
         try:
             for record in reader.records(begin_bytes, pos.first_offset, pos.fingerprint_from):
                 if record.kind == RecordType.END:
@@ -212,12 +213,19 @@ class PieceReceiver:
                         self._commit(piece, begin, pos, record)
                         piece = None
                     break
-                if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size and _can_cut(begin, record):
+                if begin.is_raw and record.offset < pos.fingerprint_from and record.kind != RecordType.OBJECT_RANGE:
+                    raise StreamFormatError("this continuation of a raw stream does not start with its OBJECT_RANGE record")
+                can_cut = not begin.is_raw or object_range is not None
+                if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size and can_cut:
                     self._commit(piece, begin, pos, record)
                     piece = None
                 if piece is None:
                     piece = self._open_piece(begin, payload, pos, final=False)
+                    if object_range is not None and record.kind != RecordType.OBJECT_RANGE:
+                        piece.write(object_range)
                 piece.write(record)
+                if record.kind == RecordType.OBJECT_RANGE:
+                    object_range = record
                 self.events("progress", bytes=reader.bytes_read)
             self._open_piece(begin, payload, pos, final=True).commit()
         except StreamIntegrityError as exc:

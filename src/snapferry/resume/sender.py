@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from snapferry.codec.token import ResumeToken
 from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.codec.zfs_stream import Sink, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.codec.zfs_stream import Record, Sink, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import Snapshot, Zfs
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
@@ -136,9 +136,12 @@ def send_continuation(
         events("stream", toname=begin.toname, offset=token.offset)
         records = reader.records(begin_bytes, len(begin_bytes), token.fingerprint_from)
         writer: StampedWriter | None = None
+        object_range: Record | None = None
         for record in records:
             if writer is None:
                 if record.offset < token.offset and record.kind != RecordType.END:
+                    if record.kind == RecordType.OBJECT_RANGE:
+                        object_range = record
                     events("skip", bytes=record.end_offset, total=token.offset)
                     continue
                 if record.offset != token.offset:
@@ -159,6 +162,11 @@ def send_continuation(
                     begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
                     chained_begin_payload(begin, begin_bytes[HEADER_SIZE:]),
                 )
+                if begin.is_raw:
+                    # The receiver expects the OBJECT_RANGE in effect at the checkpoint first (see receiver).
+                    if object_range is None:
+                        raise Refused(f"stale token: the raw stream {source.name} has no OBJECT_RANGE before the checkpoint")
+                    writer.record(object_range)
             if record.kind == RecordType.END:
                 writer.end(begin.toguid)
                 break
