@@ -7,6 +7,9 @@
   reader             StreamReader over an in-memory stream, records only (verify + fingerprint)
   reader+writer      StreamReader + StampedWriter into a null sink (the receive data path)
   reader+writev      the same, written with writev to /dev/null (adds the syscalls)
+  stamped: ...       the same three on a stamped copy of the stream (as modern OpenZFS sends it)
+  trusting: ...      ... with payload checksums taken from the stamps (records_trusting_stamps, what
+                     pieces mode does into an OpenZFS receiver, which checks the stamps itself)
 
 The stream is synthesised with the codec (OBJECT + 128 KiB WRITE records of random data, END with
 the right checksum), or read from a file made with `zfs send POOL/FS@SNAP > FILE` (--stream FILE).
@@ -17,6 +20,7 @@ the right checksum), or read from a file made with `zfs send POOL/FS@SNAP > FILE
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -79,7 +83,14 @@ def best_and_median(fn: Callable[[], object], repeat: int) -> tuple[float, float
     return min(times), statistics.median(times)
 
 
-def process(stream: bytes, sink: Callable[..., None] | None) -> int:
+def stamped(stream: bytes) -> bytes:
+    """The stream with every record's running checksum filled in, as OpenZFS 0.7+ writes it."""
+    out: list[bytes] = []
+    process(stream, lambda parts: out.extend(bytes(p) for p in parts))
+    return b"".join(out)
+
+
+def process(stream: bytes, sink: Callable[..., None] | None, trusting: bool = False) -> int:
     reader = StreamReader(io.BytesIO(stream))
     first = reader.read_begin()
     assert first is not None
@@ -88,7 +99,8 @@ def process(stream: bytes, sink: Callable[..., None] | None) -> int:
     if writer is not None:
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
     n = 0
-    for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
+    read = reader.records_trusting_stamps if trusting else reader.records
+    for record in read(begin_bytes, len(begin_bytes), len(begin_bytes)):
         if record.kind == RecordType.END:
             if writer is not None:
                 writer.end(begin.toguid)
@@ -127,7 +139,7 @@ def main() -> int:
         best, med = times
         results[name] = {"bytes": nbytes, "best_s": best, "median_s": med, "gb_per_s": nbytes / 1e9 / med, "s_per_gb": med / (nbytes / 1e9)}
         print(
-            f"{name:<18} {nbytes / MiB:7.0f} MiB  median {med:7.3f} s  {nbytes / 1e9 / med:6.2f} GB/s"
+            f"{name:<20} {nbytes / MiB:7.0f} MiB  median {med:7.3f} s  {nbytes / 1e9 / med:6.2f} GB/s"
             f"  ({med / (nbytes / 1e9):.2f} CPU s/GB)",
             flush=True,
         )
@@ -149,6 +161,13 @@ def main() -> int:
     fd = os.open(os.devnull, os.O_WRONLY)
     try:
         report("reader+writev", len(stream), best_and_median(lambda: process(stream, lambda parts: write_all(fd, parts)), args.repeat))
+        modern = stamped(stream)
+        sinks: dict[str, Callable[..., None] | None] = {"reader": None, "+writer": lambda parts: None}
+        sinks["+writev"] = lambda parts: write_all(fd, parts)
+        for trusting in (False, True):
+            tag = "trusting" if trusting else "stamped"
+            for name, sink in sinks.items():
+                report(f"{tag}: {name}", len(modern), best_and_median(functools.partial(process, modern, sink, trusting), args.repeat))
     finally:
         os.close(fd)
 

@@ -395,3 +395,20 @@ def test_end_stamp_of_real_stream_covers_its_own_header() -> None:
     # Modern OpenZFS stamps the running checksum (up to the stamp itself) into END's last 32 bytes.
     data = (DATA / "zfs-2.3.2" / "full_s1.stream").read_bytes()
     assert Fletcher4.from_bytes(data[-32:]) == Fletcher4().update(data[:-32])
+
+
+@given(states, word_data(max_words=256))
+def test_between_recovers_the_block_from_two_running_states(start: Fletcher4, data: bytes) -> None:
+    block = BlockSum.of(data)
+    assert BlockSum.between(start, start.extend(block), len(data) // 4) == block
+
+
+@given(states, states, st.integers(min_value=0, max_value=1 << 40))
+def test_between_then_extend_is_the_identity(before: Fletcher4, after: Fletcher4, count: int) -> None:
+    assert before.extend(BlockSum.between(before, after, count)) == after
+
+
+@given(states, word_data(max_words=256))
+def test_unextend_undoes_extend(start: Fletcher4, data: bytes) -> None:
+    block = BlockSum.of(data)
+    assert start.extend(block).unextend(block) == start

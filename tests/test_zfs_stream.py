@@ -814,3 +814,66 @@ def test_modern_stream_cut_into_pieces_keeps_every_piece_verifiable(name: str) -
         assert kinds[-1] == RecordType.END
         total_records += len(kinds) - 1
     assert total_records == len(parsed(name)[2]) - 1
+
+
+# --- taking payload checksums from the stream's own stamps ---------------------------------------
+
+
+def _both_readers(data: bytes, fingerprint_from: int | None = None) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """Every record as (kind, offset, header, payload, payload sum, fingerprint), read both ways."""
+    runs = []
+    for trusting in (False, True):
+        reader = StreamReader(io.BytesIO(data))
+        result = reader.read_begin()
+        assert result is not None
+        _, begin_bytes = result
+        start = len(begin_bytes)
+        frm = start if fingerprint_from is None else fingerprint_from
+        read = reader.records_trusting_stamps if trusting else reader.records
+        runs.append(
+            [
+                (r.kind, r.offset, bytes(r.header), bytes(r.payload), r.payload_sum, r.fingerprint)
+                for r in read(begin_bytes, start, frm)
+            ]
+        )
+        assert reader.bytes_read == len(data)
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_stamps_give_the_same_payload_sums_as_summing(name: str) -> None:
+    summed, derived = _both_readers(stream_bytes(name))
+    assert derived == summed
+
+
+@pytest.mark.parametrize("name", [f"{v}/full_s1.stream" for v in VERSIONS])
+def test_unstamped_payloads_are_summed_and_agree(name: str) -> None:
+    summed, derived = _both_readers(unstamped(name))
+    assert derived == summed
+
+
+def test_a_corrupted_payload_is_left_to_the_consumer_but_the_stamps_stay_true() -> None:
+    data = bytearray(stream_bytes(SMALL))
+    _, _, recs = parsed(SMALL)
+    victim = next(r for r in recs if r.kind == RecordType.WRITE and r.payload_len)
+    data[victim.header_end + 10] ^= 0x40
+    _, derived_ok = _both_readers(stream_bytes(SMALL))
+    with pytest.raises(StreamIntegrityError):
+        _both_readers(bytes(data))
+    reader = StreamReader(io.BytesIO(bytes(data)))
+    result = reader.read_begin()
+    assert result is not None
+    derived = list(reader.records_trusting_stamps(result[1], len(result[1]), len(result[1])))
+    # What the sender summed, not what arrived: so a consumer checking stamps sees the damage.
+    assert [r.offset for r in derived] == [r[1] for r in derived_ok]
+
+
+@pytest.mark.parametrize("cut", [1, 311, 312, 400, 5000])
+def test_trusting_reader_reports_truncation(cut: int) -> None:
+    data = stream_bytes(SMALL)
+    reader = StreamReader(io.BytesIO(data[: len(data) - cut]))
+    result = reader.read_begin()
+    assert result is not None
+    with pytest.raises(StreamTruncated):
+        for _ in reader.records_trusting_stamps(result[1], len(result[1]), len(result[1])):
+            pass

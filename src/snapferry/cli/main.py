@@ -148,7 +148,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
             if mode == "native":
                 done = receive_native(zfs, args.dataset, stream, resumable=args.s, force=args.F, events=events)
             else:
-                receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events)
+                checks = zfs.checks_record_checksums(args.dataset)
+                receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events, zfs_checks_records=checks)
                 done = receiver.receive(stream)
     if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)

@@ -100,6 +100,14 @@ class Fletcher4:
     def update(self, data: bytes | bytearray | memoryview) -> Fletcher4:
         return self.extend(BlockSum.of(data))
 
+    def unextend(self, block: BlockSum) -> Fletcher4:
+        """The state that `extend(block)` took to this one."""
+        n = block.count
+        a = (self.a - block.a) & MASK64
+        b = (self.b - n * a - block.b) & MASK64
+        c = (self.c - n * b - _t2(n) * a - block.c) & MASK64
+        return Fletcher4(a, b, c, (self.d - n * c - _t2(n) * b - _t3(n) * a - block.d) & MASK64)
+
     def advance_zeros(self, count: int) -> Fletcher4:
         """The state after `count` zero words: cheap, no data needed."""
         return self.extend(BlockSum(count, 0, 0, 0, 0))
@@ -118,6 +126,22 @@ class BlockSum:
     b: int
     c: int
     d: int
+
+    @classmethod
+    def between(cls, before: Fletcher4, after: Fletcher4, count: int) -> BlockSum:
+        """The sums of the `count` words that took a running state from `before` to `after`.
+
+        Fletcher4.extend solved for the block: a stream that carries its running checksum gives the
+        checksum of any stretch of it without reading the stretch.
+        """
+        n, a, b, c = count, before.a, before.b, before.c
+        return cls(
+            count,
+            (after.a - a) & MASK64,
+            (after.b - before.b - n * a) & MASK64,
+            (after.c - c - n * b - _t2(n) * a) & MASK64,
+            (after.d - before.d - n * c - _t2(n) * b - _t3(n) * a) & MASK64,
+        )
 
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> BlockSum:

@@ -133,16 +133,8 @@ class StreamReader:
         # The first stamp covers BEGIN too; a continuation's BEGIN has no place in the original stream.
         verified_to = 0 if first_offset == len(begin_bytes) else first_offset
         while True:
-            header = self._header
-            got = self._read_exact(memoryview(header))
-            if got < HEADER_SIZE:
-                where = "before the END record" if got == 0 else "inside a record header"
-                raise StreamTruncated(f"input ended at stream byte {offset + got}, {where}")
+            header = self._read_record_header(offset)
             kind = record_type(header, offset)
-            if kind == RecordType.BEGIN:
-                raise StreamFormatError(f"BEGIN record at byte {offset} inside a stream: corrupt or concatenated wrongly")
-            if kind == RecordType.WRITE_BYREF:
-                raise StreamFormatError("deduplicated stream (zfs send -D) is not supported: send without -D")
             size = payload_size(kind, header, offset)
             head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
             before = wire
@@ -163,22 +155,88 @@ class StreamReader:
             if stamp != _ZERO_STAMP:
                 verified_to = offset + HEADER_SIZE
             wire = wire.update(stamp)
-            if len(self._payload) < size:
-                self._payload = bytearray(size)
-            payload = memoryview(self._payload)[:size]
-            if self._read_exact(payload) < size:
-                raise StreamTruncated(f"input ended inside the {kind.name} record at stream byte {offset}")
+            payload = self._read_payload(kind, size, offset)
             payload_sum = BlockSum.of(payload)
             wire = wire.extend(payload_sum)
-            if offset == fingerprint_from:
-                fingerprint = Fletcher4()
-            record = Record(kind, offset, bytearray(header), payload, head_sum, payload_sum, fingerprint)
-            if offset >= fingerprint_from:
-                fingerprint = fingerprint.extend(head_sum).advance_zeros(_STAMP_WORDS).extend(payload_sum)
+            record = Record(kind, offset, header, payload, head_sum, payload_sum, fingerprint)
+            fingerprint = self._yielded(record, fingerprint, fingerprint_from)
             yield record
             if kind == RecordType.END:
                 return
             offset += record.size
+
+
+    def records_trusting_stamps(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int) -> Iterator[Record]:
+        """records(), for a consumer that checks every record's stamp itself (an OpenZFS `zfs receive`).
+
+        A payload's checksum is taken from the running checksums around it, which the stream
+        carries, so no payload byte is summed here; one not followed by a stamp is summed as usual.
+        Corruption is then caught by the consumer, since the payload no longer matches its stamps.
+        Each record is yielded once the header after it has been read.
+        """
+        wire = Fletcher4().update(begin_bytes)
+        fingerprint = Fletcher4()
+        offset = first_offset
+        pending: Record | None = None
+        wire_after_stamp = wire
+        while True:
+            header = self._read_record_header(offset)
+            kind = record_type(header, offset)
+            size = payload_size(kind, header, offset)
+            head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
+            stamp = bytes(header[STAMP_OFFSET:])
+            if pending is not None:
+                if stamp != _ZERO_STAMP:
+                    before = Fletcher4.from_bytes(stamp).unextend(head_sum)
+                    pending.payload_sum = BlockSum.between(wire_after_stamp, before, len(pending.payload) // 4)
+                else:
+                    pending.payload_sum = BlockSum.of(pending.payload)
+                wire = wire_after_stamp.extend(pending.payload_sum)
+                fingerprint = self._yielded(pending, fingerprint, fingerprint_from)
+                yield pending
+            if stamp != _ZERO_STAMP and stamp != wire.extend(head_sum).to_bytes() and pending is None:
+                raise StreamIntegrityError(f"checksum mismatch in the record at stream byte {offset}: the stream's start was corrupted")
+            if kind == RecordType.END and end_checksum(header) != wire:
+                raise StreamIntegrityError(f"stream checksum mismatch at END (stream byte {offset}): corrupted in transit", offset)
+            wire_after_stamp = wire.extend(head_sum).update(stamp)
+            payload = self._read_payload(kind, size, offset)
+            pending = Record(kind, offset, header, payload, head_sum, BlockSum(0, 0, 0, 0, 0), fingerprint)
+            if kind == RecordType.END:
+                self._yielded(pending, fingerprint, fingerprint_from)
+                yield pending
+                return
+            offset += pending.size
+
+    def _read_record_header(self, offset: int) -> bytearray:
+        header = bytearray(HEADER_SIZE)
+        got = self._read_exact(memoryview(header))
+        if got < HEADER_SIZE:
+            where = "before the END record" if got == 0 else "inside a record header"
+            raise StreamTruncated(f"input ended at stream byte {offset + got}, {where}")
+        kind = record_type(header, offset)
+        if kind == RecordType.BEGIN:
+            raise StreamFormatError(f"BEGIN record at byte {offset} inside a stream: corrupt or concatenated wrongly")
+        if kind == RecordType.WRITE_BYREF:
+            raise StreamFormatError("deduplicated stream (zfs send -D) is not supported: send without -D")
+        return header
+
+    def _read_payload(self, kind: RecordType, size: int, offset: int) -> memoryview:
+        if len(self._payload) < size:
+            self._payload = bytearray(size)
+        payload = memoryview(self._payload)[:size]
+        if self._read_exact(payload) < size:
+            raise StreamTruncated(f"input ended inside the {kind.name} record at stream byte {offset}")
+        return payload
+
+    @staticmethod
+    def _yielded(record: Record, fingerprint: Fletcher4, fingerprint_from: int) -> Fletcher4:
+        """Set the record's fingerprint (of the stream before it) and return the one after it."""
+        if record.offset == fingerprint_from:
+            fingerprint = Fletcher4()
+        record.fingerprint = fingerprint
+        if record.offset >= fingerprint_from:
+            return fingerprint.extend(record.head_sum).advance_zeros(_STAMP_WORDS).extend(record.payload_sum)
+        return fingerprint
 
 
 Sink = Callable[[Sequence[bytes | bytearray | memoryview]], None]

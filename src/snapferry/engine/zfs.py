@@ -196,9 +196,9 @@ class Zfs:
         zpool = [*self.command[:-1], os.path.join(os.path.dirname(self.command[-1]), "zpool")]
         return [*self.via, shlex.join([*zpool, *args])] if self.via else [*zpool, *args]
 
-    def native_resume(self, dataset: str) -> bool:
-        """Whether the kernel resumes receives into this dataset's pool: OpenZFS's `zfs receive -s`
-        needs the property (0.7+) and the pool feature extensible_dataset."""
+    def checks_record_checksums(self, dataset: str) -> bool:
+        """Whether this zfs verifies every record's running checksum on receive (OpenZFS 0.7+,
+        which also knows the receive_resume_token property; zfs-fuse knows neither)."""
         pool = dataset.split("/", 1)[0].partition("@")[0]
         try:
             self.run(f"cannot read receive_resume_token of {pool}", "get", "-H", "-o", "value", "receive_resume_token", pool)
@@ -206,6 +206,14 @@ class Zfs:
             if _NO_SUCH_PROPERTY.search(str(exc)):
                 return False
             raise
+        return True
+
+    def native_resume(self, dataset: str) -> bool:
+        """Whether the kernel resumes receives into this dataset's pool: OpenZFS's `zfs receive -s`
+        needs the property (0.7+) and the pool feature extensible_dataset."""
+        if not self.checks_record_checksums(dataset):
+            return False
+        pool = dataset.split("/", 1)[0].partition("@")[0]
         proc = subprocess.run(
             self.zpool_argv("get", "-H", "-o", "value", "feature@extensible_dataset", pool), capture_output=True, text=True, check=False
         )
