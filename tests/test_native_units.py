@@ -122,6 +122,11 @@ def test_serve_allows_only_the_feature_question_on_allowed_pools() -> None:
         policy.check("zpool get -H -o value feature@extensible_dataset other")
     with pytest.raises(Refused, match="zpool is only allowed to read a feature"):
         policy.check("zpool destroy tank")
+    assert policy.check("zfs get -H -o value receive_resume_token tank")[-1] == "tank"
+    with pytest.raises(Refused, match="dataset other is outside --allow"):
+        policy.check("zfs get -H -o value receive_resume_token other")
+    with pytest.raises(Refused, match="dataset tank is outside --allow"):
+        policy.check("zfs get -H -o value guid tank")
     assert Policy(("tank/backup",), read_only=False).check("snapferry receive -s --mode native tank/backup/fs")[-1] == "tank/backup/fs"
 
 

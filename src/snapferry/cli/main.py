@@ -148,7 +148,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
             if mode == "native":
                 done = receive_native(zfs, args.dataset, stream, resumable=args.s, force=args.F, events=events)
             else:
-                checks = zfs.checks_record_checksums(args.dataset)
+                checks = zfs.is_modern(args.dataset)
                 receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events, zfs_checks_records=checks)
                 done = receiver.receive(stream)
     if not (args.quiet or args.json):

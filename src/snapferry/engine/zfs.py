@@ -196,9 +196,10 @@ class Zfs:
         zpool = [*self.command[:-1], os.path.join(os.path.dirname(self.command[-1]), "zpool")]
         return [*self.via, shlex.join([*zpool, *args])] if self.via else [*zpool, *args]
 
-    def checks_record_checksums(self, dataset: str) -> bool:
-        """Whether this zfs verifies every record's running checksum on receive (OpenZFS 0.7+,
-        which also knows the receive_resume_token property; zfs-fuse knows neither)."""
+    def is_modern(self, dataset: str) -> bool:
+        """Whether this host's zfs (for dataset's pool) is OpenZFS 0.7 or later: it knows the
+        receive_resume_token property, has `zfs send -t`, and checks every record's running checksum
+        on receive. zfs-fuse and other pool-v28-era ZFS have none of these."""
         pool = dataset.split("/", 1)[0].partition("@")[0]
         try:
             self.run(f"cannot read receive_resume_token of {pool}", "get", "-H", "-o", "value", "receive_resume_token", pool)
@@ -211,7 +212,7 @@ class Zfs:
     def native_resume(self, dataset: str) -> bool:
         """Whether the kernel resumes receives into this dataset's pool: OpenZFS's `zfs receive -s`
         needs the property (0.7+) and the pool feature extensible_dataset."""
-        if not self.checks_record_checksums(dataset):
+        if not self.is_modern(dataset):
             return False
         pool = dataset.split("/", 1)[0].partition("@")[0]
         proc = subprocess.run(

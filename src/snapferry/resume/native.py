@@ -112,7 +112,7 @@ def check_native_token(zfs: Zfs, token: OpenZfsToken, flags: Sequence[str], visi
             f"stale token: the incremental source of the interrupted transfer (guid {token.fromguid:#x}) no longer "
             f"exists in {source.dataset}; {discard}"
         )
-    if not zfs.native_resume(source.dataset):
+    if not zfs.is_modern(source.dataset):
         raise Refused(f"the zfs here cannot resume a send (no zfs send -t): {discard} in --mode pieces")
     return source
 

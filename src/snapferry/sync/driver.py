@@ -119,7 +119,7 @@ class Sync:
         if self._mode is None:
             dataset = self.target.endpoint.dataset
             requested = self.options.mode
-            if requested is None and not self.source.zfs().native_resume(self.source.endpoint.dataset):
+            if requested is None and not self.source.zfs().is_modern(self.source.endpoint.dataset):
                 requested = "pieces"
             self._mode = choose_mode(self.target.zfs(), dataset, requested)
             self.events("mode", mode=self._mode)
