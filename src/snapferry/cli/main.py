@@ -148,8 +148,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
             if mode == "native":
                 done = receive_native(zfs, args.dataset, stream, resumable=args.s, force=args.F, events=events)
             else:
-                checks = zfs.is_modern(args.dataset)
-                receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events, zfs_checks_records=checks)
+                modern = zfs.is_modern(args.dataset)
+                receiver = PieceReceiver(zfs, args.dataset, checkpoint_size=size, force=args.F, events=events, modern_zfs=modern)
                 done = receiver.receive(stream)
     if not (args.quiet or args.json):
         print(f"snapferry: received {', '.join(done)}", file=sys.stderr)

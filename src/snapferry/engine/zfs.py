@@ -241,8 +241,10 @@ class Zfs:
     def abort_receive(self, dataset: str) -> None:
         self.run(f"cannot abort the interrupted receive into {dataset}", "receive", "-A", dataset)
 
-    def receive_argv(self, dataset: str, *, force: bool, resumable: bool = False) -> list[str]:
-        return self.argv("receive", *(["-s"] if resumable else []), *(["-F"] if force else []), dataset)
+    def receive_argv(self, dataset: str, *, force: bool, resumable: bool = False, unmounted: bool = False) -> list[str]:
+        """`unmounted` (-u, OpenZFS only): leave the received dataset unmounted."""
+        flags = [flag for flag, wanted in (("-s", resumable), ("-F", force), ("-u", unmounted)) if wanted]
+        return self.argv("receive", *flags, dataset)
 
     def send_token_argv(self, token: str, flags: Sequence[str] = ()) -> list[str]:
         return self.argv("send", *flags, "-t", token)

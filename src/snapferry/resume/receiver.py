@@ -46,11 +46,12 @@ class _Position:
 class _Piece:
     """One piece in flight: a `zfs receive` fed with a BEGIN of our own and the stream's records."""
 
-    def __init__(self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool) -> None:
+    def __init__(self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool, unmounted: bool) -> None:
         self.begin = begin
         self.size = 0
         self.start: int | None = None
-        self._proc = ReceiveProcess(zfs.receive_argv(dataset, force=force), f"cannot receive into {dataset}")
+        argv = zfs.receive_argv(dataset, force=force, unmounted=unmounted)
+        self._proc = ReceiveProcess(argv, f"cannot receive into {dataset}")
         self._writer = StampedWriter(self._proc.write)
         self._writer.begin(begin, begin_payload)
 
@@ -100,10 +101,11 @@ class PieceReceiver:
         checkpoint_size: int,
         force: bool = False,
         events: EventSink = ignore_events,
-        zfs_checks_records: bool = False,
+        modern_zfs: bool = False,
     ) -> None:
-        """`zfs_checks_records`: the destination's zfs verifies every record's stamp (OpenZFS), so
-        payload checksums can come from the stream's own stamps instead of being summed here."""
+        """`modern_zfs`: the destination runs OpenZFS 0.7+, which verifies every record's stamp (so
+        payload checksums can come from the stream's own stamps instead of being summed here) and
+        can receive without mounting (which 2.1 otherwise tries, and fails, between pieces)."""
         if "@" in dataset:
             raise Refused(f"receive into a file system, not a snapshot: {dataset}")
         if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
@@ -113,7 +115,7 @@ class PieceReceiver:
         self.checkpoint_size = checkpoint_size
         self.force = force
         self.events = events
-        self.zfs_checks_records = zfs_checks_records
+        self.modern_zfs = modern_zfs
         self.received: list[str] = []
 
     def receive(self, source: Readable) -> list[str]:
@@ -207,7 +209,7 @@ class PieceReceiver:
             piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{self.dataset}@{name}")
         if pos.base_guid != pos.transfer_fromguid:
             begin_payload = chained_begin_payload(begin, begin_payload)
-        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force)
+        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force, unmounted=self.modern_zfs)
 
     def _commit(self, piece: _Piece, begin: Begin, pos: _Position, boundary: Record) -> None:
         """Commit a piece and name it as a checkpoint ending right before `boundary`."""
@@ -238,7 +240,7 @@ class PieceReceiver:
         piece: _Piece | None = None
         object_range: Record | None = None
         try:
-            read = reader.records_trusting_stamps if self.zfs_checks_records else reader.records
+            read = reader.records_trusting_stamps if self.modern_zfs else reader.records
             for record in read(begin_bytes, pos.first_offset, pos.fingerprint_from):
                 if record.kind == RecordType.END:
                     if piece is not None:
