@@ -24,7 +24,7 @@ from snapferry.errors import SnapferryError, UsageError
 from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.resume.lock import dataset_lock
-from snapferry.resume.native import MODES, abort_native, choose_mode, receive_native, send_native_continuation
+from snapferry.resume.native import MODES, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.resume.receiver import PieceReceiver
 from snapferry.resume.sender import send_continuation, send_snapshot
 from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
@@ -192,7 +192,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     _, transfers = read_transfers(zfs, args.target)
     unfinished = [t for t in transfers if not t.complete]
     token = latest_token(transfers)
-    if token is None and not unfinished and args.mode != "pieces" and (native := zfs.resume_token(args.target)):
+    if token is None and args.mode != "pieces" and (native := kernel_token(zfs, args.target, transfers)):
         print(native)
         return 0
     if token is None:

@@ -12,7 +12,7 @@ from snapferry.engine.pipes import ReceiveProcess, SendProcess
 from snapferry.engine.zfs import PartialReceiveInTheWay, Snapshot, Zfs
 from snapferry.errors import Refused, SnapferryError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import read_transfers
+from snapferry.resume.checkpoints import Transfer, read_transfers
 from snapferry.resume.receiver import resume_hint
 
 Mode = Literal["native", "pieces"]
@@ -26,6 +26,13 @@ _TOKEN_FLAGS = {"-w": "rawok", "-c": "compressok", "-e": "embedok", "-L": "large
 def has_piece_transfer(zfs: Zfs, dataset: str) -> bool:
     _, transfers = read_transfers(zfs, dataset)
     return any(not t.complete for t in transfers)
+
+
+def kernel_token(zfs: Zfs, dataset: str, transfers: list[Transfer]) -> str | None:
+    """OpenZFS's token for dataset, unless a piece transfer is under way there (that one comes first)."""
+    if any(not t.complete for t in transfers):
+        return None
+    return zfs.resume_token(dataset)
 
 
 def choose_mode(zfs: Zfs, dataset: str, requested: Mode | None, *, sender_can_resume: bool = True) -> Mode:

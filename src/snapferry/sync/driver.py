@@ -16,7 +16,7 @@ from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import latest_token, read_transfers
-from snapferry.resume.native import Mode, choose_mode
+from snapferry.resume.native import Mode, choose_mode, kernel_token
 from snapferry.sync.endpoints import Shell
 from snapferry.sync.plan import Rollback, Step, next_step, plan_all
 
@@ -134,7 +134,7 @@ class Sync:
             return source, None, None
         snapshots, transfers = read_transfers(dst_zfs, dataset)
         token = latest_token(transfers)
-        if token is None and not any(not t.complete for t in transfers) and (native := dst_zfs.resume_token(dataset)):
+        if token is None and (native := kernel_token(dst_zfs, dataset, transfers)):
             return source, snapshots, OpenZfsToken.decode(native)
         return source, snapshots, token
 
