@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 if ! command -v zfs-fuse >/dev/null || ! command -v pgrep >/dev/null || [ ! -x /usr/sbin/sshd ] \
     || ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
-    || ! command -v debootstrap >/dev/null || ! command -v mke2fs >/dev/null; then
+    || ! command -v debootstrap >/dev/null || ! command -v mke2fs >/dev/null || ! command -v btrfs >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq zfs-fuse procps openssh-server openssh-client \
-        qemu-system-x86 qemu-utils debootstrap e2fsprogs >/dev/null
+        qemu-system-x86 qemu-utils debootstrap e2fsprogs btrfs-progs >/dev/null
 fi
 
 python3 -m pip install -q -e '.[test]' 2>/dev/null \

@@ -1,0 +1,264 @@
+"""Framing of btrfs send streams: header, command crc32c, TLV attributes, reading, encoding, path confinement."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import crc32c
+
+from snapferry.codec.btrfs_commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
+from snapferry.codec.zfs_stream import Readable, StreamTruncated
+from snapferry.errors import StreamFormatError, StreamIntegrityError
+
+MAGIC = b"btrfs-stream\0"
+STREAM_HEADER_SIZE = len(MAGIC) + 4
+VERSIONS = (1, 2)
+CMD_HEADER_SIZE = 10
+TLV_HEADER_SIZE = 4
+# Checked before any allocation. A v1 command fits the kernel's 64 KiB send buffer; for v2 the kernel
+# promises no limit (its buffer is 16 KiB + one 128 KiB compressed extent today), so allow far more.
+MAX_COMMAND_LEN_V1 = 64 << 10
+MAX_COMMAND_LEN = 16 << 20
+PATH_MAX = 4096
+NAME_MAX = 255
+
+_CMD_HEADER = struct.Struct("<IHI")
+_TLV = struct.Struct("<HH")
+_ZERO_CRC = bytes(4)
+FINGERPRINT_SIZE = 16
+# Chained from this value: a fingerprint after N commands is blake2b(previous || command header).
+FINGERPRINT_START = bytes(FINGERPRINT_SIZE)
+
+
+class BtrfsStreamTruncated(StreamTruncated):
+    """The input ended before the btrfs stream's END command."""
+
+
+def btrfs_crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The send stream's crc32c: seed 0 and no final inversion, which standard crc32c with both inversions undone gives.
+
+    Chainable: btrfs_crc32c(b, btrfs_crc32c(a)) == btrfs_crc32c(a + b).
+    """
+    return crc32c.crc32c(data, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def stream_header(version: int) -> bytes:
+    check_version(version)
+    return MAGIC + version.to_bytes(4, "little")
+
+
+def check_version(version: int) -> None:
+    if version not in VERSIONS:
+        raise StreamFormatError(f"btrfs send stream version {version} is not supported (only 1 and 2)")
+
+
+def parse_stream_header(header: bytes | bytearray | memoryview) -> int:
+    """The stream's protocol version, from its first 17 bytes."""
+    if bytes(header[: len(MAGIC)]) != MAGIC:
+        raise StreamFormatError("no btrfs-stream magic at the start of input: not a btrfs send stream")
+    version = int.from_bytes(header[len(MAGIC) : STREAM_HEADER_SIZE], "little")
+    check_version(version)
+    return version
+
+
+def fingerprint_extend(fingerprint: bytes, command_header: bytes | bytearray | memoryview) -> bytes:
+    """The fingerprint after one more command, from its 10-byte header.
+
+    The header holds the command's verified crc32c, which covers all its bytes; hashing every data
+    byte again would cost more than the crc did. A changed command goes unnoticed only if its
+    length, kind and crc32c all match (a 2^-32 chance per changed command).
+    """
+    return hashlib.blake2b(bytes(fingerprint) + bytes(command_header), digest_size=FINGERPRINT_SIZE).digest()
+
+
+def _command_name(raw: int) -> str:
+    try:
+        return Cmd(raw).name
+    except ValueError:
+        return "ENABLE_VERITY (protocol 3)" if raw == CMD_ENABLE_VERITY else str(raw)
+
+
+def decode_command(kind: int, body: memoryview, version: int, offset: int = 0) -> Command:
+    """A command from its kind and the bytes after its header; `offset` (of its header) is for messages."""
+    try:
+        cmd = Cmd(kind)
+    except ValueError:
+        raise StreamFormatError(f"unknown btrfs send command {_command_name(kind)} at stream byte {offset}") from None
+    if version < 2 and cmd >= FIRST_V2_CMD:
+        raise StreamFormatError(f"{cmd.name} command at stream byte {offset} in a version {version} stream (it needs version 2)")
+    attrs: dict[Attr, memoryview] = {}
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 2:
+            raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
+        raw_type = int.from_bytes(body[pos : pos + 2], "little")
+        try:
+            attr = Attr(raw_type)
+        except ValueError:
+            raise StreamFormatError(f"unknown attribute {raw_type} in the {cmd.name} command at stream byte {offset}") from None
+        if version >= 2 and attr == Attr.DATA:
+            # Protocol 2: DATA has no length and runs to the end of the command.
+            start, length = pos + 2, end - pos - 2
+        else:
+            if end - pos < TLV_HEADER_SIZE:
+                raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
+            length = int.from_bytes(body[pos + 2 : pos + 4], "little")
+            start = pos + TLV_HEADER_SIZE
+            if length > end - start:
+                raise StreamFormatError(f"{attr.name} attribute of {length} bytes overruns the {cmd.name} command at stream byte {offset}")
+        if attr in attrs:
+            raise StreamFormatError(f"{attr.name} attribute twice in the {cmd.name} command at stream byte {offset}")
+        attrs[attr] = body[start : start + length]
+        pos = start + length
+    command = Command(cmd, attrs)
+    try:
+        command.validate(version)
+    except StreamFormatError as e:
+        raise StreamFormatError(f"{e} at stream byte {offset}") from None
+    return command
+
+
+def encode_command(command: Command, version: int) -> bytes:
+    """The command's bytes, crc included; attributes in the command's order."""
+    check_version(version)
+    command.validate(version)
+    if version < 2 and command.kind >= FIRST_V2_CMD:
+        raise StreamFormatError(f"{command.kind.name} command cannot be sent in a version 1 stream")
+    parts = [bytes(CMD_HEADER_SIZE)]
+    for attr, raw in command.attrs.items():
+        if version >= 2 and attr == Attr.DATA:
+            parts.append(attr.to_bytes(2, "little"))
+        elif len(raw) > 0xFFFF:
+            raise StreamFormatError(f"{attr.name} attribute of {len(raw)} bytes does not fit a TLV (at most 65535)")
+        else:
+            parts.append(_TLV.pack(attr, len(raw)))
+        parts.append(bytes(raw))
+    out = bytearray().join(parts)
+    length = len(out) - CMD_HEADER_SIZE
+    if length > (MAX_COMMAND_LEN if version >= 2 else MAX_COMMAND_LEN_V1):
+        raise StreamFormatError(f"{command.kind.name} command of {length} bytes is over the limit for version {version}")
+    _CMD_HEADER.pack_into(out, 0, length, command.kind, 0)
+    _CMD_HEADER.pack_into(out, 0, length, command.kind, btrfs_crc32c(out))
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class StreamCommand:
+    """A command as read: where it was, how long it was, and the fingerprint of the stream up to its end."""
+
+    offset: int
+    size: int
+    command: Command
+    fingerprint: bytes
+
+    @property
+    def end_offset(self) -> int:
+        return self.offset + self.size
+
+
+class BtrfsStreamReader:
+    """Reads one btrfs send stream from a binary source, verifying every command's crc32c.
+
+    Iterating yields StreamCommands up to and including END, then stops without reading further
+    (a concatenated next stream stays unread in the source).
+    """
+
+    def __init__(self, source: Readable, *, max_command_len: int = MAX_COMMAND_LEN) -> None:
+        self._source = source
+        self._max = max_command_len
+        self.bytes_read = 0
+        self.version = 0
+        self.fingerprint = FINGERPRINT_START
+
+    def _read_exact(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            n = self._source.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self.bytes_read += got
+        return got
+
+    def read_header(self) -> int:
+        """The stream's version; reads the 17-byte stream header (iteration does it if not done yet)."""
+        header = bytearray(STREAM_HEADER_SIZE)
+        got = self._read_exact(memoryview(header))
+        if got == 0:
+            raise StreamFormatError("no btrfs send stream on input (it was empty)")
+        seen = min(got, len(MAGIC))
+        if got < STREAM_HEADER_SIZE and header[:seen] == MAGIC[:seen]:
+            raise BtrfsStreamTruncated(f"input ended inside the btrfs stream header ({got} of {STREAM_HEADER_SIZE} bytes)")
+        self.version = parse_stream_header(header)
+        self.fingerprint = fingerprint_extend(FINGERPRINT_START, header)
+        return self.version
+
+    def __iter__(self) -> Iterator[StreamCommand]:
+        if not self.version:
+            self.read_header()
+        limit = min(self._max, MAX_COMMAND_LEN if self.version >= 2 else MAX_COMMAND_LEN_V1)
+        while True:
+            offset = self.bytes_read
+            header = bytearray(CMD_HEADER_SIZE)
+            got = self._read_exact(memoryview(header))
+            if got < CMD_HEADER_SIZE:
+                where = "before the END command" if got == 0 else "inside a command header"
+                raise BtrfsStreamTruncated(f"input ended at stream byte {offset + got}, {where}")
+            length, kind, crc = _CMD_HEADER.unpack(header)
+            if length > limit:
+                raise StreamFormatError(
+                    f"command {_command_name(kind)} at stream byte {offset} claims {length} bytes (limit {limit}): corrupt stream"
+                )
+            body = bytearray(length)
+            view = memoryview(body)
+            got = self._read_exact(view)
+            if got < length:
+                name = _command_name(kind)
+                at = offset + CMD_HEADER_SIZE + got
+                raise BtrfsStreamTruncated(f"input ended at stream byte {at}, inside the {name} command at byte {offset}")
+            if btrfs_crc32c(body, btrfs_crc32c(bytes(header[:6]) + _ZERO_CRC)) != crc:
+                raise StreamIntegrityError(
+                    f"crc32c mismatch in the command at stream byte {offset}: "
+                    f"bytes {offset}-{offset + CMD_HEADER_SIZE + length} were corrupted in transit",
+                    offset,
+                )
+            command = decode_command(kind, view, self.version, offset)
+            self.fingerprint = fingerprint_extend(self.fingerprint, header)
+            yield StreamCommand(offset, CMD_HEADER_SIZE + length, command, self.fingerprint)
+            if command.kind == Cmd.END:
+                return
+
+
+def _shown(raw: bytes) -> str:
+    text = repr(raw[:80])
+    return text + "..." if len(raw) > 80 else text
+
+
+def safe_relative_path(raw: bytes | bytearray | memoryview) -> PurePosixPath:
+    """A stream path checked to stay inside the subvolume being received; b"" (the subvolume's root) gives ".".
+
+    Refuses what could escape or alias: absolute paths, "." and ".." components, empty components
+    (doubled or trailing slashes), NUL bytes, and names or paths over NAME_MAX / PATH_MAX.
+    Names need not be UTF-8: undecodable bytes are kept as surrogate escapes, as os.fsdecode does.
+    """
+    raw = bytes(raw)
+    if not raw:
+        return PurePosixPath(".")
+    if len(raw) >= PATH_MAX:
+        raise StreamFormatError(f"refused path of {len(raw)} bytes: longer than PATH_MAX ({PATH_MAX} with its NUL)")
+    if b"\0" in raw:
+        raise StreamFormatError(f"refused path with a NUL byte: {_shown(raw)}")
+    if raw.startswith(b"/"):
+        raise StreamFormatError(f"refused absolute path: {_shown(raw)}")
+    for name in raw.split(b"/"):
+        if not name:
+            raise StreamFormatError(f"refused path with an empty component: {_shown(raw)}")
+        if name in (b".", b".."):
+            raise StreamFormatError(f"refused path with a {name.decode()!r} component: {_shown(raw)}")
+        if len(name) > NAME_MAX:
+            raise StreamFormatError(f"refused path with a name of {len(name)} bytes (NAME_MAX is {NAME_MAX}): {_shown(raw)}")
+    return PurePosixPath(raw.decode("utf-8", "surrogateescape"))
