@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from snapferry.errors import Refused
 
 TOKEN_PREFIX = "sf1-"
+# A token's JSON is a few hundred bytes; the bound keeps a forged one from inflating without limit.
+MAX_BODY = 1 << 16
 
 
 class MalformedToken(Refused):
@@ -48,7 +50,12 @@ class ResumeToken:
             raise MalformedToken(f"malformed token: it starts with neither {TOKEN_PREFIX!r} (snapferry's) nor '1-' (OpenZFS's)")
         body_text, _, crc_text = text[len(TOKEN_PREFIX) :].rpartition("-")
         try:
-            body = zlib.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)))
+            inflater = zlib.decompressobj()
+            body = inflater.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)), MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise ValueError(f"it inflates to more than {MAX_BODY} bytes")
+            if not inflater.eof:
+                raise ValueError("its compressed body is cut short")
             if f"{zlib.crc32(body):08x}" != crc_text:
                 raise ValueError("check digits do not match")
             fields = json.loads(body)

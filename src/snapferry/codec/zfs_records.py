@@ -220,6 +220,8 @@ def chained_begin_payload(begin: Begin, payload: bytes) -> bytes:
     to_ivset = keydata.value.get("to_ivset_guid")
     if to_ivset is None:
         raise StreamFormatError("raw stream without to_ivset_guid: sent by an OpenZFS too old to resume in pieces")
+    if to_ivset.type is not nvlist.NvType.UINT64:
+        raise StreamFormatError(f"raw stream whose to_ivset_guid is a {to_ivset.type.name}, not a UINT64: corrupt stream")
     chained = nvlist.NvPair("from_ivset_guid", nvlist.NvType.UINT64, to_ivset.value)
     keys = [pair for pair in keydata.value if pair.name != "from_ivset_guid"] + [chained]
     new_keydata = nvlist.NvPair("crypt_keydata", keydata.type, nvlist.NvList(tuple(keys), keydata.value.nvflag))

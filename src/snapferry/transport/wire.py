@@ -12,7 +12,7 @@ from typing import IO, cast
 
 import zstandard
 
-from snapferry.codec.zfs_stream import Readable
+from snapferry.codec.zfs_stream import Readable, StreamTruncated
 from snapferry.engine.pipes import Buffer, write_all
 from snapferry.errors import StreamFormatError, UsageError
 
@@ -155,17 +155,100 @@ class _RawFd(io.RawIOBase):
         return len(data)
 
 
+_SKIPPABLE_MAGICS = range(0x184D2A50, 0x184D2A60)
+
+
+class _Frames:
+    """Follows zstd's frame and block headers through the compressed bytes: is the input between frames?
+
+    The decompressor hands out the whole blocks it got and then reports a plain end of input, so an
+    input cut inside a frame would otherwise read as a stream that ended cleanly (or was empty).
+    """
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._want = 4
+        self._head = bytearray()
+        self._skip = 0
+        self._checksum = False
+
+    @property
+    def between_frames(self) -> bool:
+        return self._state == "magic" and not self._head and not self._skip
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data) and self._state != "foreign":
+            if self._skip:
+                n = min(self._skip, len(data) - pos)
+                self._skip -= n
+            else:
+                n = min(self._want - len(self._head), len(data) - pos)
+                self._head += data[pos : pos + n]
+                if len(self._head) == self._want:
+                    self._advance(int.from_bytes(self._head, "little"))
+                    self._head.clear()
+            pos += n
+
+    def _advance(self, value: int) -> None:
+        if self._state == "magic":
+            if value == int.from_bytes(ZSTD_MAGIC, "little"):
+                self._state, self._want = "descriptor", 1
+            elif value in _SKIPPABLE_MAGICS:
+                self._state, self._want = "size", 4
+            else:  # not a frame: left to the decompressor, which refuses it
+                self._state = "foreign"
+        elif self._state == "descriptor":
+            single = value >> 5 & 1
+            self._checksum = bool(value & 4)
+            self._skip = (1 - single) + (0, 1, 2, 4)[value & 3] + (single, 2, 4, 8)[value >> 6]
+            self._state, self._want = "block", 3
+        elif self._state == "block":
+            last, kind, size = value & 1, value >> 1 & 3, value >> 3
+            self._skip = 1 if kind == 1 else size  # an RLE block stores one byte
+            if last:
+                self._skip += 4 * self._checksum
+                self._state, self._want = "magic", 4
+        else:  # the size of a skippable frame
+            self._skip = value
+            self._state, self._want = "magic", 4
+
+
+class _Tee:
+    """The compressed bytes on their way to the decompressor, shown to a _Frames.
+
+    Apart from _Decompressing: the decompressor's reader is invisible to the garbage collector, so a
+    reference back to its owner would keep both, and the decompression buffers, alive for good.
+    """
+
+    def __init__(self, source: io.BufferedReader[io.FileIO], frames: _Frames) -> None:
+        self._source = source
+        self._frames = frames
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._frames.feed(data)
+        return data
+
+
 class _Decompressing:
-    """A Readable over zstd frames; a damaged frame is a stream error, not a crash."""
+    """A Readable over zstd frames; a damaged frame is a stream error and a cut-short one an interruption, not a crash."""
 
     def __init__(self, source: io.BufferedReader[io.FileIO]) -> None:
-        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, read_across_frames=True)
+        self._frames = _Frames()
+        self._produced = 0
+        tee = cast(IO[bytes], _Tee(source, self._frames))
+        self._reader = zstandard.ZstdDecompressor().stream_reader(tee, read_size=1 << 20, read_across_frames=True)
 
     def readinto(self, buffer: memoryview, /) -> int:
         try:
-            return int(self._reader.readinto(buffer))
+            n = int(self._reader.readinto(buffer))
         except zstandard.ZstdError as exc:
             raise StreamFormatError(f"corrupt zstd-compressed stream: {exc}") from None
+        if n == 0 and len(buffer) and not self._frames.between_frames:
+            raise StreamTruncated(f"input ended inside a zstd frame, at stream byte {self._produced}: cut short in transit")
+        self._produced += n
+        return n
 
 
 def open_wire(source: io.BufferedReader[io.FileIO]) -> Readable:
