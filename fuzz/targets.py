@@ -575,7 +575,7 @@ def token_seeds() -> tuple[bytes, ...]:
     tokens = [
         ResumeToken("pool/fs", 1, 0, 2, 1, 1 << 20, 408, "0123456789abcdef"),
         ResumeToken("tank/a/b/c", (1 << 64) - 1, 5, 6, 42, 1 << 40, 1 << 30, "ffffffffffffffff", "Lecw"),
-        ResumeToken("p/\u00e4 \u00fc", 7, 8, 9, 0, 312, 312, "0000000000000000", "c"),
+        ResumeToken("p/a b:c.d", 7, 8, 9, 0, 312, 312, "0000000000000000", "c"),
     ]
     texts = [t.encode().encode() for t in tokens]
     return (*texts, *(bytes([BODY]) + json.dumps(asdict(t)).encode() for t in tokens))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -13,6 +14,15 @@ from snapferry.errors import Refused
 TOKEN_PREFIX = "sf1-"
 # A token's JSON is a few hundred bytes; the bound keeps a forged one from inflating without limit.
 MAX_BODY = 1 << 16
+
+
+# ZFS's own rule for dataset names: components of letters, digits and "_.: -", at most 255 bytes.
+_DATASET = re.compile(r"[A-Za-z0-9_.: -]+(?:/[A-Za-z0-9_.: -]+)*")
+MAX_DATASET_NAME = 255
+
+
+def _is_dataset_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_DATASET.fullmatch(name)) and len(name) <= MAX_DATASET_NAME
 
 
 class MalformedToken(Refused):
@@ -73,6 +83,8 @@ class ResumeToken:
             raise MalformedToken("malformed token: its offsets are inconsistent")
         if not isinstance(self.fingerprint, str) or len(self.fingerprint) != 16:
             raise MalformedToken("malformed token: bad fingerprint")
+        if not _is_dataset_name(self.dataset):
+            raise MalformedToken("malformed token: its destination is not a ZFS dataset name")
         if not isinstance(self.send_flags, str) or not set(self.send_flags) <= set("Lecw"):
             raise MalformedToken("malformed token: bad send flags")
 
