@@ -14,7 +14,7 @@ import pytest
 
 from snapferry.engine import btrfs_ioctl as ioc
 
-SETUP_HINT = "the btrfs apply tests need root, btrfs-progs and loop devices (scripts/setup.sh installs btrfs-progs)"
+SETUP_HINT = "the btrfs tests need root, btrfs-progs and loop devices (scripts/setup.sh installs btrfs-progs)"
 NS = 1_000_000_000
 
 

@@ -32,23 +32,11 @@ from snapferry.codec.btrfs_stream import (
 )
 from snapferry.codec.zfs_stream import StreamTruncated
 from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
+from tests.btrfs_testbed import SETUP_HINT, run
 
 ALLOWED = (StreamFormatError, TransferInterrupted)
 
 # --- real streams ------------------------------------------------------------------------------
-
-SETUP_HINT = "the btrfs stream tests need root, btrfs-progs and loop devices (scripts/setup.sh installs btrfs-progs)"
-
-
-def _run(*args: str | Path) -> str:
-    try:
-        done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError as e:
-        pytest.fail(f"cannot make real btrfs streams: {e}; {SETUP_HINT}")
-    if done.returncode:
-        pytest.fail(f"cannot make real btrfs streams: `{' '.join(map(str, args))}` failed: {done.stderr.strip()}; {SETUP_HINT}")
-    return done.stdout
-
 
 def _populate(src: Path) -> None:
     """Every kind of inode and attribute a full stream carries."""
@@ -62,7 +50,7 @@ def _populate(src: Path) -> None:
     (src / "hardlink").hardlink_to(src / "data")
     (src / "link").symlink_to("data")
     (src / "dangling").symlink_to("nowhere")
-    _run("mkfifo", src / "fifo")
+    run("mkfifo", src / "fifo")
     os.setxattr(src / "data", "user.k", b"v1")
     os.setxattr(src / "dir", "user.d", b"x")
     os.chown(src / "dir" / "sub" / "f", 1234, 5678)
@@ -71,7 +59,7 @@ def _populate(src: Path) -> None:
 
 def _change(src: Path) -> None:
     """What an incremental carries: a reflink (CLONE), renames, deletes, a removed xattr, an append."""
-    _run("cp", "--reflink=always", src / "data", src / "data_clone")
+    run("cp", "--reflink=always", src / "data", src / "data_clone")
     (src / "dir" / "sub" / "f").rename(src / "dir" / "moved")
     (src / "hardlink").unlink()
     (src / "dir").rename(src / "dir2")
@@ -90,22 +78,22 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]
     mnt.mkdir()
     with open(img, "wb") as f:
         f.truncate(512 << 20)
-    _run("mkfs.btrfs", "-q", "-f", img)
-    loop = _run("losetup", "--find", "--show", img).strip()
+    run("mkfs.btrfs", "-q", "-f", img)
+    loop = run("losetup", "--find", "--show", img).strip()
     mounted = False
     try:
-        _run("mount", loop, mnt)
+        run("mount", loop, mnt)
         mounted = True
-        _run("btrfs", "-q", "subvolume", "create", mnt / "src")
+        run("btrfs", "-q", "subvolume", "create", mnt / "src")
         _populate(mnt / "src")
-        _run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
         _change(mnt / "src")
-        _run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
         # Only extents written while compression is on are compressed, so ENCODED_WRITE needs a fresh subvolume.
-        _run("mount", "-o", "remount,compress=zstd", mnt)
-        _run("btrfs", "-q", "subvolume", "create", mnt / "csrc")
+        run("mount", "-o", "remount,compress=zstd", mnt)
+        run("btrfs", "-q", "subvolume", "create", mnt / "csrc")
         (mnt / "csrc" / "text").write_text("snapferry compressible line\n" * 40000)
-        _run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "csrc", mnt / "csnap")
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "csrc", mnt / "csnap")
         sends: dict[str, list[str | Path]] = {
             "full_v1": ["send", mnt / "snap1"],
             "incr_v1": ["send", "-p", mnt / "snap1", mnt / "snap2"],
@@ -116,7 +104,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]
         }
         streams = {}
         for name, args in sends.items():
-            _run("btrfs", "-q", *args[:1], "-f", base / name, *args[1:])
+            run("btrfs", "-q", *args[:1], "-f", base / name, *args[1:])
             streams[name] = (base / name).read_bytes()
     finally:
         if mounted:

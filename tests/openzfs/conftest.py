@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.zfs_testbed import sh
+from tests.zfs_testbed import manifest, mountpoint, sh, snapshot, write_tree
 
 _counter = itertools.count()
 
@@ -46,3 +46,20 @@ def pool(tmp_path: Path) -> Iterator[str]:
 def legacy_pool(tmp_path: Path) -> Iterator[str]:
     """A pool with no features enabled, as an old pool upgraded in place would be: no native resume."""
     yield from make_pool(tmp_path, "-d")
+
+
+def encrypted_source(pool: str, key: Path, seed: int) -> tuple[str, int, dict[str, str]]:
+    """An encrypted dataset with data in @s1: its name, the snapshot's guid and manifest."""
+    key.write_text("correct horse battery staple\n")
+    fs = f"{pool}/secret"
+    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase", "-o", f"keylocation=file://{key}", fs)
+    write_tree(mountpoint(fs), seed=seed, megabytes=4, small_files=40)
+    snap_guid, files = snapshot(f"{fs}@s1")
+    return fs, snap_guid, files
+
+
+def unlocked_manifest(dataset: str, key: Path) -> dict[str, str]:
+    """A raw-received copy is locked and unmounted: load its key, mount it, and list it."""
+    sh("zfs", "load-key", "-L", f"file://{key}", dataset)
+    sh("zfs", "mount", dataset)
+    return manifest(mountpoint(dataset))

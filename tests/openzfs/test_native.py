@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.openzfs.conftest import encrypted_source, unlocked_manifest
 from tests.zfs_testbed import (
     change_tree,
     exists,
@@ -89,20 +90,14 @@ def test_incremental_with_large_embedded_compressed_records_resumed(pool: str) -
 
 def test_encrypted_dataset_sent_raw_and_resumed(pool: str, tmp_path: Path) -> None:
     key = tmp_path / "key"
-    key.write_text("correct horse battery staple\n")
-    fs = f"{pool}/secret"
-    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase", "-o", f"keylocation=file://{key}", fs)
-    write_tree(mountpoint(fs), seed=9, megabytes=4, small_files=10)
-    snap_guid, files = snapshot(f"{fs}@s1")
+    fs, snap_guid, files = encrypted_source(pool, key, seed=9)
     stream = send_bytes("-w", f"{fs}@s1")
     dst = f"{pool}/secretcopy"
     token = _interrupt(dst, stream, len(stream) // 2)
     assert json.loads(snapferry("token", "--decode", "--json", token).stdout)["rawok"]
     _resume(dst, token)
     assert guid(f"{dst}@s1") == snap_guid
-    sh("zfs", "load-key", "-L", f"file://{key}", dst)
-    sh("zfs", "mount", dst)
-    assert manifest(mountpoint(dst)) == files
+    assert unlocked_manifest(dst, key) == files
 
 
 def test_send_t_flags_must_match_the_token(pool: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from snapferry.codec.zfs_records import HEADER_SIZE, RecordType
 from snapferry.codec.zfs_stream import StreamReader
+from tests.openzfs.conftest import encrypted_source, unlocked_manifest
 from tests.openzfs.test_native import modes_chosen
 from tests.zfs_testbed import (
     change_tree,
@@ -73,11 +74,7 @@ def test_modern_stream_cut_resumed_in_pieces_then_plain_incremental(pool: str, f
 
 def test_raw_encrypted_stream_in_pieces(pool: str, tmp_path: Path) -> None:
     key = tmp_path / "key"
-    key.write_text("correct horse battery staple\n")
-    fs = f"{pool}/secret"
-    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase", "-o", f"keylocation=file://{key}", fs)
-    write_tree(mountpoint(fs), seed=43, megabytes=4, small_files=40)
-    snap_guid, files = snapshot(f"{fs}@s1")
+    fs, snap_guid, files = encrypted_source(pool, key, seed=43)
     stream = send_bytes("-w", f"{fs}@s1")
     dst = f"{pool}/secretcopy"
     rc, stderr = _receive_pieces(dst, stream[: len(stream) * 3 // 4])
@@ -88,9 +85,7 @@ def test_raw_encrypted_stream_in_pieces(pool: str, tmp_path: Path) -> None:
     rc, stderr = _receive_pieces(dst, continuation.stdout)
     assert rc == 0, stderr
     assert guid(f"{dst}@s1") == snap_guid and piece_names(dst) == []
-    sh("zfs", "load-key", "-L", f"file://{key}", dst)
-    sh("zfs", "mount", dst)
-    assert manifest(mountpoint(dst)) == files
+    assert unlocked_manifest(dst, key) == files
 
 
 def test_v23_stream_from_zfs_fuse_received_in_pieces(pool: str) -> None:

@@ -66,7 +66,9 @@ class Reporter:
         if event == "checkpoint":
             self.checkpoints += 1
         now = time.monotonic()
-        if event == "progress" and now - self._last < (_BAR_INTERVAL if self.mode == "bar" else _JSON_INTERVAL):
+        # send -t reports a skip per record of the committed prefix it verifies: thousands a second.
+        throttled = event == "progress" or (event == "skip" and fields.get("bytes") != fields.get("total"))
+        if throttled and now - self._last < (_BAR_INTERVAL if self.mode == "bar" else _JSON_INTERVAL):
             return
         self._last = now
         if self.mode == "json":

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 import crc32c
 
 from snapferry.codec.btrfs_commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
-from snapferry.codec.zfs_stream import Readable, StreamTruncated
+from snapferry.codec.zfs_stream import Readable, StreamTruncated, read_exact
 from snapferry.errors import StreamFormatError, StreamIntegrityError
 
 MAGIC = b"btrfs-stream\0"
@@ -175,12 +175,7 @@ class BtrfsStreamReader:
         self.fingerprint = FINGERPRINT_START
 
     def _read_exact(self, view: memoryview) -> int:
-        got = 0
-        while got < len(view):
-            n = self._source.readinto(view[got:])
-            if not n:
-                break
-            got += n
+        got = read_exact(self._source, view)
         self.bytes_read += got
         return got
 

@@ -43,12 +43,21 @@ class Prefixed:
         return n
 
 
+def read_exact(source: Readable, view: memoryview) -> int:
+    """Fill `view` from `source` unless the input ends first; the number of bytes read."""
+    got = 0
+    while got < len(view):
+        n = source.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def read_header(source: Readable) -> bytes:
     """The first record header of a stream, for deciding how to receive it."""
     header = bytearray(HEADER_SIZE)
-    view, got = memoryview(header), 0
-    while got < HEADER_SIZE and (n := source.readinto(view[got:])):
-        got += n
+    got = read_exact(source, memoryview(header))
     if got == 0:
         raise StreamFormatError("no ZFS stream on input (it was empty)")
     if got < HEADER_SIZE:
@@ -98,12 +107,7 @@ class StreamReader:
         self.bytes_read = 0
 
     def _read_exact(self, view: memoryview) -> int:
-        got = 0
-        while got < len(view):
-            n = self._source.readinto(view[got:])
-            if not n:
-                break
-            got += n
+        got = read_exact(self._source, view)
         self.bytes_read += got
         return got
 
