@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -32,7 +33,7 @@ from snapferry.codec.btrfs_stream import (
 )
 from snapferry.codec.zfs_stream import StreamTruncated
 from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
-from tests.btrfs_testbed import SETUP_HINT, run
+from tests.btrfs_testbed import SETUP_HINT, mkfs, run
 
 ALLOWED = (StreamFormatError, TransferInterrupted)
 
@@ -74,16 +75,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]
     if shutil.which("btrfs") is None or shutil.which("mkfs.btrfs") is None:
         pytest.fail(f"btrfs-progs is not installed; {SETUP_HINT}")
     base = tmp_path_factory.mktemp("btrfs")
-    img, mnt = base / "img", base / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(512 << 20)
-    run("mkfs.btrfs", "-q", "-f", img)
-    loop = run("losetup", "--find", "--show", img).strip()
-    mounted = False
-    try:
-        run("mount", loop, mnt)
-        mounted = True
+    with ExitStack() as stack:
+        mnt = mkfs(stack, base, "mnt", "relatime").mnt
         run("btrfs", "-q", "subvolume", "create", mnt / "src")
         _populate(mnt / "src")
         run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
@@ -106,10 +99,6 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]
         for name, args in sends.items():
             run("btrfs", "-q", *args[:1], "-f", base / name, *args[1:])
             streams[name] = (base / name).read_bytes()
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], check=False)
-        subprocess.run(["losetup", "-d", loop], check=False)
     yield streams
 
 
