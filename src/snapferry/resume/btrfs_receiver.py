@@ -1,0 +1,253 @@
+"""A btrfs receiver that checkpoints the partial subvolume as read-only snapshots and resumes from the last one."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+from snapferry.codec.btrfs_commands import Cmd, Command
+from snapferry.codec.btrfs_stream import BtrfsStreamReader, BtrfsStreamTruncated, StreamCommand
+from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
+from snapferry.engine import btrfs_ioctl as ioc
+from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
+from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
+from snapferry.events import EventSink, ignore_events
+from snapferry.resume.btrfs_checkpoints import (
+    NIL,
+    BtrfsCheckpoint,
+    StreamIdentity,
+    TransferState,
+    check_subvol_name,
+    clear_state,
+    destroy_subvolume,
+    is_partial,
+    is_received,
+    read_state,
+    snapshot_readonly,
+    start_state,
+    transfer_lock,
+)
+
+DEFAULT_CHECKPOINT_SIZE = 256 << 20
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CAPABILITY = b"security.capability"
+
+
+class StreamChanged(Refused):
+    """The stream offered for a resume is not the one the checkpoints were taken from."""
+
+
+class PartialInTheWay(Refused):
+    """Something at the subvolume's path is not what a snapferry transfer of this stream left there."""
+
+
+def resume_hint(receive_root: Path, name: str) -> str:
+    return f"receive the same stream into {receive_root} again to resume, or abort the transfer of {name} to start over"
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): commit everything written to fd's filesystem (Python 3.11 has no os.syncfs)."""
+    if _libc().syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _CheckpointApplier(BtrfsApplier):
+    """An applier whose SUBVOL/SNAPSHOT command, on a resume, re-creates the subvolume as a writable snapshot of a checkpoint."""
+
+    def __init__(self, receive_root: Path, resume_from: Path | None) -> None:
+        super().__init__(receive_root)
+        self._resume_from = resume_from
+
+    def _begin(self, command: Command) -> None:
+        if self._resume_from is None:
+            super()._begin(command)
+            return
+        source = os.open(self._resume_from, _O_DIR)
+        try:
+            ioc.snapshot_create(self._root_fd, command.path, source)
+        finally:
+            os.close(source)
+        fd = os.open(command.path, _O_DIR, dir_fd=self._root_fd)
+        self._subvol = _Subvol(command.path, fd, command.uuid, command.ctransid)
+        self._resume_from = None
+
+
+class BtrfsCheckpointReceiver:
+    """Receives btrfs send streams into receive_root, taking a checkpoint every `checkpoint_size` stream bytes.
+
+    A checkpoint is a read-only snapshot of the partial subvolume in RECEIVE_ROOT/.snapferry/<name>/ whose
+    name holds the stream position after which it was taken (see BtrfsCheckpoint.name). Snapshot creation
+    is one btrfs transaction, so a checkpoint exists with its full name or not at all. The partial
+    subvolume itself may hold commands applied after the last checkpoint, and replaying RENAME, LINK or
+    UNLINK on it would be wrong, so a resume throws it away and starts again from a copy of the checkpoint.
+    """
+
+    def __init__(self, receive_root: Path, *, checkpoint_size: int = DEFAULT_CHECKPOINT_SIZE, events: EventSink = ignore_events) -> None:
+        if checkpoint_size <= 0:
+            raise ValueError("checkpoint_size must be positive")
+        self.receive_root = receive_root
+        self.checkpoint_size = checkpoint_size
+        self.events = events
+
+    def receive(self, source: Readable) -> list[Path]:
+        """Receive every stream on source up to its end; the received subvolumes' paths."""
+        received: list[Path] = []
+        while True:
+            first = bytearray(1)
+            if received and read_exact(source, memoryview(first)) == 0:
+                return received
+            stream = Prefixed(bytes(first), source) if received else source
+            received.append(self._receive_one(stream))
+
+    # --- one stream -----------------------------------------------------------------------------
+
+    def _receive_one(self, source: Readable) -> Path:
+        reader = BtrfsStreamReader(source)
+        commands = iter(reader)
+        try:
+            begin = next(commands)
+        except BtrfsStreamTruncated as e:
+            raise TransferInterrupted(f"{e}; nothing was received") from None
+        command = begin.command
+        if command.kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT):
+            raise StreamFormatError(f"btrfs stream starts with {command.kind.name}, not SUBVOL or SNAPSHOT")
+        name = os.fsdecode(command.path)
+        check_subvol_name(name)
+        identity = StreamIdentity(command.uuid, command.ctransid, command.clone_uuid if command.kind == Cmd.SNAPSHOT else NIL)
+        self.events("stream", subvolume=name, uuid=str(identity.uuid), parent=str(identity.parent))
+        with transfer_lock(self.receive_root, name):
+            return self._receive_locked(reader, commands, begin, name, identity)
+
+    def _receive_locked(
+        self, reader: BtrfsStreamReader, commands: Iterator[StreamCommand], begin: StreamCommand, name: str, identity: StreamIdentity
+    ) -> Path:
+        # None only if a transfer finishing as we took the lock removed the directory.
+        state = read_state(self.receive_root, name) or TransferState(self.receive_root, name)
+        resume_from: BtrfsCheckpoint | None = None
+        if state.identity is None and not state.checkpoints and not state.foreign:
+            if os.path.lexists(state.partial):
+                raise PartialInTheWay(f"{state.partial} already exists and snapferry has no unfinished transfer of it")
+        else:
+            self._check_state(state, identity)
+            if is_received(state.partial, identity):
+                # A crash between END and removing the checkpoints: the stream is already all there.
+                for _ in commands:
+                    pass
+                clear_state(state)
+                self.events("done", subvolume=name, bytes=reader.bytes_read, already=True)
+                return state.partial
+            if os.path.lexists(state.partial) and (state.identity is None or not is_partial(state.partial)):
+                # Without the marker, which is written before the partial subvolume is created, it is not ours.
+                raise PartialInTheWay(f"{state.partial} is not the partial subvolume of snapferry's unfinished transfer of {name}")
+            resume_from = state.last
+        try:
+            if resume_from is not None:
+                self._skip_to(commands, resume_from, name)
+            elif os.path.lexists(state.partial):
+                destroy_subvolume(state.partial)  # no checkpoint yet: start over
+                self.events("discard", subvolume=name, reason="partial subvolume with no checkpoint")
+            start_state(self.receive_root, name, identity)
+            source_path = state.directory / resume_from.name if resume_from is not None else None
+            if resume_from is not None and os.path.lexists(state.partial):
+                destroy_subvolume(state.partial)
+            return self._apply(reader, commands, begin, state, identity, resume_from, source_path)
+        except BtrfsStreamTruncated as e:
+            kept = read_state(self.receive_root, name)
+            count = len(kept.checkpoints) if kept is not None else 0
+            last = kept.last if kept is not None else None
+            upto = f" (the last at stream byte {last.offset})" if last is not None else ""
+            raise TransferInterrupted(f"{e}; {count} checkpoint(s) of {name} kept{upto}; {resume_hint(self.receive_root, name)}") from None
+
+    def _check_state(self, state: TransferState, identity: StreamIdentity) -> None:
+        if state.foreign:
+            raise Refused(f"{state.directory} holds {', '.join(state.foreign)}, which snapferry did not create; refusing to use it")
+        if state.identity is not None and state.identity != identity:
+            raise Refused(
+                f"an unfinished transfer of {state.name} under {self.receive_root} receives another stream ({state.identity.describe()}); "
+                f"finish or abort it before receiving this {identity.describe()}"
+            )
+        stray = [c.name for c in state.checkpoints if c.identity != identity]
+        if stray:
+            raise Refused(f"checkpoint {stray[0]} in {state.directory} belongs to another stream; abort the transfer of {state.name}")
+
+    def _skip_to(self, commands: Iterator[StreamCommand], checkpoint: BtrfsCheckpoint, name: str) -> None:
+        """Read (and crc-check) the already-applied prefix; its fingerprint must be the checkpoint's."""
+        for item in commands:
+            if item.end_offset < checkpoint.offset:
+                continue
+            if item.end_offset == checkpoint.offset and item.fingerprint == checkpoint.fingerprint:
+                self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
+                return
+            break
+        raise StreamChanged(
+            f"refused to resume {name}: this stream differs from the one checkpointed at stream byte {checkpoint.offset} "
+            "(an incremental stream changes after a defrag or balance of the source); "
+            f"abort the transfer of {name} and receive that snapshot again from the start"
+        )
+
+    def _apply(
+        self,
+        reader: BtrfsStreamReader,
+        commands: Iterator[StreamCommand],
+        begin: StreamCommand,
+        state: TransferState,
+        identity: StreamIdentity,
+        resume_from: BtrfsCheckpoint | None,
+        source_path: Path | None,
+    ) -> Path:
+        name = state.name
+        seq = resume_from.seq if resume_from is not None else 0
+        last_offset = resume_from.offset if resume_from is not None else 0
+        previous = resume_from
+        capability_pending = sealed = False
+        state_fd = os.open(state.directory, _O_DIR)
+        partial_fd = -1
+        try:
+            with _CheckpointApplier(self.receive_root, source_path) as applier:
+                applier.apply(begin.command)
+                partial_fd = os.open(state.partial, _O_DIR)
+                for item in commands:
+                    command = item.command
+                    applier.apply(command)
+                    if command.kind == Cmd.END:
+                        break
+                    # The applier holds state across these commands that a checkpoint cannot carry:
+                    # a capability to put back after the CHOWN, immutable flags to set at END.
+                    if command.kind == Cmd.SET_XATTR and bytes(command.xattr_name) == _CAPABILITY:
+                        capability_pending = True
+                    elif command.kind == Cmd.CHOWN:
+                        capability_pending = False
+                    elif command.kind == Cmd.FILEATTR and ioc.fs_flags_from_btrfs(command.fileattr) & ioc.FS_FL_SEALING:
+                        sealed = True
+                    if item.end_offset - last_offset < self.checkpoint_size or capability_pending or sealed:
+                        continue
+                    seq += 1
+                    checkpoint = BtrfsCheckpoint(seq, item.end_offset, item.fingerprint, identity)
+                    # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
+                    # keeps the checkpoint's durability from resting on that detail alone.
+                    syncfs(partial_fd)
+                    snapshot_readonly(state_fd, checkpoint.name, partial_fd)
+                    if previous is not None:
+                        destroy_subvolume(state.directory / previous.name)
+                    previous, last_offset = checkpoint, item.end_offset
+                    self.events("checkpoint", subvolume=name, seq=seq, offset=item.end_offset)
+                received = applier.finished[-1]
+        finally:
+            os.close(state_fd)
+            if partial_fd >= 0:
+                os.close(partial_fd)
+        done = read_state(self.receive_root, name)
+        if done is not None:
+            clear_state(done)
+        self.events("done", subvolume=name, bytes=reader.bytes_read)
+        return received
