@@ -1,0 +1,78 @@
+"""The chaos runner's short CI run (every fault kind of both scenarios, a fixed seed, nothing lost), and the bugs it found."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapferry.cli.progress import Reporter
+from snapferry.errors import Refused, TransferInterrupted
+from snapferry.sync.driver import run_pipe
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 7
+# bench/chaos.py --cover-kinds: iteration i starts with the i-th (scenario, fault kind) of its
+# catalogue, 6 local kinds then 10 sync kinds; small data sets keep the whole run near 2 minutes.
+ITERATIONS = 16
+MAX_MIB = 6
+
+
+@pytest.mark.timeout(600)
+def test_short_chaos_run_loses_nothing_and_covers_every_fault(zfs_daemon: None, tmp_path: Path) -> None:
+    report = tmp_path / "chaos.json"
+    argv = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--seed", str(SEED), "--iterations", str(ITERATIONS)]
+    argv += ["--cover-kinds", "--max-mib", str(MAX_MIB), "--json", str(report)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=560, check=False, stdin=subprocess.DEVNULL)
+    tail = f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    assert report.exists(), tail
+    summary = json.loads(report.read_text())["summary"]
+
+    assert summary["iterations"] == ITERATIONS, tail
+    assert (summary["lost"], summary["corrupted"], summary["leftover"]) == (0, 0, 0), tail
+    assert summary["failures"] == [], tail
+    assert proc.returncode == 0, tail
+    never = [f"{scenario}:{kind}" for scenario, kinds in summary["faults"].items() for kind, count in kinds.items() if count == 0]
+    assert never == [], f"fault kinds that never fired: {never}\n{tail}"
+    # snapdestroy in each scenario: a resume refused with exit 4 "stale token", then receive -A.
+    assert summary["correct_refusals"] >= 2, tail
+    assert summary["resumes"] > 0 and summary["sync_retries"] > 0, tail
+
+
+# -- regressions found by bench/chaos.py ----------------------------------------------------------
+
+
+def _writes(size: int) -> list[str]:
+    return [sys.executable, "-c", f"import sys; sys.stdout.buffer.write(bytes({size}))"]
+
+
+def _reads_then_fails(message: str, code: int) -> list[str]:
+    script = f"import sys; sys.stdin.buffer.read(); print({message!r}, file=sys.stderr); sys.exit({code})"
+    return [sys.executable, "-c", script]
+
+
+def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_lock() -> None:
+    """chaos --seed 2026 --only 7 --max-mib 6: the link stalled for 7.7 s, ssh gave up after 3 s,
+    sync retried, and the receive of the stalled attempt, still alive at the far end, held the
+    destination's lock: the whole sync ended with exit 4 instead of retrying once it was gone."""
+    locked = "snapferry: another snapferry process is working on tank/fs (pid 1234, receive); wait for it or stop it first"
+    with pytest.raises(TransferInterrupted, match="another snapferry process is working on tank/fs"):
+        run_pipe(_writes(4096), _reads_then_fails(locked, 4))
+    # Every other refusal still ends the sync.
+    with pytest.raises(Refused, match="stale token"):
+        run_pipe(_writes(4096), _reads_then_fails("snapferry: stale token: the source snapshot no longer exists", 4))
+
+
+def test_json_events_throttle_the_skips_of_a_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    """send -t --json printed one `skip` line per record of the committed prefix (seen in every
+    chaos resume through sync: hundreds of lines for 2 MiB, millions for a resume deep into a big stream)."""
+    total = 5000 * 312
+    with Reporter("json") as events:
+        for record in range(1, 5001):
+            events("skip", bytes=record * 312, total=total)
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 3, len(lines)
+    assert json.loads(lines[-1])["bytes"] == total
