@@ -8,6 +8,7 @@ import json
 import re
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from snapferry.errors import Refused
 
@@ -23,6 +24,30 @@ MAX_DATASET_NAME = 255
 
 def _is_dataset_name(name: object) -> bool:
     return isinstance(name, str) and bool(_DATASET.fullmatch(name)) and len(name) <= MAX_DATASET_NAME
+
+
+def seal(prefix: str, fields: dict[str, object]) -> str:
+    """`prefix` + base64 of zlib(JSON of fields) + "-" + crc32: one word that survives copy and paste."""
+    body = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+    text = base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip("=")
+    return f"{prefix}{text}-{zlib.crc32(body):08x}"
+
+
+def unseal(prefix: str, text: str, max_body: int) -> Any:
+    """The JSON seal() packed into `text` (which starts with `prefix`), inflating at most max_body bytes.
+
+    Raises ValueError, TypeError, RecursionError, binascii.Error or zlib.error on a damaged text.
+    """
+    body_text, _, crc_text = text[len(prefix) :].rpartition("-")
+    inflater = zlib.decompressobj()
+    body = inflater.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)), max_body + 1)
+    if len(body) > max_body:
+        raise ValueError(f"it inflates to more than {max_body} bytes")
+    if not inflater.eof:
+        raise ValueError("its compressed body is cut short")
+    if f"{zlib.crc32(body):08x}" != crc_text:
+        raise ValueError("check digits do not match")
+    return json.loads(body)
 
 
 class MalformedToken(Refused):
@@ -49,27 +74,15 @@ class ResumeToken:
     send_flags: str = ""
 
     def encode(self) -> str:
-        body = json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
-        text = base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip("=")
-        return f"{TOKEN_PREFIX}{text}-{zlib.crc32(body):08x}"
+        return seal(TOKEN_PREFIX, asdict(self))
 
     @classmethod
     def decode(cls, text: str) -> ResumeToken:
         text = text.strip()
         if not text.startswith(TOKEN_PREFIX):
             raise MalformedToken(f"malformed token: it starts with neither {TOKEN_PREFIX!r} (snapferry's) nor '1-' (OpenZFS's)")
-        body_text, _, crc_text = text[len(TOKEN_PREFIX) :].rpartition("-")
         try:
-            inflater = zlib.decompressobj()
-            body = inflater.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)), MAX_BODY + 1)
-            if len(body) > MAX_BODY:
-                raise ValueError(f"it inflates to more than {MAX_BODY} bytes")
-            if not inflater.eof:
-                raise ValueError("its compressed body is cut short")
-            if f"{zlib.crc32(body):08x}" != crc_text:
-                raise ValueError("check digits do not match")
-            fields = json.loads(body)
-            token = cls(**fields)
+            token = cls(**unseal(TOKEN_PREFIX, text, MAX_BODY))
         except (ValueError, TypeError, RecursionError, binascii.Error, zlib.error) as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
         token._check()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import fcntl
-import json
 import os
 import re
 import struct
@@ -17,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from uuid import UUID
 
+from snapferry.codec.token import seal, unseal
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.errors import Refused
 
@@ -284,25 +283,16 @@ class BtrfsToken:
     fingerprint: str
 
     def encode(self) -> str:
-        body = json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
-        text = base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip("=")
-        return f"{BTRFS_TOKEN_PREFIX}{text}-{zlib.crc32(body):08x}"
+        return seal(BTRFS_TOKEN_PREFIX, asdict(self))
 
     @classmethod
     def decode(cls, text: str) -> BtrfsToken:
         text = text.strip()
         if not text.startswith(BTRFS_TOKEN_PREFIX):
             raise MalformedBtrfsToken(f"malformed token: it does not start with {BTRFS_TOKEN_PREFIX!r} (snapferry's btrfs tokens)")
-        payload, _, crc = text[len(BTRFS_TOKEN_PREFIX) :].rpartition("-")
         try:
-            packed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-            inflater = zlib.decompressobj()
-            body = inflater.decompress(packed, _TOKEN_MAX_BODY)
-            if inflater.unconsumed_tail or zlib.crc32(body) != int(crc, 16):
-                raise ValueError("crc")
-            fields = json.loads(body)
-            token = cls(**fields)
-        except (ValueError, TypeError, zlib.error, binascii.Error):
+            token = cls(**unseal(BTRFS_TOKEN_PREFIX, text, _TOKEN_MAX_BODY))
+        except (ValueError, TypeError, RecursionError, zlib.error, binascii.Error):
             raise MalformedBtrfsToken("malformed token: it was damaged in copying (its checksum or structure is wrong)") from None
         token._validate()
         return token
