@@ -34,39 +34,9 @@ from snapferry.resume.btrfs_checkpoints import (
     transfer_lock,
 )
 from snapferry.resume.btrfs_receiver import BtrfsCheckpointReceiver, StreamChanged
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, describe, mkfs, run, subvol, unmount
+from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
 
 CHECKPOINT = 64 << 10
-
-
-def _fill(src: Path) -> None:
-    """Enough data for several checkpoints, and every kind of namespace change an incremental can carry."""
-    (src / "big").write_bytes(os.urandom(1 << 20))
-    for name in "abcd":
-        (src / name).write_bytes(name.encode() * 5000)
-    (src / "dir").mkdir()
-    for i in range(40):
-        (src / "dir" / f"f{i}").write_bytes(os.urandom(20_000))
-    (src / "hl").hardlink_to(src / "dir" / "f1")
-    (src / "sym").symlink_to("a")
-    os.setxattr(src / "a", "user.x", b"1")
-    os.chown(src / "c", 12, 34)
-
-
-def _change(src: Path) -> None:
-    with open(src / "big", "r+b") as f:
-        f.write(os.urandom(1 << 20))
-    # The swap straddled by a cut in test_non_idempotent_commands_apply_once.
-    (src / "a").rename(src / "tmp")
-    (src / "b").rename(src / "a")
-    (src / "tmp").rename(src / "b")
-    (src / "c2").hardlink_to(src / "c")
-    (src / "d").unlink()
-    (src / "hl").unlink()
-    (src / "dir" / "f3").rename(src / "moved")
-    for i in range(10, 25):
-        (src / "dir" / f"f{i}").unlink()
-    (src / "new").write_bytes(os.urandom(300_000))
 
 
 @dataclass
@@ -87,9 +57,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     with ExitStack() as stack:
         mnt = mkfs(stack, base, "source").mnt
         run("btrfs", "-q", "subvolume", "create", mnt / "src")
-        _fill(mnt / "src")
+        fill_tree(mnt / "src")
         run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
-        _change(mnt / "src")
+        change_tree(mnt / "src")
         run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
         sends: dict[str, list[str | Path]] = {
             "full_v1": [mnt / "snap1"],

@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from snapferry.cli import btrfs as btrfs_cli
 from snapferry.cli.progress import Reporter
 from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.codec.zfs_records import Begin
 from snapferry.codec.zfs_stream import Prefixed, read_header
+from snapferry.engine.btrfs import is_btrfs_path
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, UsageError
@@ -41,7 +43,7 @@ EXIT_CODES = """exit codes:
   3  interrupted or out of space: checkpoints are kept, resume later
   4  refused: stale token, conflicting destination, concurrent receive
   5  bad stream: corrupt, truncated header, foreign or unsupported
-  6  a zfs command failed
+  6  a zfs or btrfs command failed
 """
 
 MODE_HELP = (
@@ -99,7 +101,29 @@ def _is_openzfs_token(text: str) -> bool:
     return text.strip().startswith("1-")
 
 
+def _split_c(args: argparse.Namespace) -> list[str]:
+    """-c is two things: zfs send's flag (compressed) and btrfs send's -c CLONE_SRC; the clone sources.
+
+    `send -c tank/fs@snap` parses as a clone source and no snapshot: that is the flag and the snapshot.
+    """
+    values = list(args.c or [])
+    if args.snapshot is None and values and values[-1] and not args.token:
+        args.snapshot = values.pop()
+        values.append("")
+    args.c = "" in values
+    return [v for v in values if v]
+
+
 def cmd_send(args: argparse.Namespace) -> int:
+    clones = _split_c(args)
+    if args.snapshot and is_btrfs_path(args.snapshot):
+        if args.c:
+            raise UsageError("btrfs send -c needs a clone source: -c PATH")
+        return btrfs_cli.cmd_send(args, clones, _stdout_sink(args), _reporter)
+    if args.token and btrfs_cli.is_btrfs_token(args.token):
+        raise UsageError("send -t with a btrfs token needs the snapshot's path: snapferry send -t TOKEN /path/to/snapshot")
+    if clones or args.parent or args.proto is not None or args.compressed_data:
+        raise UsageError("-p, -c PATH, --proto and --compressed-data are btrfs send's: give a snapshot path (/...)")
     zfs = _zfs(args)
     flags = [flag for flag, wanted in (("-L", args.L), ("-e", args.e), ("-c", args.c), ("-w", args.w)) if wanted]
     sink = _stdout_sink(args)
@@ -130,12 +154,14 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    if is_btrfs_path(args.dataset):
+        return btrfs_cli.cmd_receive(args, _reporter)
     zfs = _zfs(args)
     if args.abort:
         return _abort(zfs, args.dataset, args)
     if sys.stdin.isatty():
         raise UsageError("receive reads a stream from standard input: pipe one in")
-    size = args.checkpoint if args.s else 1 << 62
+    size = (args.checkpoint or DEFAULT_CHECKPOINT) if args.s else 1 << 62
     with dataset_lock(args.dataset, "receive"), _reporter(args, label=args.dataset) as events:
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
@@ -180,6 +206,8 @@ def _abort(zfs: Zfs, dataset: str, args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    if is_btrfs_path(args.target) or btrfs_cli.is_btrfs_token(args.target):
+        return btrfs_cli.cmd_token(args)
     if args.decode:
         if not _is_openzfs_token(args.target):
             print(json.dumps(ResumeToken.decode(args.target).describe(), indent=2))
@@ -274,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="snapferry",
-        description="Resumable ZFS snapshot transfer, on any ZFS.",
+        description="Resumable snapshot transfer, on any ZFS and on btrfs. A path (/..., ./...) means btrfs; pool/fs means ZFS.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -286,12 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
     send.add_argument("-L", action="store_true", help="zfs send -L: blocks larger than 128K as they are (OpenZFS)")
     send.add_argument("-e", action="store_true", help="zfs send -e: embedded blocks as they are (OpenZFS)")
-    send.add_argument("-c", action="store_true", help="zfs send -c: compressed blocks as they are on disk (OpenZFS)")
+    send.add_argument(
+        "-c",
+        action="append",
+        nargs="?",
+        const="",
+        metavar="CLONE_SRC",
+        help="ZFS: zfs send -c, compressed blocks as they are on disk (OpenZFS); btrfs: -c CLONE_SRC, a clone source (repeatable)",
+    )
     send.add_argument("-w", action="store_true", help="zfs send -w: raw, encrypted blocks as they are (OpenZFS)")
     send.add_argument("--compress", default="none", metavar="zstd[:LEVEL]|none", help="compress the stream (receive detects it)")
     send.add_argument("--bwlimit", metavar="RATE", help="cap the output rate, e.g. 10M (bytes per second)")
     send.add_argument("--buffer", type=parse_size, metavar="SIZE", help="hold up to SIZE in memory to smooth a bursty link (like mbuffer)")
-    send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP")
+    send.add_argument("-p", dest="parent", metavar="PARENT", help="btrfs: incremental from the read-only snapshot PARENT")
+    send.add_argument("--proto", type=int, metavar="N", help="btrfs: send protocol version (0: the highest the kernel has)")
+    send.add_argument("--compressed-data", action="store_true", help="btrfs: compressed extents as they are on disk (protocol 2)")
+    send.add_argument("snapshot", nargs="?", help="POOL/FS@SNAP, or the path of a read-only btrfs snapshot")
     send.set_defaults(func=cmd_send)
 
     recv = sub.add_parser("receive", aliases=["recv"], parents=[common], help="apply a stream from stdin, checkpointing as it goes")
@@ -301,18 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument(
         "--checkpoint",
         type=parse_size,
-        default=DEFAULT_CHECKPOINT,
         metavar="SIZE",
-        help="bytes of stream between checkpoints (default 1G)",
+        help="bytes of stream between checkpoints (default 1G for ZFS, 256M for btrfs)",
     )
     recv.add_argument("--mode", choices=MODES, help=MODE_HELP)
-    recv.add_argument("dataset", help="POOL/FS to receive into")
+    recv.add_argument("dataset", metavar="DATASET|DIR", help="POOL/FS to receive into, or a directory on btrfs (-A: DIR/SUBVOLUME)")
     recv.set_defaults(func=cmd_receive)
 
     token = sub.add_parser("token", parents=[common], help="print the resume token of an interrupted receive")
     token.add_argument("--decode", action="store_true", help="print the fields of TOKEN (snapferry's or OpenZFS's)")
     token.add_argument("--mode", choices=MODES, help="only this mode's token (default: whichever the dataset has)")
-    token.add_argument("target", metavar="DATASET|TOKEN")
+    token.add_argument("target", metavar="DATASET|DIR/SUBVOLUME|TOKEN")
     token.set_defaults(func=cmd_token)
 
     sync = sub.add_parser("sync", parents=[common], help="replicate a dataset's snapshots, resuming until done")
@@ -338,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow", action="append", required=True, metavar="POOL/PREFIX", help="dataset (and children) allowed")
     serve.add_argument("--read-only", action="store_true", help="allow sending only, never receiving")
     serve.set_defaults(func=cmd_serve, quiet=True, json=False, zfs=None)
+
+    subvolumes = sub.add_parser("subvolumes", parents=[common], help="btrfs: a directory's subvolumes and unfinished transfers, as JSON")
+    subvolumes.add_argument("directory", metavar="DIR")
+    subvolumes.set_defaults(func=btrfs_cli.cmd_subvolumes)
 
     demo = sub.add_parser("demo", parents=[common], help="interrupted and resumed transfer between two file-backed pools")
     demo.set_defaults(func=cmd_demo)

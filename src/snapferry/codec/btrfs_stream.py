@@ -26,12 +26,15 @@ MAX_COMMAND_LEN = 16 << 20
 PATH_MAX = 4096
 NAME_MAX = 255
 
+CONTINUATION_MAGIC = b"snapferry-resume\0"
+_CONTINUATION = struct.Struct("<Q16s")
 _CMD_HEADER = struct.Struct("<IHI")
 _TLV = struct.Struct("<HH")
 _ZERO_CRC = bytes(4)
 FINGERPRINT_SIZE = 16
 # Chained from this value: a fingerprint after N commands is blake2b(previous || command header).
 FINGERPRINT_START = bytes(FINGERPRINT_SIZE)
+CONTINUATION_SIZE = len(CONTINUATION_MAGIC) + _CONTINUATION.size
 
 
 class BtrfsStreamTruncated(StreamTruncated):
@@ -73,6 +76,34 @@ def fingerprint_extend(fingerprint: bytes, command_header: bytes | bytearray | m
     length, kind and crc32c all match (a 2^-32 chance per changed command).
     """
     return hashlib.blake2b(bytes(fingerprint) + bytes(command_header), digest_size=FINGERPRINT_SIZE).digest()
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """What precedes a snapferry btrfs continuation: the stream resumes after byte `offset`, whose fingerprint it gives.
+
+    A continuation is this 41-byte header, then the stream's own header and first command (which name the
+    stream), then its commands from `offset` on. Its magic is as long as btrfs's, so a stock
+    `btrfs receive` refuses it before creating anything.
+    """
+
+    offset: int
+    fingerprint: bytes
+
+    def encode(self) -> bytes:
+        return CONTINUATION_MAGIC + _CONTINUATION.pack(self.offset, self.fingerprint)
+
+    @classmethod
+    def decode(cls, header: bytes | bytearray | memoryview, rest: bytes | bytearray | memoryview) -> Continuation:
+        """From the 17-byte magic and the 24 bytes after it."""
+        if bytes(header) != CONTINUATION_MAGIC:
+            raise StreamFormatError("not a snapferry btrfs continuation")
+        if len(rest) < _CONTINUATION.size:
+            raise BtrfsStreamTruncated(
+                f"input ended inside the continuation header ({len(header) + len(rest)} of {CONTINUATION_SIZE} bytes)"
+            )
+        offset, fingerprint = _CONTINUATION.unpack(rest[: _CONTINUATION.size])
+        return cls(offset, fingerprint)
 
 
 def _command_name(raw: int) -> str:
@@ -148,12 +179,14 @@ def encode_command(command: Command, version: int) -> bytes:
 
 @dataclass(frozen=True)
 class StreamCommand:
-    """A command as read: where it was, how long it was, and the fingerprint of the stream up to its end."""
+    """A command as read: where it was, its bytes, and the fingerprint of the stream up to its end."""
 
     offset: int
     size: int
     command: Command
     fingerprint: bytes
+    header: bytes
+    body: bytearray
 
     @property
     def end_offset(self) -> int:
@@ -192,6 +225,11 @@ class BtrfsStreamReader:
         self.fingerprint = fingerprint_extend(FINGERPRINT_START, header)
         return self.version
 
+    def jump(self, offset: int, fingerprint: bytes) -> None:
+        """Continue as if the commands up to `offset`, ending in `fingerprint`, had been read (a continuation's gap)."""
+        self.bytes_read = offset
+        self.fingerprint = fingerprint
+
     def __iter__(self) -> Iterator[StreamCommand]:
         if not self.version:
             self.read_header()
@@ -223,9 +261,32 @@ class BtrfsStreamReader:
                 )
             command = decode_command(kind, view, self.version, offset)
             self.fingerprint = fingerprint_extend(self.fingerprint, header)
-            yield StreamCommand(offset, CMD_HEADER_SIZE + length, command, self.fingerprint)
+            yield StreamCommand(offset, CMD_HEADER_SIZE + length, command, self.fingerprint, bytes(header), body)
             if command.kind == Cmd.END:
                 return
+
+
+def skip_applied(commands: Iterator[StreamCommand], offset: int, fingerprint: bytes) -> Iterator[StreamCommand]:
+    """Yield the commands that end before `offset`, then stop; PrefixMismatch unless one ends exactly there with `fingerprint`.
+
+    The fingerprint chains every command header, crc included, so a match means the same commands.
+    """
+    for item in commands:
+        if item.end_offset < offset and item.command.kind != Cmd.END:
+            yield item
+            continue
+        if item.end_offset == offset and item.fingerprint == fingerprint:
+            return
+        break
+    raise PrefixMismatch(offset)
+
+
+class PrefixMismatch(StreamFormatError):
+    """A regenerated stream differs from the one whose prefix was received: its commands up to `offset` are not the same."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"the stream differs from the one received up to stream byte {offset}")
+        self.offset = offset
 
 
 def _shown(raw: bytes) -> str:

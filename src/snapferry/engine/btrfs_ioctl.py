@@ -91,6 +91,8 @@ class SubvolInfo:
     stransid: int
     rtransid: int
     flags: int
+    parent_uuid: UUID  # the subvolume this one is a snapshot of
+    otransid: int  # the transaction that created it: orders snapshots
 
     @property
     def readonly(self) -> bool:
@@ -102,9 +104,9 @@ def subvol_info(fd: int) -> SubvolInfo:
     buf = bytearray(_SUBVOL_INFO.size)
     fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, buf)
     f = _SUBVOL_INFO.unpack(buf)
-    treeid, flags, uuid, received = f[0], f[5], f[6], f[8]
-    ctransid, stransid, rtransid = f[9], f[11], f[12]
-    return SubvolInfo(treeid, UUID(bytes=uuid), UUID(bytes=received), ctransid, stransid, rtransid, flags)
+    treeid, flags, uuid, parent, received = f[0], f[5], f[6], f[7], f[8]
+    ctransid, otransid, stransid, rtransid = f[9], f[10], f[11], f[12]
+    return SubvolInfo(treeid, UUID(bytes=uuid), UUID(bytes=received), ctransid, stransid, rtransid, flags, UUID(bytes=parent), otransid)
 
 
 def set_received_subvol(fd: int, uuid: UUID, stransid: int) -> int:

@@ -7,11 +7,12 @@ import fcntl
 import io
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import cast
 
 from snapferry.engine.zfs import classify_failure
-from snapferry.errors import ZfsCommandError
+from snapferry.errors import SnapferryError, TransferInterrupted, ZfsCommandError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -87,14 +88,17 @@ class ReceiveProcess:
 
 
 class SendProcess:
-    """One `zfs send` whose stdout we read."""
+    """One `zfs send` (or `btrfs send`) whose stdout we read; `classify` turns its stderr into an error."""
 
-    def __init__(self, argv: list[str], action: str) -> None:
+    def __init__(self, argv: list[str], action: str, classify: Callable[[str, str], Exception] = classify_failure) -> None:
         self.action = action
+        self._program = os.path.basename(argv[0])
+        self._classify = classify
         try:
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
         except FileNotFoundError:
-            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found (set --zfs or SNAPFERRY_ZFS)") from None
+            hint = "install btrfs-progs" if os.path.basename(argv[0]) == "btrfs" else "set --zfs or SNAPFERRY_ZFS"
+            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found ({hint})") from None
         assert self._proc.stdout is not None
         enlarge_pipe(self._proc.stdout.fileno())
         self.stdout = cast(io.BufferedReader, self._proc.stdout)
@@ -111,7 +115,24 @@ class SendProcess:
         if self._stderr is None:
             assert self._proc.stderr is not None
             self._stderr = self._proc.stderr.read().decode(errors="replace")
-        return classify_failure(self.action, self._stderr or f"zfs send exited with status {self._proc.returncode}")
+        return self._classify(self.action, self._stderr or f"{self._program} send exited with status {self._proc.returncode}")
+
+    @contextmanager
+    def reading(self, bytes_read: Callable[[], int]) -> Iterator[None]:
+        """Around reading the whole stream: the command's own error wins over what its output looked like."""
+        try:
+            yield
+            self.check()
+        except SnapferryError:
+            # A stream that stops short is most often the send failing: its own words say more.
+            failure = self.failure()
+            if failure is not None:
+                raise failure from None
+            raise
+        except BrokenPipeError:
+            raise TransferInterrupted(f"the receiving side closed the stream after {bytes_read()} bytes") from None
+        finally:
+            self.stop()
 
     def check(self) -> None:
         """Wait for the command and raise its own error if it failed."""

@@ -10,7 +10,17 @@ from functools import cache
 from pathlib import Path
 
 from snapferry.codec.btrfs_commands import Cmd, Command
-from snapferry.codec.btrfs_stream import BtrfsStreamReader, BtrfsStreamTruncated, StreamCommand
+from snapferry.codec.btrfs_stream import (
+    CONTINUATION_MAGIC,
+    CONTINUATION_SIZE,
+    STREAM_HEADER_SIZE,
+    BtrfsStreamReader,
+    BtrfsStreamTruncated,
+    Continuation,
+    PrefixMismatch,
+    StreamCommand,
+    skip_applied,
+)
 from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
@@ -46,7 +56,11 @@ class PartialInTheWay(Refused):
 
 
 def resume_hint(receive_root: Path, name: str) -> str:
-    return f"receive the same stream into {receive_root} again to resume, or abort the transfer of {name} to start over"
+    where = receive_root / name
+    return (
+        f"resume with: snapferry send -t $(snapferry token {where}) SNAPSHOT | snapferry receive -s {receive_root}; "
+        f"or abort with: snapferry receive -A {where}"
+    )
 
 
 @cache
@@ -112,29 +126,50 @@ class BtrfsCheckpointReceiver:
     # --- one stream -----------------------------------------------------------------------------
 
     def _receive_one(self, source: Readable) -> Path:
-        reader = BtrfsStreamReader(source)
-        commands = iter(reader)
+        head = bytearray(STREAM_HEADER_SIZE)
+        got = read_exact(source, memoryview(head))
+        continuation: Continuation | None = None
         try:
+            if head == CONTINUATION_MAGIC:
+                rest = bytearray(CONTINUATION_SIZE - STREAM_HEADER_SIZE)
+                continuation = Continuation.decode(head, rest[: read_exact(source, memoryview(rest))])
+                reader = BtrfsStreamReader(source)
+            else:
+                reader = BtrfsStreamReader(Prefixed(bytes(head[:got]), source))
+            commands = iter(reader)
             begin = next(commands)
         except BtrfsStreamTruncated as e:
             raise TransferInterrupted(f"{e}; nothing was received") from None
         command = begin.command
         if command.kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT):
             raise StreamFormatError(f"btrfs stream starts with {command.kind.name}, not SUBVOL or SNAPSHOT")
+        if continuation is not None:
+            reader.jump(continuation.offset, continuation.fingerprint)
         name = os.fsdecode(command.path)
         check_subvol_name(name)
         identity = StreamIdentity(command.uuid, command.ctransid, command.clone_uuid if command.kind == Cmd.SNAPSHOT else NIL)
         self.events("stream", subvolume=name, uuid=str(identity.uuid), parent=str(identity.parent))
         with transfer_lock(self.receive_root, name):
-            return self._receive_locked(reader, commands, begin, name, identity)
+            return self._receive_locked(reader, commands, begin, name, identity, continuation)
 
     def _receive_locked(
-        self, reader: BtrfsStreamReader, commands: Iterator[StreamCommand], begin: StreamCommand, name: str, identity: StreamIdentity
+        self,
+        reader: BtrfsStreamReader,
+        commands: Iterator[StreamCommand],
+        begin: StreamCommand,
+        name: str,
+        identity: StreamIdentity,
+        continuation: Continuation | None,
     ) -> Path:
         # None only if a transfer finishing as we took the lock removed the directory.
         state = read_state(self.receive_root, name) or TransferState(self.receive_root, name)
         resume_from: BtrfsCheckpoint | None = None
         if state.identity is None and not state.checkpoints and not state.foreign:
+            if continuation is not None:
+                raise Refused(
+                    f"stale token: this continues a transfer of {name} at stream byte {continuation.offset}, but {self.receive_root} "
+                    f"has no unfinished transfer of {name} (it finished or was aborted); send {name} again from the start"
+                )
             if os.path.lexists(state.partial):
                 raise PartialInTheWay(f"{state.partial} already exists and snapferry has no unfinished transfer of it")
         else:
@@ -151,7 +186,9 @@ class BtrfsCheckpointReceiver:
                 raise PartialInTheWay(f"{state.partial} is not the partial subvolume of snapferry's unfinished transfer of {name}")
             resume_from = state.last
         try:
-            if resume_from is not None:
+            if continuation is not None:
+                self._check_continuation(continuation, resume_from, name)
+            elif resume_from is not None:
                 self._skip_to(commands, resume_from, name)
             elif os.path.lexists(state.partial):
                 destroy_subvolume(state.partial)  # no checkpoint yet: start over
@@ -182,18 +219,25 @@ class BtrfsCheckpointReceiver:
 
     def _skip_to(self, commands: Iterator[StreamCommand], checkpoint: BtrfsCheckpoint, name: str) -> None:
         """Read (and crc-check) the already-applied prefix; its fingerprint must be the checkpoint's."""
-        for item in commands:
-            if item.end_offset < checkpoint.offset:
-                continue
-            if item.end_offset == checkpoint.offset and item.fingerprint == checkpoint.fingerprint:
-                self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
-                return
-            break
-        raise StreamChanged(
-            f"refused to resume {name}: this stream differs from the one checkpointed at stream byte {checkpoint.offset} "
-            "(an incremental stream changes after a defrag or balance of the source); "
-            f"abort the transfer of {name} and receive that snapshot again from the start"
-        )
+        try:
+            for _ in skip_applied(commands, checkpoint.offset, checkpoint.fingerprint):
+                pass
+        except PrefixMismatch:
+            raise StreamChanged(
+                f"refused to resume {name}: this stream differs from the one checkpointed at stream byte {checkpoint.offset} "
+                "(an incremental stream changes after a defrag or balance of the source); "
+                f"abort the transfer of {name} and receive that snapshot again from the start"
+            ) from None
+        self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
+
+    def _check_continuation(self, continuation: Continuation, checkpoint: BtrfsCheckpoint | None, name: str) -> None:
+        if checkpoint is None or (checkpoint.offset, checkpoint.fingerprint) != (continuation.offset, continuation.fingerprint):
+            where = f"stream byte {checkpoint.offset}" if checkpoint is not None else "no checkpoint"
+            raise Refused(
+                f"stale token: this continuation starts at stream byte {continuation.offset}, but the unfinished transfer of {name} "
+                f"has its last checkpoint at {where}; get a fresh token with: snapferry token {self.receive_root / name}"
+            )
+        self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
 
     def _apply(
         self,
@@ -219,6 +263,7 @@ class BtrfsCheckpointReceiver:
                 for item in commands:
                     command = item.command
                     applier.apply(command)
+                    self.events("progress", bytes=item.end_offset)
                     if command.kind == Cmd.END:
                         break
                     # The applier holds state across these commands that a checkpoint cannot carry:

@@ -10,7 +10,7 @@ from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_
 from snapferry.codec.zfs_stream import Record, Sink, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import Snapshot, Zfs
-from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
+from snapferry.errors import Refused, StreamFormatError
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import is_piece
 
@@ -20,23 +20,12 @@ def _zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = 
     """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
     proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}")
     reader = StreamReader(proc.stdout)
-    try:
+    with proc.reading(lambda: reader.bytes_read):
         first = reader.read_begin()
         if first is None:
             proc.check()
             raise StreamFormatError(f"zfs send produced no stream for {snapshot}")
         yield reader, first[0], first[1]
-        proc.check()
-    except SnapferryError:
-        # A stream that stops short is most often zfs send failing: its own words say more.
-        failure = proc.failure()
-        if failure is not None:
-            raise failure from None
-        raise
-    except BrokenPipeError:
-        raise TransferInterrupted(f"the receiving side closed the stream after {reader.bytes_read} bytes") from None
-    finally:
-        proc.stop()
 
 
 def _intermediates(zfs: Zfs, base: str, snapshot: str) -> list[str]:

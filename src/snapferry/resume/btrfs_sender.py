@@ -1,0 +1,143 @@
+"""The btrfs sending side: `btrfs send` checked command by command, and continuations from a btrfs token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+from snapferry.codec.btrfs_commands import Cmd
+from snapferry.codec.btrfs_stream import (
+    BtrfsStreamReader,
+    Continuation,
+    PrefixMismatch,
+    StreamCommand,
+    skip_applied,
+    stream_header,
+)
+from snapferry.codec.zfs_stream import Sink
+from snapferry.engine.btrfs import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
+from snapferry.engine.pipes import SendProcess
+from snapferry.errors import Refused, StreamFormatError
+from snapferry.events import EventSink, ignore_events
+from snapferry.resume.btrfs_checkpoints import NIL, BtrfsToken
+
+
+@dataclass(frozen=True)
+class BtrfsSendOptions:
+    """What `btrfs send` is asked for besides the snapshot: all of it shapes the stream, so a resume must repeat it."""
+
+    parent: Path | None = None
+    clones: tuple[Path, ...] = ()
+    proto: int | None = None
+    compressed: bool = False
+
+
+@contextmanager
+def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[tuple[BtrfsStreamReader, StreamCommand, Iterator[StreamCommand]]]:
+    """Run `btrfs send` and read its first command; the caller reads the rest up to END."""
+    argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed)
+    proc = SendProcess(argv, f"cannot send {path}", classify_btrfs_failure)
+    reader = BtrfsStreamReader(proc.stdout)
+    with proc.reading(lambda: reader.bytes_read):
+        commands = iter(reader)
+        first = next(commands, None)
+        if first is None or first.command.kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT):
+            proc.check()
+            raise StreamFormatError(f"btrfs send {path} did not start with a subvolume")
+        yield reader, first, commands
+
+
+def send_btrfs(path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOptions(), *, events: EventSink = ignore_events) -> int:
+    """Send the read-only snapshot at `path` as `btrfs send` does, every command's crc checked on the way."""
+    for snapshot in (path, *([options.parent] if options.parent else []), *options.clones):
+        if not subvolume_at(snapshot).readonly:
+            raise Refused(f"{snapshot} is not read-only: send snapshots (btrfs subvolume snapshot -r SUBVOL SNAPSHOT)")
+    with _btrfs_send(path, options) as (reader, first, commands):
+        events("stream", toname=str(path), offset=0)
+        sink([stream_header(reader.version), first.header, first.body])
+        for item in commands:
+            sink([item.header, item.body])
+            events("progress", bytes=item.end_offset)
+    events("done", bytes=reader.bytes_read)
+    return reader.bytes_read
+
+
+def _check_source(token: BtrfsToken, source: Subvolume) -> None:
+    if source.name != token.subvolume:
+        raise Refused(f"this token continues the transfer of a snapshot named {token.subvolume}, not {source.path}")
+    if source.uuid.hex != token.uuid:
+        raise Refused(
+            f"stale token: {source.path} is not the snapshot this transfer receives (uuid {source.uuid}, the token's is "
+            f"{UUID(token.uuid)}): it was deleted and taken again; {_abort_advice(token)}"
+        )
+    if not source.readonly:
+        raise Refused(f"{source.path} is no longer read-only, so it may have changed since the transfer began; {_abort_advice(token)}")
+
+
+def _abort_advice(token: BtrfsToken) -> str:
+    return f"abort the transfer on the receiving side (snapferry receive -A DIR/{token.subvolume}) and send {token.subvolume} again"
+
+
+def _parent_for(token: BtrfsToken, path: Path, given: Path | None) -> Path | None:
+    """The parent snapshot the interrupted incremental was sent from: the one given, or a sibling of path with its uuid."""
+    parent = UUID(token.parent)
+    if parent == NIL:
+        if given is not None:
+            raise Refused(f"this token continues a full stream of {token.subvolume}: drop -p")
+        return None
+    if given is not None:
+        if subvolume_at(given).uuid != parent:
+            raise Refused(f"-p {given} is not the parent of the interrupted incremental (its uuid is {parent})")
+        return given
+    for sibling in subvolumes_in(path.parent):
+        if sibling.uuid == parent:
+            return sibling.path
+    raise Refused(f"stale token: the parent snapshot of this incremental (uuid {parent}) is not in {path.parent}; give it with -p PARENT")
+
+
+def send_btrfs_continuation(
+    token: BtrfsToken, path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOptions(), *, events: EventSink = ignore_events
+) -> int:
+    """Regenerate the stream of `path`, check its prefix against the token, and send the rest as a continuation.
+
+    The continuation is what `snapferry receive -s` needs to go on from the token's checkpoint: the
+    stream's first command (which names the stream) and the commands after the checkpoint.
+    """
+    _check_source(token, subvolume_at(path))
+    parent = _parent_for(token, path, options.parent)
+    options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed)
+    with _btrfs_send(path, options) as (reader, first, commands):
+        begin = first.command
+        chosen_parent = begin.clone_uuid if begin.kind == Cmd.SNAPSHOT else NIL
+        if begin.uuid.hex != token.uuid or begin.ctransid != token.ctransid:
+            raise Refused(
+                f"stale token: {path} has changed since the transfer began (transid {begin.ctransid}, the token's is {token.ctransid})"
+            )
+        if chosen_parent.hex != token.parent:
+            raise Refused(
+                f"stale token: btrfs send now makes a stream from parent {chosen_parent}, the interrupted one was from "
+                f"{UUID(token.parent)}: give the same -p and -c as the first time"
+            )
+        events("stream", toname=str(path), offset=token.offset)
+        try:
+            for item in skip_applied(commands, token.offset, bytes.fromhex(token.fingerprint)):
+                events("skip", bytes=item.end_offset, total=token.offset)
+        except PrefixMismatch:
+            raise Refused(
+                f"stale token: the stream btrfs send makes of {path} now differs from the one received up to stream byte "
+                f"{token.offset} (a defrag or balance of the source, or other -c clone sources, change an incremental's "
+                f"commands); {_abort_advice(token)}"
+            ) from None
+        sink(
+            [Continuation(token.offset, bytes.fromhex(token.fingerprint)).encode(), stream_header(reader.version), first.header, first.body]
+        )
+        sent = 0
+        for item in commands:
+            sink([item.header, item.body])
+            sent += item.size
+            events("progress", bytes=sent, offset=item.end_offset)
+    events("done", bytes=sent)
+    return sent
