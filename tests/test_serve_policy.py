@@ -61,3 +61,36 @@ def test_read_only_key_cannot_receive_or_roll_back() -> None:
     with pytest.raises(Refused, match="zfs rollback is not allowed"):
         READ_ONLY.check("zfs rollback -r tank/backup/fs@a")
     assert READ_ONLY.check("snapferry send tank/backup/fs@a")[-1] == "tank/backup/fs@a"
+
+
+BTRFS = Policy(("/mnt/backup",), read_only=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "snapferry receive --json -s /mnt/backup/host1",
+        "snapferry subvolumes /mnt/backup/host1",
+        "snapferry token /mnt/backup/host1/day2",
+        "snapferry send --json -p /mnt/backup/snaps/day1 /mnt/backup/snaps/day2",
+        "snapferry send -t sf1b-abc /mnt/backup/snaps/day2",
+        "snapferry receive -A /mnt/backup/host1/day2",
+    ],
+)
+def test_btrfs_paths_allowed(command: str) -> None:
+    assert BTRFS.check(command)[0] == sys.executable
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("snapferry receive -s /mnt/backup/../../etc", "path /mnt/backup/../../etc is outside"),
+        ("snapferry receive -s /mnt/backupx", "outside --allow"),
+        ("snapferry send -p /mnt/other/a /mnt/backup/b", "path /mnt/other/a is outside"),
+        ("snapferry subvolumes /", "outside --allow"),
+        ("snapferry receive -s ./backup", "outside --allow"),
+    ],
+)
+def test_btrfs_paths_refused(command: str, message: str) -> None:
+    with pytest.raises(Refused, match=message):
+        BTRFS.check(command)

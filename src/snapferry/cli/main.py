@@ -237,6 +237,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from snapferry.sync.btrfs_sync import BtrfsSync
     from snapferry.sync.driver import Sync, SyncOptions
     from snapferry.sync.endpoints import Endpoint, Shell
 
@@ -247,6 +248,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     parse_compression(compress)
     if args.bwlimit:
         parse_rate(args.bwlimit)
+    if source.is_btrfs != target.is_btrfs:
+        raise UsageError("sync goes from ZFS to ZFS or from btrfs to btrfs: give two datasets or two directories")
+    if source.is_btrfs and (args.force or args.snapshot or args.mode):
+        raise UsageError("--force, --snapshot and --mode are for ZFS; take btrfs snapshots with btrfs subvolume snapshot -r")
     options = SyncOptions(
         no_stream=args.no_stream,
         force=args.force,
@@ -261,7 +266,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     )
     with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
         shells = Shell(source, ssh, remote_snapferry), Shell(target, ssh, remote_snapferry)
-        sync = Sync(*shells, options, events)
+        sync: Sync | BtrfsSync = BtrfsSync(*shells, options, events) if source.is_btrfs else Sync(*shells, options, events)
         if args.dry_run:
             for line in sync.plan():
                 print(line)
@@ -359,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--deadline", type=float, metavar="SECONDS", help="stop retrying after this long")
     sync.add_argument("--ssh", default="ssh", metavar="CMD", help="ssh command for remote ends (default: ssh)")
     sync.add_argument("--remote-snapferry", default="snapferry", metavar="CMD", help="snapferry on the remote host")
-    sync.add_argument("--checkpoint", type=_checkpoint_text, default="1G", metavar="SIZE", help="as for receive -s")
+    sync.add_argument("--checkpoint", type=_checkpoint_text, metavar="SIZE", help="as for receive -s (default 1G for ZFS, 256M for btrfs)")
     sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
     sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
     sync.add_argument("--buffer", type=_checkpoint_text, metavar="SIZE", help="memory buffer on the sending side (like mbuffer), e.g. 256M")
@@ -367,8 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("--mode", choices=MODES, help=MODE_HELP)
-    sync.add_argument("source", metavar="SRC", help="pool/fs or [user@]host:pool/fs")
-    sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs")
+    sync.add_argument(
+        "source", metavar="SRC", help="pool/fs or [user@]host:pool/fs; btrfs: a directory of read-only snapshots, /path or host:/path"
+    )
+    sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs; btrfs: the directory to receive into")
     sync.set_defaults(func=cmd_sync)
 
     serve = sub.add_parser("serve", help="SSH forced command: allow only sync's commands on some datasets")

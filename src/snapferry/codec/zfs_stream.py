@@ -169,7 +169,6 @@ class StreamReader:
                 return
             offset += record.size
 
-
     def records_trusting_stamps(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int) -> Iterator[Record]:
         """records(), for a consumer that checks every record's stamp itself (an OpenZFS `zfs receive`).
 

@@ -20,6 +20,7 @@ from snapferry.codec.btrfs_stream import (
 from snapferry.codec.zfs_stream import Sink
 from snapferry.engine.btrfs import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
 from snapferry.engine.pipes import SendProcess
+from snapferry.engine.zfs import DatasetMissing
 from snapferry.errors import Refused, StreamFormatError
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.btrfs_checkpoints import NIL, BtrfsToken
@@ -106,7 +107,11 @@ def send_btrfs_continuation(
     The continuation is what `snapferry receive -s` needs to go on from the token's checkpoint: the
     stream's first command (which names the stream) and the commands after the checkpoint.
     """
-    _check_source(token, subvolume_at(path))
+    try:
+        source = subvolume_at(path)
+    except DatasetMissing:
+        raise Refused(f"stale token: {path} no longer exists; {_abort_advice(token)}") from None
+    _check_source(token, source)
     parent = _parent_for(token, path, options.parent)
     options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed)
     with _btrfs_send(path, options) as (reader, first, commands):

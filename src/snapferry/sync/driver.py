@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapferry.codec.openzfs_token import OpenZfsToken
@@ -35,13 +36,25 @@ class SyncOptions:
     force: bool = False
     retries: int = 5
     deadline: float | None = None
-    checkpoint: str = "1G"
+    checkpoint: str | None = None
     compress: str = "none"
     bwlimit: str | None = None
     buffer: str | None = None
     snapshot_prefix: str | None = None
     dry_run: bool = False
     mode: Mode | None = None
+
+    def wire(self) -> list[str]:
+        """The sending side's options for the link."""
+        wire = ["--json", "--compress", self.compress]
+        if self.bwlimit:
+            wire += ["--bwlimit", self.bwlimit]
+        if self.buffer:
+            wire += ["--buffer", self.buffer]
+        return wire
+
+    def receive_checkpoint(self) -> list[str]:
+        return ["--checkpoint", self.checkpoint] if self.checkpoint else []
 
 
 class _Side:
@@ -171,11 +184,7 @@ class Sync:
         if isinstance(step, Rollback):
             self.target.zfs().rollback(step.snapshot)
             return
-        wire = ["--json", "--compress", self.options.compress]
-        if self.options.bwlimit:
-            wire += ["--bwlimit", self.options.bwlimit]
-        if self.options.buffer:
-            wire += ["--buffer", self.options.buffer]
+        wire = self.options.wire()
         if step.token is not None:
             send = self.source.snapferry_argv("send", *wire, "-t", step.token.encode())
         elif step.base is None:
@@ -186,8 +195,7 @@ class Sync:
             "receive",
             "--json",
             "-s",
-            "--checkpoint",
-            self.options.checkpoint,
+            *self.options.receive_checkpoint(),
             "--mode",
             self.mode(),
             *(["-F"] if self.options.force else []),
@@ -203,31 +211,42 @@ class Sync:
             # that would make the next incremental need --force.
             self.target.zfs().set_property(self.target.endpoint.dataset, "atime", "off")
 
+    def _attempt(self) -> int:
+        """Every step up to date; the number done."""
+        done = 0
+        while (step := self._next()) is not None:
+            self.events("plan", steps=[step.describe()])
+            self._run(step)
+            done += 1
+        self._remove_leftovers()
+        return done
+
     def run(self) -> str:
         if self.options.snapshot_prefix is not None:
             name = self._new_snapshot_name()
             self.source.zfs().snapshot(name)
             self.events("snapshot", name=name)
-        started = time.monotonic()
-        delay = 1.0
-        attempt = 0
-        steps_done = 0
-        while True:
-            attempt += 1
-            self.events("attempt", number=attempt)
-            try:
-                while (step := self._next()) is not None:
-                    self.events("plan", steps=[step.describe()])
-                    self._run(step)
-                    steps_done += 1
-                self._remove_leftovers()
-                result = "up to date" if steps_done == 0 else f"done in {steps_done} step(s), {attempt} attempt(s)"
-                self.events("done", result=result)
-                return result
-            except TransferInterrupted as exc:
-                late = self.options.deadline is not None and time.monotonic() + delay - started > self.options.deadline
-                if attempt > self.options.retries or late:
-                    raise TransferInterrupted(f"{exc}; gave up after {attempt} attempt(s): run the same sync again to resume") from None
-                self.events("retry", delay=delay, reason=str(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_DELAY)
+        return run_with_retries(self._attempt, self.options, self.events)
+
+
+def run_with_retries(attempt_once: Callable[[], int], options: SyncOptions, events: EventSink) -> str:
+    """Call attempt_once (which returns the steps it did) until it finishes; interruptions are retried with back-off."""
+    started = time.monotonic()
+    delay = 1.0
+    attempt = 0
+    steps_done = 0
+    while True:
+        attempt += 1
+        events("attempt", number=attempt)
+        try:
+            steps_done += attempt_once()
+            result = "up to date" if steps_done == 0 else f"done in {steps_done} step(s), {attempt} attempt(s)"
+            events("done", result=result)
+            return result
+        except TransferInterrupted as exc:
+            late = options.deadline is not None and time.monotonic() + delay - started > options.deadline
+            if attempt > options.retries or late:
+                raise TransferInterrupted(f"{exc}; gave up after {attempt} attempt(s): run the same sync again to resume") from None
+            events("retry", delay=delay, reason=str(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)

@@ -1,4 +1,4 @@
-"""Where a dataset lives: `pool/fs` here or `[user@]host:pool/fs` over ssh, and how to run commands there."""
+"""Where a dataset or btrfs directory lives: here, or over ssh as `[user@]host:pool/fs` or `host:/path`; how to run commands there."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from snapferry.engine.btrfs import is_btrfs_path
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import UsageError
 
@@ -22,15 +23,23 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         remote = _REMOTE.match(text)
-        if remote and "/" not in remote["host"]:
+        if is_btrfs_path(text):
+            endpoint = cls(text)
+        elif remote and "/" not in remote["host"]:
             endpoint = cls(remote["dataset"], remote["host"], remote["user"])
         elif _LOCAL.match(text):
             endpoint = cls(text)
         else:
-            raise UsageError(f"not a dataset: {text!r} (expected pool/fs or [user@]host:pool/fs)")
-        if "@" in endpoint.dataset:
+            raise UsageError(f"not a dataset: {text!r} (expected pool/fs or [user@]host:pool/fs, or a btrfs /path or host:/path)")
+        if endpoint.is_btrfs and endpoint.host is not None and not endpoint.dataset.startswith("/"):
+            raise UsageError(f"a remote btrfs directory must be an absolute path: {text}")
+        if "@" in endpoint.dataset and not endpoint.is_btrfs:
             raise UsageError(f"sync takes a file system, not a snapshot: {text}")
         return endpoint
+
+    @property
+    def is_btrfs(self) -> bool:
+        return is_btrfs_path(self.dataset)
 
     def __str__(self) -> str:
         if self.host is None:

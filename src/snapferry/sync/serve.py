@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from snapferry.errors import Refused
 
-_READ_ONLY_VERBS = {"send", "token"}
+_READ_ONLY_VERBS = {"send", "token", "subvolumes"}
 _WRITE_VERBS = {"receive", "recv"}
 ALLOW_ENV = "SNAPFERRY_SERVE_ALLOW"
 
@@ -20,12 +20,27 @@ class Policy:
     read_only: bool
 
     def dataset_allowed(self, name: str) -> bool:
+        if name.startswith("/"):
+            return self._path_allowed(name)
         dataset = name.partition("@")[0]
         return any(dataset == prefix or dataset.startswith(prefix.rstrip("/") + "/") for prefix in self.allowed)
 
+    def _path_allowed(self, path: str) -> bool:
+        """A btrfs path under an allowed directory, as written and once its symlinks are resolved."""
+        if any(part in (".", "..") for part in path.split("/")):
+            return False
+
+        def under(candidate: str, prefix: str) -> bool:
+            return candidate == prefix or candidate.startswith(prefix.rstrip("/") + "/")
+
+        prefixes = [p for p in self.allowed if p.startswith("/")]
+        real = os.path.realpath(path)
+        return any(under(path, p) for p in prefixes) and any(under(real, os.path.realpath(p)) for p in prefixes)
+
     def _check_dataset(self, name: str) -> None:
         if not self.dataset_allowed(name):
-            raise Refused(f"serve: dataset {name.partition('@')[0]} is outside --allow {', '.join(self.allowed)}")
+            what = f"path {name}" if name.startswith("/") else f"dataset {name.partition('@')[0]}"
+            raise Refused(f"serve: {what} is outside --allow {', '.join(self.allowed)}")
 
     def check(self, original: str) -> list[str]:
         """The argv to run for SSH_ORIGINAL_COMMAND, or Refused."""
@@ -86,7 +101,7 @@ class Policy:
         for arg in words:
             if arg.startswith("--z"):  # --zfs, however abbreviated
                 raise Refused("serve: --zfs is not allowed for this key")
-            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit", "--buffer", "--mode"):
+            if arg in ("-t", "--checkpoint", "--compress", "--bwlimit", "--buffer", "--mode", "--proto"):
                 next(words, None)
             elif arg in ("-i", "-I"):
                 base = next(words, "")
