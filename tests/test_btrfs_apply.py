@@ -237,3 +237,64 @@ def test_no_data_stream_matches_btrfs_receive(sources: Sources) -> None:
                 assert stock.stderr.strip() == "ERROR: failed to clone extents to data_reflink: Invalid argument"
                 with pytest.raises(BtrfsApplyError, match=r"^cannot apply CLONE data_reflink: Invalid argument$"):
                     _ferry(mnt / f"ferry_{snap}", stream)
+
+
+def _shuffle_tree(src: Path, step: int) -> None:
+    """Deep directories moved, swapped, removed and re-made under old names, with writes into them afterwards."""
+    if step == 0:
+        # Inode order decides the stream's order: f1 (written through A) comes before the swap of A and B,
+        # g (written through its new path A/g) after it, so a stale cached A would write into the wrong one.
+        (src / "f1").write_bytes(b"f1\n")
+        (src / "A").mkdir()
+        (src / "B").mkdir()
+        (src / "g").write_bytes(b"g\n")
+        (src / "f1").rename(src / "A" / "f1")
+        (src / "g").rename(src / "B" / "g")
+        for top in "abc":
+            for sub in ("x", "x/y", "x/y/z"):
+                (src / top / sub).mkdir(parents=True, exist_ok=True)
+                for i in range(3):
+                    (src / top / sub / f"f{i}").write_bytes(f"{top}/{sub}/{i}\n".encode() * 500)
+        return
+    with open(src / "A" / "f1", "ab") as f:
+        f.write(b"f1 appended before the swap\n")
+    (src / "A").rename(src / "tmp")
+    (src / "B").rename(src / "A")
+    (src / "tmp").rename(src / "B")
+    with open(src / "A" / "g", "ab") as f:
+        f.write(b"g appended after the swap\n")
+    (src / "a").rename(src / "tmp")
+    (src / "b").rename(src / "a")
+    (src / "tmp").rename(src / "b")
+    (src / "c" / "x").rename(src / "a" / "x" / "y" / "from_c")
+    (src / "c" / "x").mkdir()
+    (src / "c" / "x" / "new").write_bytes(b"new file in a re-made directory\n")
+    for path in (src / "a" / "x" / "y" / "z" / "f0", src / "b" / "x" / "y" / "f1", src / "a" / "x" / "y" / "from_c" / "y" / "z" / "f2"):
+        with open(path, "ab") as f:
+            f.write(b"appended after the move\n")
+    for name in ("f0", "f1", "f2"):
+        (src / "b" / "x" / "y" / "z" / name).unlink()
+    (src / "b" / "x" / "y" / "z").rmdir()
+    (src / "b" / "x" / "y" / "z").mkdir()
+    (src / "b" / "x" / "y" / "z" / "again").write_bytes(b"z was removed and made again\n")
+
+
+def test_directory_shuffles_match_btrfs_receive(sources: Sources) -> None:
+    """Directory renames, swaps and re-creations followed by writes into the moved directories (the applier caches directory fds)."""
+    with ExitStack() as stack:
+        mnt = mkfs(stack, sources.base, "shuffle").mnt
+        run("btrfs", "-q", "subvolume", "create", mnt / "src")
+        streams = []
+        for step in range(2):
+            _shuffle_tree(mnt / "src", step)
+            run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / f"sh{step}")
+            parent = ["-p", str(mnt / f"sh{step - 1}")] if step else []
+            run("btrfs", "-q", "send", "-f", sources.base / f"shuffle{step}", *parent, mnt / f"sh{step}")
+            streams.append(sources.base / f"shuffle{step}")
+        (mnt / "stock").mkdir()
+        (mnt / "ferry").mkdir()
+        for step, stream in enumerate(streams):
+            run("btrfs", "receive", "-q", "-f", stream, mnt / "stock")
+            _ferry(mnt / "ferry", stream)
+            assert_same_tree(mnt / "stock" / f"sh{step}", mnt / "ferry" / f"sh{step}")
+            assert_same_tree(mnt / f"sh{step}", mnt / "ferry" / f"sh{step}")

@@ -113,12 +113,15 @@ def _command_name(raw: int) -> str:
         return "ENABLE_VERITY (protocol 3)" if raw == CMD_ENABLE_VERITY else str(raw)
 
 
+_CMDS = {c.value: c for c in Cmd}
+_ATTRS = {a.value: a for a in Attr}
+
+
 def decode_command(kind: int, body: memoryview, version: int, offset: int = 0) -> Command:
     """A command from its kind and the bytes after its header; `offset` (of its header) is for messages."""
-    try:
-        cmd = Cmd(kind)
-    except ValueError:
-        raise StreamFormatError(f"unknown btrfs send command {_command_name(kind)} at stream byte {offset}") from None
+    cmd = _CMDS.get(kind)
+    if cmd is None:
+        raise StreamFormatError(f"unknown btrfs send command {_command_name(kind)} at stream byte {offset}")
     if version < 2 and cmd >= FIRST_V2_CMD:
         raise StreamFormatError(f"{cmd.name} command at stream byte {offset} in a version {version} stream (it needs version 2)")
     attrs: dict[Attr, memoryview] = {}
@@ -126,18 +129,17 @@ def decode_command(kind: int, body: memoryview, version: int, offset: int = 0) -
     while pos < end:
         if end - pos < 2:
             raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
-        raw_type = int.from_bytes(body[pos : pos + 2], "little")
-        try:
-            attr = Attr(raw_type)
-        except ValueError:
-            raise StreamFormatError(f"unknown attribute {raw_type} in the {cmd.name} command at stream byte {offset}") from None
+        raw_type = body[pos] | body[pos + 1] << 8
+        attr = _ATTRS.get(raw_type)
+        if attr is None:
+            raise StreamFormatError(f"unknown attribute {raw_type} in the {cmd.name} command at stream byte {offset}")
         if version >= 2 and attr == Attr.DATA:
             # Protocol 2: DATA has no length and runs to the end of the command.
             start, length = pos + 2, end - pos - 2
         else:
             if end - pos < TLV_HEADER_SIZE:
                 raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
-            length = int.from_bytes(body[pos + 2 : pos + 4], "little")
+            length = body[pos + 2] | body[pos + 3] << 8
             start = pos + TLV_HEADER_SIZE
             if length > end - start:
                 raise StreamFormatError(f"{attr.name} attribute of {length} bytes overruns the {cmd.name} command at stream byte {offset}")
@@ -294,27 +296,36 @@ def _shown(raw: bytes) -> str:
     return text + "..." if len(raw) > 80 else text
 
 
-def safe_relative_path(raw: bytes | bytearray | memoryview) -> PurePosixPath:
-    """A stream path checked to stay inside the subvolume being received; b"" (the subvolume's root) gives ".".
+def safe_path_parts(raw: bytes | bytearray | memoryview) -> tuple[bytes, ...]:
+    """The components of a stream path checked to stay inside the subvolume being received; () for b"" (its root).
 
     Refuses what could escape or alias: absolute paths, "." and ".." components, empty components
     (doubled or trailing slashes), NUL bytes, and names or paths over NAME_MAX / PATH_MAX.
-    Names need not be UTF-8: undecodable bytes are kept as surrogate escapes, as os.fsdecode does.
     """
     raw = bytes(raw)
     if not raw:
-        return PurePosixPath(".")
+        return ()
     if len(raw) >= PATH_MAX:
         raise StreamFormatError(f"refused path of {len(raw)} bytes: longer than PATH_MAX ({PATH_MAX} with its NUL)")
     if b"\0" in raw:
         raise StreamFormatError(f"refused path with a NUL byte: {_shown(raw)}")
     if raw.startswith(b"/"):
         raise StreamFormatError(f"refused absolute path: {_shown(raw)}")
-    for name in raw.split(b"/"):
+    parts = tuple(raw.split(b"/"))
+    for name in parts:
         if not name:
             raise StreamFormatError(f"refused path with an empty component: {_shown(raw)}")
         if name in (b".", b".."):
             raise StreamFormatError(f"refused path with a {name.decode()!r} component: {_shown(raw)}")
         if len(name) > NAME_MAX:
             raise StreamFormatError(f"refused path with a name of {len(name)} bytes (NAME_MAX is {NAME_MAX}): {_shown(raw)}")
-    return PurePosixPath(raw.decode("utf-8", "surrogateescape"))
+    return parts
+
+
+def safe_relative_path(raw: bytes | bytearray | memoryview) -> PurePosixPath:
+    """safe_path_parts as a path; b"" (the subvolume's root) gives ".".
+
+    Names need not be UTF-8: undecodable bytes are kept as surrogate escapes, as os.fsdecode does.
+    """
+    parts = safe_path_parts(raw)
+    return PurePosixPath(b"/".join(parts).decode("utf-8", "surrogateescape")) if parts else PurePosixPath(".")

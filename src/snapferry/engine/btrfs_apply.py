@@ -5,15 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
 from snapferry.codec.btrfs_commands import Cmd, Command
 from snapferry.codec.btrfs_extent import decode_extent
-from snapferry.codec.btrfs_stream import BtrfsStreamReader, safe_relative_path
+from snapferry.codec.btrfs_stream import BtrfsStreamReader, safe_path_parts
 from snapferry.codec.zfs_stream import Readable
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.errors import OutOfSpace, SnapferryError, StreamFormatError
@@ -23,6 +21,7 @@ MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE: what the kernel accepts as an
 MAX_UNENCODED_LEN = 16 << 20
 # How deep below the receive root snapshot parents and clone sources are looked for.
 PARENT_SEARCH_DEPTH = 4
+_DIR_CACHE_MAX = 1024  # open directory fds kept between commands
 _CAPABILITY = b"security.capability"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _UNSUPPORTED = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
@@ -70,10 +69,13 @@ class BtrfsApplier:
         self._write: tuple[bytes, int] | None = None
         self._capability: tuple[bytes, bytes] | None = None
         self._sealing: dict[bytes, int] = {}
+        self._dirs: dict[tuple[bytes, ...], int] = {}
+        self._transient: list[int] = []
         self.finished: list[Path] = []
 
     def close(self) -> None:
         self._drop_write()
+        self._forget_all()
         if self._subvol is not None:
             os.close(self._subvol.fd)
             self._subvol = None
@@ -97,6 +99,8 @@ class BtrfsApplier:
 
     def apply(self, command: Command) -> None:
         kind = command.kind
+        if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT, Cmd.END) or len(self._dirs) > _DIR_CACHE_MAX:
+            self._forget_all()
         if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT):
             self._begin(command)
             return
@@ -117,6 +121,9 @@ class BtrfsApplier:
             handler(command)
         except OSError as e:
             raise self._os_error(kind, path, e) from None
+        finally:
+            while self._transient:
+                os.close(self._transient.pop())
 
     def _os_error(self, kind: Cmd, path: bytes, e: OSError) -> SnapferryError:
         text = f"{kind.name} {_shown(path)}: {e.strerror or e}"
@@ -126,31 +133,59 @@ class BtrfsApplier:
 
     # --- path resolution ------------------------------------------------------------------------
 
-    @contextmanager
-    def _parent(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> Iterator[tuple[int, str]]:
-        """An O_PATH fd of the directory holding raw's last component, and that component; never through a symlink."""
-        rel = safe_relative_path(raw)
-        if rel.parts == (".",):
+    def _parent(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
+        """An O_PATH fd of the directory holding raw's last component, and that component; never through a symlink.
+
+        The fd is borrowed: valid until the current command is done.
+        """
+        parts = safe_path_parts(raw)
+        if not parts:
             raise StreamFormatError(f"{kind.name} command names the subvolume's root, not an entry in it")
-        assert self._subvol is not None
-        fd = os.dup(self._subvol.fd if base_fd is None else base_fd)
+        if base_fd is None:
+            return self._directory(kind, raw, parts[:-1]), parts[-1]
+        fd = base_fd
+        for i, name in enumerate(parts[:-1]):
+            fd = self._step(kind, raw, fd, name, parts[: i + 1])
+            self._transient.append(fd)
+        return fd, parts[-1]
+
+    def _directory(self, kind: Cmd, raw: bytes, parts: tuple[bytes, ...]) -> int:
+        """The subvolume's directory at parts, opened once and kept until a rename or rmdir may have moved it.
+
+        Every prefix of a cached directory is cached too, so a directory missing from the cache has no
+        cached descendants (see _forget).
+        """
+        if not parts:
+            return self._subvol_fd()
+        fd = self._dirs.get(parts)
+        if fd is None:
+            fd = self._step(kind, raw, self._directory(kind, raw, parts[:-1]), parts[-1], parts)
+            self._dirs[parts] = fd
+        return fd
+
+    def _step(self, kind: Cmd, raw: bytes, dir_fd: int, name: bytes, where: tuple[bytes, ...]) -> int:
         try:
-            for i, name in enumerate(rel.parts[:-1]):
-                try:
-                    nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ENOTDIR, errno.ELOOP) and self._is_symlink(fd, name):
-                        where = "/".join(rel.parts[: i + 1])
-                        raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: {where} is a symlink") from None
-                    raise
-                os.close(fd)
-                fd = nxt
-            yield fd, rel.parts[-1]
-        finally:
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP) and self._is_symlink(dir_fd, name):
+                raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: {_shown(b'/'.join(where))} is a symlink") from None
+            raise
+
+    def _forget(self, raw: bytes) -> None:
+        """Drop the cached directories at raw and below: it is being renamed or removed."""
+        parts = tuple(raw.split(b"/"))
+        if parts not in self._dirs:
+            return
+        for key in [k for k in self._dirs if k[: len(parts)] == parts]:
+            os.close(self._dirs.pop(key))
+
+    def _forget_all(self) -> None:
+        for fd in self._dirs.values():
             os.close(fd)
+        self._dirs.clear()
 
     @staticmethod
-    def _is_symlink(dir_fd: int, name: str) -> bool:
+    def _is_symlink(dir_fd: int, name: bytes) -> bool:
         try:
             return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
         except OSError:
@@ -178,8 +213,8 @@ class BtrfsApplier:
         """An O_PATH fd of raw itself, even a symlink or the subvolume root (b"")."""
         if not raw:
             return os.dup(self._subvol_fd() if base_fd is None else base_fd)
-        with self._parent(kind, raw, base_fd) as (dir_fd, name):
-            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        dir_fd, name = self._parent(kind, raw, base_fd)
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
     @staticmethod
     def _proc(fd: int) -> str:
@@ -209,8 +244,7 @@ class BtrfsApplier:
         if self._subvol is not None:
             raise StreamFormatError(f"{command.kind.name} command while subvolume {_shown(self._subvol.path)} is still open")
         name = command.path
-        rel = safe_relative_path(name)
-        if len(rel.parts) != 1 or rel.parts == (".",):
+        if len(safe_path_parts(name)) != 1:
             raise UnsafeStream(f"refused {command.kind.name} {_shown(name)}: a received subvolume's name must be one path component")
         try:
             if command.kind == Cmd.SUBVOL:
@@ -258,46 +292,51 @@ class BtrfsApplier:
     # --- inodes ---------------------------------------------------------------------------------
 
     def _do_mkfile(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
+        d, name = self._parent(c.kind, c.path)
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
 
     def _do_mkdir(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.mkdir(name, 0o700, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.mkdir(name, 0o700, dir_fd=d)
 
     def _do_mknod(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.mknod(name, stat.S_IFMT(c.mode) | 0o600, c.rdev, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.mknod(name, stat.S_IFMT(c.mode) | 0o600, c.rdev, dir_fd=d)
 
     def _do_mkfifo(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.mkfifo(name, 0o600, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.mkfifo(name, 0o600, dir_fd=d)
 
     def _do_mksock(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=d)
 
     def _do_symlink(self, c: Command) -> None:
         # The target is stored, never followed by us; it may point anywhere, as in the source.
-        with self._parent(c.kind, c.path) as (d, name):
-            os.symlink(c.path_link, name, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.symlink(c.path_link, name, dir_fd=d)
 
     def _do_rename(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d1, n1), self._parent(c.kind, c.path_to) as (d2, n2):
-            os.rename(n1, n2, src_dir_fd=d1, dst_dir_fd=d2)
+        d1, n1 = self._parent(c.kind, c.path)
+        d2, n2 = self._parent(c.kind, c.path_to)
+        os.rename(n1, n2, src_dir_fd=d1, dst_dir_fd=d2)
+        self._forget(c.path)
+        self._forget(c.path_to)
 
     def _do_link(self, c: Command) -> None:
         # PATH is the new name, PATH_LINK the existing inode, both inside the subvolume.
-        with self._parent(c.kind, c.path_link) as (d1, n1), self._parent(c.kind, c.path) as (d2, n2):
-            os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
+        d1, n1 = self._parent(c.kind, c.path_link)
+        d2, n2 = self._parent(c.kind, c.path)
+        os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
 
     def _do_unlink(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.unlink(name, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.unlink(name, dir_fd=d)
 
     def _do_rmdir(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) as (d, name):
-            os.rmdir(name, dir_fd=d)
+        d, name = self._parent(c.kind, c.path)
+        os.rmdir(name, dir_fd=d)
+        self._forget(c.path)
 
     # --- data -----------------------------------------------------------------------------------
 
@@ -310,7 +349,7 @@ class BtrfsApplier:
             done += os.pwrite(fd, data[done:], offset + done)
 
     def _do_clone(self, c: Command) -> None:
-        safe_relative_path(c.clone_path)
+        safe_path_parts(c.clone_path)
         length = c.clone_len
         self._bound(c.kind, c.path, "the clone", c.file_offset + length)
         self._bound(c.kind, c.path, "the clone source", c.clone_offset + length)
@@ -408,8 +447,8 @@ class BtrfsApplier:
             os.close(fd)
 
     def _do_chown(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) if c.path else _root(self) as (d, name):
-            os.chown(name, c.uid, c.gid, dir_fd=d, follow_symlinks=False)
+        d, name = self._parent(c.kind, c.path) if c.path else (self._subvol_fd(), b".")
+        os.chown(name, c.uid, c.gid, dir_fd=d, follow_symlinks=False)
         if self._capability is not None and self._capability[0] == c.path:
             fd = self._open_any(c.kind, c.path)
             try:
@@ -428,8 +467,8 @@ class BtrfsApplier:
             os.close(fd)
 
     def _do_utimes(self, c: Command) -> None:
-        with self._parent(c.kind, c.path) if c.path else _root(self) as (d, name):
-            os.utime(name, ns=(c.atime.ns, c.mtime.ns), dir_fd=d, follow_symlinks=False)
+        d, name = self._parent(c.kind, c.path) if c.path else (self._subvol_fd(), b".")
+        os.utime(name, ns=(c.atime.ns, c.mtime.ns), dir_fd=d, follow_symlinks=False)
 
     def _do_fileattr(self, c: Command) -> None:
         flags = ioc.fs_flags_from_btrfs(c.fileattr)
@@ -457,8 +496,3 @@ class BtrfsApplier:
         assert self._subvol is not None
         return self._subvol.fd
 
-
-@contextmanager
-def _root(applier: BtrfsApplier) -> Iterator[tuple[int, str]]:
-    """The subvolume's root as a (dir_fd, name) pair for *at calls."""
-    yield applier._subvol_fd(), "."

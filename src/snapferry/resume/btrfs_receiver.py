@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
+from snapferry.readahead import read_ahead
 from snapferry.resume.btrfs_checkpoints import (
     NIL,
     BtrfsCheckpoint,
@@ -43,6 +47,7 @@ from snapferry.resume.btrfs_checkpoints import (
 )
 
 DEFAULT_CHECKPOINT_SIZE = 256 << 20
+_PROGRESS_EVERY = 1 << 20
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CAPABILITY = b"security.capability"
 
@@ -73,6 +78,32 @@ def syncfs(fd: int) -> None:
     if _libc().syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _command_size(item: StreamCommand) -> int:
+    return item.size
+
+
+class _WriteBehind:
+    """Starts writing the received data back on a thread well before the next checkpoint, so that the checkpoint's
+    flush finds little left to do and the stream is not stalled for all of it (syncfs releases the GIL)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._flush, daemon=True)
+            self._thread.start()
+
+    def _flush(self) -> None:
+        with contextlib.suppress(OSError):  # only a head start: the checkpoint's own syncfs reports errors
+            syncfs(self._fd)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
 
 class _CheckpointApplier(BtrfsApplier):
@@ -145,6 +176,7 @@ class BtrfsCheckpointReceiver:
             raise StreamFormatError(f"btrfs stream starts with {command.kind.name}, not SUBVOL or SNAPSHOT")
         if continuation is not None:
             reader.jump(continuation.offset, continuation.fingerprint)
+        commands = read_ahead(commands, _command_size)
         name = os.fsdecode(command.path)
         check_subvol_name(name)
         identity = StreamIdentity(command.uuid, command.ctransid, command.clone_uuid if command.kind == Cmd.SNAPSHOT else NIL)
@@ -254,43 +286,50 @@ class BtrfsCheckpointReceiver:
         last_offset = resume_from.offset if resume_from is not None else 0
         previous = resume_from
         capability_pending = sealed = False
-        state_fd = os.open(state.directory, _O_DIR)
-        partial_fd = -1
-        try:
-            with _CheckpointApplier(self.receive_root, source_path) as applier:
-                applier.apply(begin.command)
-                partial_fd = os.open(state.partial, _O_DIR)
-                for item in commands:
-                    command = item.command
-                    applier.apply(command)
+        with ExitStack() as stack:
+            state_fd = os.open(state.directory, _O_DIR)
+            stack.callback(os.close, state_fd)
+            applier = stack.enter_context(_CheckpointApplier(self.receive_root, source_path))
+            applier.apply(begin.command)
+            partial_fd = os.open(state.partial, _O_DIR)
+            stack.callback(os.close, partial_fd)
+            write_behind = _WriteBehind(partial_fd)
+            stack.callback(write_behind.wait)
+            reported = flushed = last_offset
+            for item in commands:
+                command = item.command
+                applier.apply(command)
+                if command.kind == Cmd.END:
+                    break
+                if item.end_offset - reported >= _PROGRESS_EVERY:
                     self.events("progress", bytes=item.end_offset)
-                    if command.kind == Cmd.END:
-                        break
-                    # The applier holds state across these commands that a checkpoint cannot carry:
-                    # a capability to put back after the CHOWN, immutable flags to set at END.
-                    if command.kind == Cmd.SET_XATTR and bytes(command.xattr_name) == _CAPABILITY:
-                        capability_pending = True
-                    elif command.kind == Cmd.CHOWN:
-                        capability_pending = False
-                    elif command.kind == Cmd.FILEATTR and ioc.fs_flags_from_btrfs(command.fileattr) & ioc.FS_FL_SEALING:
-                        sealed = True
-                    if item.end_offset - last_offset < self.checkpoint_size or capability_pending or sealed:
-                        continue
-                    seq += 1
-                    checkpoint = BtrfsCheckpoint(seq, item.end_offset, item.fingerprint, identity)
-                    # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
-                    # keeps the checkpoint's durability from resting on that detail alone.
-                    syncfs(partial_fd)
-                    snapshot_readonly(state_fd, checkpoint.name, partial_fd)
-                    if previous is not None:
-                        destroy_subvolume(state.directory / previous.name)
-                    previous, last_offset = checkpoint, item.end_offset
-                    self.events("checkpoint", subvolume=name, seq=seq, offset=item.end_offset)
-                received = applier.finished[-1]
-        finally:
-            os.close(state_fd)
-            if partial_fd >= 0:
-                os.close(partial_fd)
+                    reported = item.end_offset
+                if item.end_offset - flushed >= self.checkpoint_size // 4:
+                    write_behind.start()
+                    flushed = item.end_offset
+                # The applier holds state across these commands that a checkpoint cannot carry:
+                # a capability to put back after the CHOWN, immutable flags to set at END.
+                if command.kind == Cmd.SET_XATTR and bytes(command.xattr_name) == _CAPABILITY:
+                    capability_pending = True
+                elif command.kind == Cmd.CHOWN:
+                    capability_pending = False
+                elif command.kind == Cmd.FILEATTR and ioc.fs_flags_from_btrfs(command.fileattr) & ioc.FS_FL_SEALING:
+                    sealed = True
+                if item.end_offset - last_offset < self.checkpoint_size or capability_pending or sealed:
+                    continue
+                seq += 1
+                checkpoint = BtrfsCheckpoint(seq, item.end_offset, item.fingerprint, identity)
+                # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
+                # keeps the checkpoint's durability from resting on that detail alone.
+                write_behind.wait()
+                syncfs(partial_fd)
+                snapshot_readonly(state_fd, checkpoint.name, partial_fd)
+                if previous is not None:
+                    destroy_subvolume(state.directory / previous.name)
+                previous, last_offset = checkpoint, item.end_offset
+                self.events("checkpoint", subvolume=name, seq=seq, offset=item.end_offset)
+            received = applier.finished[-1]
+        self.events("progress", bytes=reader.bytes_read)
         done = read_state(self.receive_root, name)
         if done is not None:
             clear_state(done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from snapferry.errors import Refused, StreamFormatError
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.btrfs_checkpoints import NIL, BtrfsToken
 
+_COPY_CHUNK = 1 << 20
+
 
 @dataclass(frozen=True)
 class BtrfsSendOptions:
@@ -36,8 +39,32 @@ class BtrfsSendOptions:
     compressed: bool = False
 
 
+@dataclass
+class _Sending:
+    """A running `btrfs send` whose first command has been read and checked."""
+
+    reader: BtrfsStreamReader
+    first: StreamCommand
+    commands: Iterator[StreamCommand]
+    output: io.BufferedReader
+
+    def copy_rest(self, sink: Sink, events: EventSink) -> int:
+        """Pass the rest of the output on as it is, in big pieces; the bytes passed.
+
+        Nothing can damage the bytes between btrfs send and us, and the receiver checks every command's
+        crc32c itself; a btrfs send that stops short exits with an error, which `reading` reports.
+        """
+        offset = self.reader.bytes_read
+        sent = 0
+        while chunk := self.output.read1(_COPY_CHUNK):
+            sink([chunk])
+            sent += len(chunk)
+            events("progress", bytes=sent, offset=offset + sent)
+        return sent
+
+
 @contextmanager
-def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[tuple[BtrfsStreamReader, StreamCommand, Iterator[StreamCommand]]]:
+def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[_Sending]:
     """Run `btrfs send` and read its first command; the caller reads the rest up to END."""
     argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed)
     proc = SendProcess(argv, f"cannot send {path}", classify_btrfs_failure)
@@ -48,7 +75,7 @@ def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[tuple[BtrfsSt
         if first is None or first.command.kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT):
             proc.check()
             raise StreamFormatError(f"btrfs send {path} did not start with a subvolume")
-        yield reader, first, commands
+        yield _Sending(reader, first, commands, proc.stdout)
 
 
 def send_btrfs(path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOptions(), *, events: EventSink = ignore_events) -> int:
@@ -56,14 +83,12 @@ def send_btrfs(path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOpti
     for snapshot in (path, *([options.parent] if options.parent else []), *options.clones):
         if not subvolume_at(snapshot).readonly:
             raise Refused(f"{snapshot} is not read-only: send snapshots (btrfs subvolume snapshot -r SUBVOL SNAPSHOT)")
-    with _btrfs_send(path, options) as (reader, first, commands):
+    with _btrfs_send(path, options) as sending:
         events("stream", toname=str(path), offset=0)
-        sink([stream_header(reader.version), first.header, first.body])
-        for item in commands:
-            sink([item.header, item.body])
-            events("progress", bytes=item.end_offset)
-    events("done", bytes=reader.bytes_read)
-    return reader.bytes_read
+        sink([stream_header(sending.reader.version), sending.first.header, sending.first.body])
+        total = sending.first.end_offset + sending.copy_rest(sink, events)
+    events("done", bytes=total)
+    return total
 
 
 def _check_source(token: BtrfsToken, source: Subvolume) -> None:
@@ -114,7 +139,8 @@ def send_btrfs_continuation(
     _check_source(token, source)
     parent = _parent_for(token, path, options.parent)
     options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed)
-    with _btrfs_send(path, options) as (reader, first, commands):
+    with _btrfs_send(path, options) as sending:
+        first, commands = sending.first, sending.commands
         begin = first.command
         chosen_parent = begin.clone_uuid if begin.kind == Cmd.SNAPSHOT else NIL
         if begin.uuid.hex != token.uuid or begin.ctransid != token.ctransid:
@@ -136,13 +162,8 @@ def send_btrfs_continuation(
                 f"{token.offset} (a defrag or balance of the source, or other -c clone sources, change an incremental's "
                 f"commands); {_abort_advice(token)}"
             ) from None
-        sink(
-            [Continuation(token.offset, bytes.fromhex(token.fingerprint)).encode(), stream_header(reader.version), first.header, first.body]
-        )
-        sent = 0
-        for item in commands:
-            sink([item.header, item.body])
-            sent += item.size
-            events("progress", bytes=sent, offset=item.end_offset)
+        continuation = Continuation(token.offset, bytes.fromhex(token.fingerprint))
+        sink([continuation.encode(), stream_header(sending.reader.version), first.header, first.body])
+        sent = sending.copy_rest(sink, events)
     events("done", bytes=sent)
     return sent
