@@ -32,6 +32,11 @@ def is_btrfs_token(text: str) -> bool:
     return text.strip().startswith(BTRFS_TOKEN_PREFIX)
 
 
+def _path(text: str) -> Path:
+    """Absolute, so that every message names it in a form that means btrfs when pasted back."""
+    return Path(text).absolute()
+
+
 def _options(args: argparse.Namespace, clones: list[str]) -> BtrfsSendOptions:
     return BtrfsSendOptions(
         Path(args.parent) if args.parent else None,
@@ -44,7 +49,7 @@ def _options(args: argparse.Namespace, clones: list[str]) -> BtrfsSendOptions:
 def cmd_send(args: argparse.Namespace, clones: list[str], sink: WireSink, reporter: ReporterFactory) -> int:
     if args.i or args.I or args.L or args.e or args.w:
         raise UsageError("-i/-I/-L/-e/-w are zfs send's: for btrfs, give the parent with -p PARENT")
-    path = Path(args.snapshot)
+    path = _path(args.snapshot)
     with reporter(args, label=path.name) as events:
         if args.token:
             send_btrfs_continuation(BtrfsToken.decode(args.token), path, sink, _options(args, clones), events=events)
@@ -73,7 +78,7 @@ def cmd_receive(args: argparse.Namespace, reporter: ReporterFactory) -> int:
     if args.F or args.mode:
         raise UsageError("-F and --mode are for ZFS datasets, not btrfs paths")
     if args.abort:
-        root, name = transfer_at(Path(args.dataset))
+        root, name = transfer_at(_path(args.dataset))
         abort(root, name)
         message = f"aborted the unfinished transfer of {name} under {root}"
         if args.json:
@@ -84,7 +89,7 @@ def cmd_receive(args: argparse.Namespace, reporter: ReporterFactory) -> int:
     if sys.stdin.isatty():
         raise UsageError("receive reads a stream from standard input: pipe one in")
     size = (args.checkpoint or DEFAULT_CHECKPOINT_SIZE) if args.s else 1 << 62
-    root = Path(args.dataset)
+    root = _path(args.dataset)
     with reporter(args, label=str(root)) as events:
         enlarge_pipe(sys.stdin.fileno())
         with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
@@ -98,7 +103,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.decode:
         print(json.dumps(BtrfsToken.decode(args.target).__dict__, indent=2))
         return 0
-    root, name = transfer_at(Path(args.target))
+    root, name = transfer_at(_path(args.target))
     state = read_state(root, name)
     if state is None or state.last is None:
         reason = "its interrupted transfer committed no checkpoint; send it again" if state else "it has no unfinished snapferry transfer"
