@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Randomized fault injection against snapferry's resumable receive and its sync over ssh, on scratch zfs-fuse pools.
+"""Randomized fault injection against snapferry's resumable receive and its sync over ssh (zfs-fuse pools), and btrfs.
 
 Each iteration (deterministic from --seed and its index) makes a source dataset of random data,
 picks a scenario, a full or an incremental transfer, a --checkpoint size and 1-3 faults.
@@ -36,13 +36,17 @@ stream's connection reaches the proxy, with that connection paused meanwhile:
   snapdestroy    the sync is killed after a checkpoint, the source snapshot (or base) destroyed: the
                  next sync must refuse with exit 4 "stale token"; then `receive -A` (ends the iteration)
 
+Scenario `btrfs`: `snapferry send | snapferry receive -s DIR` between two loop-mounted btrfs, with
+the faults cut, sigkill, corrupt, remount (the target unmounted and mounted again after a SIGKILL:
+a reboot) and snapdestroy; see bench/_chaos_btrfs.py.
+
 sync retries by itself (--retries); a sync that exits is run again until done. Both scenarios end
 by checking the guids, every file's sha256, and that no `snapferry-*` snapshot (and no remote
 receive) is left.
 
     sudo python3 bench/chaos.py --seed 1 --iterations 6 [--json chaos.json]
     sudo python3 bench/chaos.py --seed 1 --only 3          # replay one iteration
-    sudo python3 bench/chaos.py --seed 7 --iterations 16 --cover-kinds   # iteration i starts with fault kind i
+    sudo python3 bench/chaos.py --seed 7 --iterations 21 --cover-kinds   # iteration i starts with fault kind i
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pytest  # the test beds report failures with pytest.fail
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
 from _faultproxy import FaultProxy, Trigger  # noqa: E402
 from _sshd import SshServer, remote_snapferry, start_sshd  # noqa: E402
 from tests import zfs_testbed as tb  # noqa: E402
@@ -86,7 +93,9 @@ SYNC_KINDS = (
     "quota",
     "snapdestroy",
 )
-SCENARIOS = {"local": LOCAL_KINDS, "sync": SYNC_KINDS}
+SCENARIOS = {"local": LOCAL_KINDS, "sync": SYNC_KINDS, "btrfs": BTRFS_KINDS}
+ZFS_SCENARIOS = ("local", "sync")
+DEFAULT_SCENARIOS = "local,sync,btrfs"
 # --cover-kinds: iteration i starts with CATALOG[i % len(CATALOG)].
 CATALOG = [(scenario, kind) for scenario, kinds in SCENARIOS.items() for kind in kinds]
 TIMEOUT = 300
@@ -857,14 +866,14 @@ def draw(seed: int, index: int, scenarios: tuple[str, ...], max_mib: int, cover:
     it.mode = rng.choice(["full", "incremental"])
     it.megabytes = rng.randint(2, max_mib)
     it.data_seed = rng.randrange(1 << 30)
-    it.checkpoint = f"{rng.randint(1, 4 if it.scenario == 'local' else 2)}M"
+    it.checkpoint = f"{rng.randint(1, 2 if it.scenario == 'sync' else 4)}M"
     it.compress = rng.choice(["none", "zstd:3"]) if it.scenario == "sync" else "none"
     kinds = [rng.choice(SCENARIOS[it.scenario]) for _ in range(rng.randint(1, 3))]
     if cover:
         catalog = [(s, k) for s, k in CATALOG if s in scenarios]
         it.scenario, first = catalog[index % len(catalog)]
-        kinds = [first] + [k if k in SCENARIOS[it.scenario] else "cut" if it.scenario == "local" else "link_cut" for k in kinds[1:]]
-        it.compress = "none" if it.scenario == "local" or index % 2 else "zstd:3"
+        kinds = [first] + [k if k in SCENARIOS[it.scenario] else "link_cut" if it.scenario == "sync" else "cut" for k in kinds[1:]]
+        it.compress = "zstd:3" if it.scenario == "sync" and not index % 2 else "none"
     if "snapdestroy" in kinds:
         kinds = kinds[: kinds.index("snapdestroy") + 1]  # it ends the iteration
         it.checkpoint = "1M"
@@ -876,8 +885,20 @@ def draw(seed: int, index: int, scenarios: tuple[str, ...], max_mib: int, cover:
     return it
 
 
-def run_iteration(it: Iteration, local: Runner, sync: SyncRunner | None) -> Iteration:
+def run_iteration(it: Iteration, local: Runner | None, sync: SyncRunner | None, btrfs: BtrfsRunner | None) -> Iteration:
     started = time.monotonic()
+    if it.scenario == "btrfs":
+        assert btrfs is not None
+        kinds = [f["kind"] for f in it.faults]
+        log(f"iteration {it.index}: btrfs {it.mode}, {it.megabytes} MiB, --checkpoint {it.checkpoint}, faults {kinds}")
+        try:
+            btrfs.run(it)
+        except (Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - a runner error is a failure of this iteration
+            it.problems.append(f"runner error: {type(exc).__name__}: {exc}")
+            it.ok = False
+        it.seconds = round(time.monotonic() - started, 1)
+        return it
+    assert local is not None
     src_pool, dst_pool = local.src.name, local.dst.name
     fs = f"{src_pool}/it{it.index}"
     parent = f"{dst_pool}/it{it.index}"
@@ -916,7 +937,7 @@ def replay_args(args: argparse.Namespace) -> str:
         extra.append("--cover-kinds")
     if args.max_mib != 16:
         extra.append(f"--max-mib {args.max_mib}")
-    if args.scenarios != "local,sync":
+    if args.scenarios != DEFAULT_SCENARIOS:
         extra.append(f"--scenarios {args.scenarios}")
     return " ".join(extra)
 
@@ -1013,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--only", type=int, help="run just this iteration index")
     parser.add_argument("--json", type=Path, help="write the summary and every iteration here (rewritten after each iteration)")
-    parser.add_argument("--scenarios", default="local,sync", help="comma-separated: local, sync (default both)")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated: local, sync, btrfs (default {DEFAULT_SCENARIOS})")
     parser.add_argument("--max-mib", type=int, default=16, help="largest data set of an iteration, MiB (default 16; at least 2)")
     parser.add_argument("--cover-kinds", action="store_true", help="iteration i starts with the i-th (scenario, fault kind)")
     parser.add_argument("--time-budget", type=float, help="start no iteration after this many seconds")
@@ -1021,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     if not scenarios or any(s not in SCENARIOS for s in scenarios) or args.max_mib < 2:
-        parser.error("--scenarios takes local and/or sync; --max-mib at least 2")
+        parser.error("--scenarios takes local, sync and/or btrfs; --max-mib at least 2")
     if os.geteuid() != 0:
         print("chaos.py needs root (zfs-fuse, sshd)", file=sys.stderr)
         return 2
@@ -1033,7 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    tb.start_daemon()
+    uses_zfs = any(s in ZFS_SCENARIOS for s in scenarios)
+    if uses_zfs:
+        tb.start_daemon()
     results: list[Iteration] = []
     started = time.monotonic()
     interrupted = False
@@ -1043,11 +1066,15 @@ def main(argv: list[str] | None = None) -> int:
         pools: list[tb.Pool] = []
         sshd: SshServer | None = None
         proxy: FaultProxy | None = None
+        btrfs: BtrfsRunner | None = None
         try:
-            pools.append(make_pool(base, "s"))
-            pools.append(make_pool(base, "d"))
-            local = Runner(pools[0], pools[1])
-            sync = None
+            local = sync = None
+            if uses_zfs:
+                pools.append(make_pool(base, "s"))
+                pools.append(make_pool(base, "d"))
+                local = Runner(pools[0], pools[1])
+            if "btrfs" in scenarios:
+                btrfs = BtrfsRunner(base)
             if "sync" in scenarios:
                 sshd = start_sshd(base / "sshd")
                 proxy = FaultProxy(sshd.port)
@@ -1058,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.time_budget is not None and time.monotonic() - started > args.time_budget:
                     log(f"time budget of {args.time_budget} s spent: stopping before iteration {index}")
                     break
-                it = run_iteration(draw(args.seed, index, scenarios, args.max_mib, args.cover_kinds), local, sync)
+                it = run_iteration(draw(args.seed, index, scenarios, args.max_mib, args.cover_kinds), local, sync, btrfs)
                 results.append(it)
                 verdict = "ok" if it.ok else "FAILED"
                 log(f"iteration {index}: {verdict} sent {it.bytes_fed}/{it.stream_bytes} in {it.seconds} s {it.problems}")
@@ -1072,7 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.close()
             if sshd is not None:
                 sshd.stop()
-            tb.start_daemon()
+            if btrfs is not None:
+                btrfs.close()
+            if uses_zfs:
+                tb.start_daemon()
             for pool in reversed(pools):
                 pool.destroy()
     summary = summarize(args.seed, results, replay)

@@ -1,0 +1,316 @@
+"""The chaos runner's btrfs scenario: snapferry send | snapferry receive -s between two loop-mounted btrfs.
+
+Faults, each at a random byte of the stream being fed:
+  cut          only the first N bytes reach `snapferry receive -s DIR`                 -> exit 3
+  sigkill      the receiver is SIGKILLed after a new checkpoint (or 5 s)
+  corrupt      one bit flipped at byte N -> exit 5 (3 when a flipped length runs past the end; 4 when it
+               lands in a continuation's header); no checkpoint may end past the flipped byte
+  remount      the receiver is SIGKILLed after a checkpoint and the target file system unmounted and
+               mounted again (a reboot)
+  snapdestroy  cut after a checkpoint, then the source snapshot (or, for an incremental, every other time
+               its parent) deleted: `send -t` must exit 4 "stale token" and send nothing; `receive -A`
+               then leaves nothing (full) or exactly the parent (incremental). Ends the iteration.
+After each fault: `snapferry send -t $(snapferry token DIR/NAME) SNAPSHOT | snapferry receive -s DIR`, or
+the whole stream again when nothing was checkpointed. The result must match the source snapshot in
+content, modes, owners, times, xattrs and hardlinks, be read-only with the source's received UUID, and
+leave no .snapferry state behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+
+from tests import btrfs_testbed as bt
+from tests import zfs_testbed as tb
+
+if TYPE_CHECKING:
+    from chaos import Iteration
+
+BTRFS_KINDS = ("cut", "sigkill", "corrupt", "remount", "snapdestroy")
+EXTRA_ATTEMPTS = 5
+TIMEOUT = 300
+STATE = ".snapferry"
+
+
+def sf(*args: str | Path, data: bytes | None = None) -> tb.Result:
+    proc = subprocess.run([*tb.SNAPFERRY, *map(str, args)], input=data, capture_output=True, check=False, timeout=TIMEOUT)
+    return tb.Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("{")]
+    return lines[-1][:300] if lines else ""
+
+
+def size_bytes(text: str) -> int:
+    return int(text.rstrip("M")) << 20
+
+
+class BtrfsRunner:
+    """Two loop-mounted btrfs (source, target) for the whole run; per iteration a source subvolume and a target directory."""
+
+    def __init__(self, base: Path) -> None:
+        self._stack = ExitStack()
+        self.src = bt.mkfs(self._stack, base, "btrfs_src").mnt
+        self.dst = bt.mkfs(self._stack, base, "btrfs_dst").mnt
+        self.loop = bt.run("findmnt", "-n", "-o", "SOURCE", self.dst).strip()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def checkpoint_ends(self, target: Path, name: str) -> list[int]:
+        state = target / STATE / name
+        if not state.is_dir():
+            return []
+        return [int(entry.split("-")[2], 16) for entry in os.listdir(state) if entry.startswith("ck-")]
+
+    def partial_receive(self, it: Iteration, target: Path, name: str, data: bytes) -> tuple[subprocess.Popen[bytes], list[int], Thread]:
+        """A receiver fed `data` without closing its stdin, left running until a new checkpoint appears (or 5 s)."""
+        before = set(self.checkpoint_ends(target, name))
+        proc = subprocess.Popen(
+            [*tb.SNAPFERRY, "receive", "-s", "--checkpoint", it.checkpoint, str(target)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        written = [0]
+
+        def writer() -> None:
+            assert proc.stdin is not None
+            try:
+                for start in range(0, len(data), 256 * 1024):
+                    proc.stdin.write(data[start : start + 256 * 1024])
+                    proc.stdin.flush()
+                    written[0] += len(data[start : start + 256 * 1024])
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+
+        thread = Thread(target=writer, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and proc.poll() is None:
+            if set(self.checkpoint_ends(target, name)) - before:
+                break
+            time.sleep(0.1)
+        return proc, written, thread
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[bytes], thread: Thread) -> tuple[int, str]:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -999, "receiver hung; killed"
+        thread.join(5)
+        return proc.returncode, proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+
+    def remount(self) -> None:
+        bt.run("umount", self.dst)
+        bt.run("mount", "-o", "noatime", self.loop, self.dst)
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def attempt(self, it: Iteration, paths: dict[str, Path], stream: bytes, fault: dict[str, Any] | None, base: int, prefix: int) -> int:
+        """Feed `stream` (original-stream bytes from `base` on, after `prefix` bytes of continuation header) with `fault`."""
+        target, name = paths["target"], paths["snap"].name
+        record: dict[str, object] = {"stream_bytes": len(stream), "fault": fault["kind"] if fault else None}
+        if fault is None:
+            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream)
+            it.bytes_fed += len(stream)
+            record.update(rc=res.returncode, fed=len(stream), stderr=last_line(res.stderr))
+            it.attempts.append(record)
+            return res.returncode
+        kind = str(fault["kind"])
+        offset = max(1, min(len(stream) - 1, int(float(fault["fraction"]) * len(stream))))
+        if kind == "snapdestroy":
+            offset = min(len(stream) - 1, max(offset, 2 * size_bytes(it.checkpoint) + 65536))
+        fault.update(offset=offset, of=len(stream), fired=True)
+        record["offset"] = offset
+        if kind in ("cut", "snapdestroy"):
+            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream[:offset])
+            rc, err, fed = res.returncode, res.stderr, offset
+            if rc != 3:
+                it.corrupted = it.corrupted or rc == 0
+                it.problems.append(f"{kind} at {offset}/{len(stream)}: exit {rc}, expected 3: {last_line(err)}")
+        elif kind == "corrupt":
+            data = bytearray(stream)
+            data[offset] ^= int(fault["mask"])
+            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=bytes(data))
+            rc, err, fed = res.returncode, res.stderr, len(data)
+            allowed = (3, 4, 5) if offset < prefix else (3, 5)
+            if rc not in allowed:
+                it.corrupted = it.corrupted or rc == 0
+                it.problems.append(
+                    f"corrupt byte {offset}/{len(stream)} (^{fault['mask']:#x}): exit {rc}, expected {allowed}: {last_line(err)}"
+                )
+            limit = base + max(0, offset - prefix)
+            ends = self.checkpoint_ends(target, name)
+            if ends and max(ends) > limit:
+                it.corrupted = True
+                it.problems.append(f"corrupt byte {offset}: a checkpoint ends at {max(ends)} > {limit}")
+        elif kind in ("sigkill", "remount"):
+            proc, written, thread = self.partial_receive(it, target, name, stream[:offset])
+            proc.send_signal(signal.SIGKILL)
+            rc, err = self.finish(proc, thread)
+            fed = written[0]
+            if kind == "remount":
+                self.remount()
+        else:
+            raise ValueError(kind)
+        it.bytes_fed += fed
+        record.update(rc=rc, fed=fed, stderr=last_line(err))
+        fault["rc"] = rc
+        it.attempts.append(record)
+        if kind == "snapdestroy" and rc == 3:
+            self.stale_resume(it, paths, fault)
+        return rc
+
+    def stale_resume(self, it: Iteration, paths: dict[str, Path], fault: dict[str, Any]) -> None:
+        target, snap = paths["target"], paths["snap"]
+        tok = sf("token", target / snap.name)
+        if tok.returncode != 0:
+            fault["applied"] = False  # nothing checkpointed yet: nothing to go stale, carry on as a cut
+            fault["counted_as"] = "cut"
+            return
+        victim = paths["parent"] if it.mode == "incremental" and int(fault["mask"]) & 0x55 else snap
+        bt.run("btrfs", "-q", "subvolume", "delete", victim)
+        fault["destroyed"] = victim.name
+        it.terminal = True
+        cont = sf("send", "-t", tok.stdout.decode().strip(), snap)
+        it.attempts.append({"resend": "stale", "rc": cont.returncode, "stderr": last_line(cont.stderr)})
+        if cont.returncode == 4 and "stale token" in cont.stderr and not cont.stdout:
+            it.refusals += 1
+        else:
+            it.problems.append(
+                f"send -t after {victim.name} was deleted: exit {cont.returncode} (want 4 'stale token'): {last_line(cont.stderr)}"
+            )
+        abort = sf("receive", "-A", target / snap.name)
+        if abort.returncode != 0:
+            it.problems.append(f"receive -A after the stale token: exit {abort.returncode}: {last_line(abort.stderr)}")
+        left = sorted(os.listdir(target))
+        want = ["s1"] if it.mode == "incremental" else []
+        if left != want:
+            it.leftover = it.leftover or bool(set(left) - set(want))
+            it.lost = it.lost or bool(set(want) - set(left))
+            it.problems.append(f"{target} after receive -A holds {left}, expected {want}")
+
+    def next_stream(self, it: Iteration, paths: dict[str, Path], whole: bytes) -> tuple[bytes, int, int]:
+        """The resume stream, the original-stream byte it resumes from, and its header's length; or the whole again."""
+        target, snap = paths["target"], paths["snap"]
+        tok = sf("token", target / snap.name)
+        if tok.returncode == 1:
+            it.whole_resends += 1
+            it.attempts.append({"resend": "whole", "why": last_line(tok.stderr)})
+            return whole, 0, 0
+        if tok.returncode != 0:
+            raise RuntimeError(f"snapferry token exit {tok.returncode}: {last_line(tok.stderr)}")
+        token = tok.stdout.decode().strip()
+        offset = int(json.loads(sf("token", "--decode", token).stdout)["offset"])
+        cont = sf("send", "-t", token, snap)
+        if cont.returncode != 0:
+            raise RuntimeError(f"snapferry send -t exit {cont.returncode}: {last_line(cont.stderr)}")
+        it.resumes += 1
+        return cont.stdout, offset, len(cont.stdout) - (len(whole) - offset)
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def run(self, it: Iteration) -> None:
+        live = self.src / f"it{it.index}"
+        snaps = self.src / f"snaps{it.index}"
+        target = self.dst / f"it{it.index}"
+        try:
+            self._run(it, live, snaps, target)
+        finally:
+            for directory in (target, snaps):
+                if directory.is_dir():
+                    for entry in directory.iterdir():
+                        if entry.name != STATE:
+                            subprocess.run(["btrfs", "-q", "subvolume", "delete", str(entry)], check=False)
+                    subprocess.run(["rm", "-rf", str(directory)], check=False)
+            if live.exists():
+                subprocess.run(["btrfs", "-q", "subvolume", "delete", str(live)], check=False)
+
+    def _run(self, it: Iteration, live: Path, snaps: Path, target: Path) -> None:
+        bt.run("btrfs", "-q", "subvolume", "create", live)
+        tb.write_tree(live / "data", seed=it.data_seed, megabytes=it.megabytes)
+        bt.fill_tree(live)
+        snaps.mkdir()
+        target.mkdir()
+        bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s1")
+        paths = {"target": target, "snap": snaps / "s1", "parent": snaps / "s1"}
+        if it.mode == "incremental":
+            tb.change_tree(live / "data", seed=it.data_seed + 1)
+            bt.change_tree(live)
+            bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s2")
+            paths["snap"] = snaps / "s2"
+            base = sf("receive", target, data=sf("send", snaps / "s1").stdout)
+            assert base.returncode == 0, base.stderr
+            sent = sf("send", "-p", snaps / "s1", snaps / "s2")
+        else:
+            sent = sf("send", snaps / "s1")
+        assert sent.returncode == 0, sent.stderr
+        whole = sent.stdout
+        it.stream_bytes = len(whole)
+        stream, base_offset, prefix = whole, 0, 0
+        rc = None
+        for number, fault in enumerate(it.faults):
+            if number:
+                stream, base_offset, prefix = self.next_stream(it, paths, whole)
+            rc = self.attempt(it, paths, stream, fault, base_offset, prefix)
+            log(f"  fault {fault['kind']} at {fault['offset']}/{fault['of']}: exit {rc}")
+            if rc == 0 or it.terminal:
+                break
+        if it.terminal:
+            it.ok = not it.problems
+            return
+        extra = 0
+        while rc != 0 and extra < EXTRA_ATTEMPTS:
+            extra += 1
+            stream, base_offset, prefix = self.next_stream(it, paths, whole)
+            rc = self.attempt(it, paths, stream, None, base_offset, prefix)
+            log(f"  resume {extra}: {len(stream)} bytes, exit {rc}")
+        if rc != 0:
+            it.lost = True
+            it.problems.append(f"not done after {EXTRA_ATTEMPTS} extra attempts (last exit {rc})")
+            return
+        self.check_replica(it, paths)
+        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+
+    def check_replica(self, it: Iteration, paths: dict[str, Path]) -> None:
+        snap, target = paths["snap"], paths["target"]
+        got = target / snap.name
+        want_names = sorted({"s1", snap.name})
+        if sorted(os.listdir(target)) != want_names:
+            it.leftover = True
+            it.problems.append(f"{target} holds {sorted(os.listdir(target))}, expected {want_names}")
+        if not got.is_dir():
+            it.lost = True
+            return
+        info, source = bt.subvol(got), bt.subvol(snap)
+        if not info.readonly or info.received_uuid != source.uuid:
+            it.problems.append(f"{got}: read-only {info.readonly}, received uuid {info.received_uuid} (source {source.uuid})")
+        want, have = bt.describe(snap), bt.describe(got)
+        if want != have:
+            it.corrupted = True
+            differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            it.problems.append(f"tree differs at {len(differ)} path(s): {differ[:5]}")
+
+
+def log(message: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True, file=sys.stderr)
