@@ -18,7 +18,6 @@ leave no .snapferry state behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -27,9 +26,9 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from threading import Thread
 from typing import TYPE_CHECKING, Any
 
+from _feeder import Feeder
 from tests import btrfs_testbed as bt
 from tests import zfs_testbed as tb
 
@@ -76,49 +75,12 @@ class BtrfsRunner:
             return []
         return [int(entry.split("-")[2], 16) for entry in os.listdir(state) if entry.startswith("ck-")]
 
-    def partial_receive(self, it: Iteration, target: Path, name: str, data: bytes) -> tuple[subprocess.Popen[bytes], list[int], Thread]:
-        """A receiver fed `data` without closing its stdin, left running until a new checkpoint appears (or 5 s)."""
+    def partial_receive(self, it: Iteration, target: Path, name: str, data: bytes) -> Feeder:
+        """A receiver fed `data` without closing its stdin, left running until a new checkpoint (or 5 s)."""
         before = set(self.checkpoint_ends(target, name))
-        proc = subprocess.Popen(
-            [*tb.SNAPFERRY, "receive", "-s", "--checkpoint", it.checkpoint, str(target)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        written = [0]
-
-        def writer() -> None:
-            assert proc.stdin is not None
-            try:
-                for start in range(0, len(data), 256 * 1024):
-                    proc.stdin.write(data[start : start + 256 * 1024])
-                    proc.stdin.flush()
-                    written[0] += len(data[start : start + 256 * 1024])
-            except (BrokenPipeError, OSError, ValueError):
-                pass
-
-        thread = Thread(target=writer, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and proc.poll() is None:
-            if set(self.checkpoint_ends(target, name)) - before:
-                break
-            time.sleep(0.1)
-        return proc, written, thread
-
-    @staticmethod
-    def finish(proc: subprocess.Popen[bytes], thread: Thread) -> tuple[int, str]:
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -999, "receiver hung; killed"
-        thread.join(5)
-        return proc.returncode, proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        feeder = Feeder([*tb.SNAPFERRY, "receive", "-s", "--checkpoint", it.checkpoint, str(target)], data)
+        feeder.wait_for(lambda: bool(set(self.checkpoint_ends(target, name)) - before))
+        return feeder
 
     def remount(self) -> None:
         bt.run("umount", self.dst)
@@ -165,10 +127,10 @@ class BtrfsRunner:
                 it.corrupted = True
                 it.problems.append(f"corrupt byte {offset}: a checkpoint ends at {max(ends)} > {limit}")
         elif kind in ("sigkill", "remount"):
-            proc, written, thread = self.partial_receive(it, target, name, stream[:offset])
-            proc.send_signal(signal.SIGKILL)
-            rc, err = self.finish(proc, thread)
-            fed = written[0]
+            feeder = self.partial_receive(it, target, name, stream[:offset])
+            feeder.proc.send_signal(signal.SIGKILL)
+            rc, err = feeder.finish()
+            fed = feeder.written
             if kind == "remount":
                 self.remount()
         else:

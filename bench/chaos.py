@@ -61,7 +61,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -76,6 +75,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
 from _faultproxy import FaultProxy, Trigger  # noqa: E402
+from _feeder import Feeder  # noqa: E402
 from _sshd import SshServer, remote_snapferry, start_sshd  # noqa: E402
 from tests import zfs_testbed as tb  # noqa: E402
 
@@ -295,53 +295,12 @@ class Runner:
     def receive(self, target: str, checkpoint: str, data: bytes) -> tb.Result:
         return run_sf("receive", "-s", "--checkpoint", checkpoint, target, data=data)
 
-    def partial_receive(
-        self, target: str, checkpoint: str, data: bytes, wait_checkpoint: bool
-    ) -> tuple[subprocess.Popen[bytes], list[int], threading.Thread]:
-        """Start a receiver, write `data` without closing stdin, wait for a new checkpoint or 5 s."""
+    def partial_receive(self, target: str, checkpoint: str, data: bytes) -> Feeder:
+        """A receiver fed `data` without closing its stdin, left running until a new checkpoint (or 5 s)."""
         before = set(tb.piece_names(target)) if tb.exists(target) else set()
-        proc = subprocess.Popen(
-            [*tb.SNAPFERRY, "receive", "-s", "--checkpoint", checkpoint, target],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        written = [0]
-
-        def writer() -> None:
-            assert proc.stdin is not None
-            try:
-                for start in range(0, len(data), 256 * 1024):
-                    chunk = data[start : start + 256 * 1024]
-                    proc.stdin.write(chunk)
-                    proc.stdin.flush()
-                    written[0] += len(chunk)
-            except (BrokenPipeError, OSError, ValueError):
-                pass
-
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and proc.poll() is None:
-            if wait_checkpoint and tb.exists(target) and set(tb.piece_names(target)) - before:
-                break
-            time.sleep(0.2)
-        return proc, written, thread
-
-    def finish(self, proc: subprocess.Popen[bytes], thread: threading.Thread, timeout: float = 120) -> tuple[int, str]:
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            thread.join(5)
-            return -999, "receiver hung; killed"
-        thread.join(5)
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        return proc.returncode, err
+        feeder = Feeder([*tb.SNAPFERRY, "receive", "-s", "--checkpoint", checkpoint, target], data)
+        feeder.wait_for(lambda: tb.exists(target) and bool(set(tb.piece_names(target)) - before))
+        return feeder
 
     # -- one attempt -------------------------------------------------------------------------
 
@@ -388,15 +347,15 @@ class Runner:
                 it.corrupted = True
                 it.problems.append(f"corrupt byte {offset}: checkpoint ends at {max(ends)} > {resume_base + offset}")
         elif kind == "sigkill":
-            proc, written, thread = self.partial_receive(target, it.checkpoint, stream[:offset], True)
-            proc.send_signal(signal.SIGKILL)
-            rc, err = self.finish(proc, thread, timeout=30)
-            fed = written[0]
+            feeder = self.partial_receive(target, it.checkpoint, stream[:offset])
+            feeder.proc.send_signal(signal.SIGKILL)
+            rc, err = feeder.finish(timeout=30)
+            fed = feeder.written
         elif kind == "daemon":
-            proc, written, thread = self.partial_receive(target, it.checkpoint, stream[:offset], True)
+            feeder = self.partial_receive(target, it.checkpoint, stream[:offset])
             tb.reboot_daemon([self.src.directory, self.dst.directory], [self.src.name, self.dst.name])
-            rc, err = self.finish(proc, thread, timeout=120)
-            fed = written[0]
+            rc, err = feeder.finish(timeout=120)
+            fed = feeder.written
             if rc == 0:
                 it.problems.append(f"daemon kill at {offset}: receiver exited 0")
             elif rc == -999:

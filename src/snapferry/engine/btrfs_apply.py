@@ -495,4 +495,3 @@ class BtrfsApplier:
     def _subvol_fd(self) -> int:
         assert self._subvol is not None
         return self._subvol.fd
-

@@ -9,8 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from snapferry.engine.btrfs import Subvolume
 from snapferry.errors import Refused, TransferInterrupted
-from snapferry.events import EventSink, ignore_events
-from snapferry.sync.driver import SyncOptions, run_pipe, run_with_retries
+from snapferry.sync.driver import SteppedSync, run_pipe
 from snapferry.sync.endpoints import Shell
 
 _SSH_FAILED = 255
@@ -60,14 +59,8 @@ def next_btrfs_step(source: list[Subvolume], target: Listing, *, no_stream: bool
     return BtrfsStep((newer[-1] if no_stream else newer[0]).name, parent=base.name)
 
 
-class BtrfsSync:
+class BtrfsSync(SteppedSync[BtrfsStep]):
     """The snapshots of one directory into another (either end local or over ssh), until done, refused, or out of retries."""
-
-    def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
-        self.source = source
-        self.target = target
-        self.options = options
-        self.events = events
 
     def _list(self, shell: Shell) -> Listing:
         directory = shell.endpoint.dataset
@@ -112,14 +105,3 @@ class BtrfsSync:
         send.append(str(directory / step.snapshot))
         receive = ["receive", "--json", "-s", *self.options.receive_checkpoint(), self.target.endpoint.dataset]
         run_pipe(self.source.snapferry_argv(*send), self.target.snapferry_argv(*receive), self.events)
-
-    def _attempt(self) -> int:
-        done = 0
-        while (step := self._next()) is not None:
-            self.events("plan", steps=[step.describe()])
-            self._run(step)
-            done += 1
-        return done
-
-    def run(self) -> str:
-        return run_with_retries(self._attempt, self.options, self.events)

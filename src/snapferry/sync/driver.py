@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
@@ -121,14 +122,50 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     raise TransferInterrupted(message)
 
 
-class Sync:
-    """One dataset from `source` to `target`, until done, refused, or out of retries."""
+class Describable(Protocol):
+    def describe(self) -> str: ...
+
+
+StepT = TypeVar("StepT", bound=Describable)
+
+
+class SteppedSync(Generic[StepT]):
+    """A sync as planned steps, each planned from both ends as they are now, until none is left; retried with back-off."""
 
     def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
         self.source = source
         self.target = target
         self.options = options
         self.events = events
+
+    def _next(self) -> StepT | None:
+        raise NotImplementedError
+
+    def _run(self, step: StepT) -> None:
+        raise NotImplementedError
+
+    def _after_steps(self) -> None:
+        """Tidying once the target is up to date."""
+
+    def _attempt(self) -> int:
+        """Every step up to date; the number done."""
+        done = 0
+        while (step := self._next()) is not None:
+            self.events("plan", steps=[step.describe()])
+            self._run(step)
+            done += 1
+        self._after_steps()
+        return done
+
+    def run(self) -> str:
+        return run_with_retries(self._attempt, self.options, self.events)
+
+
+class Sync(SteppedSync[Step | Rollback]):
+    """One dataset from `source` to `target`, until done, refused, or out of retries."""
+
+    def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
+        super().__init__(source, target, options, events)
         self._mode: Mode | None = None
 
     def mode(self) -> Mode:
@@ -158,8 +195,8 @@ class Sync:
     def _next(self) -> Step | Rollback | None:
         return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
 
-    def _remove_leftovers(self) -> None:
-        """Checkpoints of completed transfers that a busy dataset kept from being destroyed."""
+    def _after_steps(self) -> None:
+        """Remove the checkpoints of completed transfers that a busy dataset kept from being destroyed."""
         dataset = self.target.endpoint.dataset
         _, transfers = read_transfers(self.target.zfs(), dataset)
         if any(t.complete and t.pieces() for t in transfers):
@@ -211,22 +248,12 @@ class Sync:
             # that would make the next incremental need --force.
             self.target.zfs().set_property(self.target.endpoint.dataset, "atime", "off")
 
-    def _attempt(self) -> int:
-        """Every step up to date; the number done."""
-        done = 0
-        while (step := self._next()) is not None:
-            self.events("plan", steps=[step.describe()])
-            self._run(step)
-            done += 1
-        self._remove_leftovers()
-        return done
-
     def run(self) -> str:
         if self.options.snapshot_prefix is not None:
             name = self._new_snapshot_name()
             self.source.zfs().snapshot(name)
             self.events("snapshot", name=name)
-        return run_with_retries(self._attempt, self.options, self.events)
+        return super().run()
 
 
 def run_with_retries(attempt_once: Callable[[], int], options: SyncOptions, events: EventSink) -> str:
