@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import zstandard
 from tests.shared_data import OPENZFS_DATA
 
+from fuzz import btrfs_targets as btrfs
+from fuzz.contract import OK, Errors, attempt, check, outcome
 from snapferry.codec import nvlist, openzfs_token
 from snapferry.codec.fletcher import BlockSum, Fletcher4
 from snapferry.codec.nvlist import NvList, NvlistError, NvPair, NvType
@@ -51,36 +53,9 @@ if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
 T = TypeVar("T")
-Errors = tuple[type[Exception], ...]
 
 STREAM_ERRORS: Errors = (StreamFormatError, StreamTruncated)
 FORMAT_ERRORS: Errors = (StreamFormatError,)
-OK = "parsed"
-
-
-class ContractViolation(AssertionError):
-    """A parser returned something wrong, or refused an input without a clean one-line message."""
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ContractViolation(message)
-
-
-def attempt(allowed: Errors, call: Callable[[], T]) -> tuple[T | None, Exception | None]:
-    """`call()`'s result, or the allowed exception it raised; any other exception propagates (a finding)."""
-    try:
-        return call(), None
-    except allowed as exc:
-        text = str(exc)
-        # The CLI prints the message as the user's only explanation: one specific line.
-        check(bool(text.strip()) and "\n" not in text, f"{type(exc).__name__} without a one-line message: {text!r}")
-        # Its frames would keep the failed parser's buffers (up to 16 MiB) alive through the next attempt.
-        return None, exc.with_traceback(None)
-
-
-def outcome(error: Exception | None) -> str:
-    return OK if error is None else type(error).__name__
 
 
 class Program:
@@ -798,5 +773,20 @@ TARGETS: dict[str, Target] = {
         Target("openzfs-token", "openzfs_token.decode (OpenZFS 1-... tokens), re-encoded", run_openzfs_token, openzfs_token_seeds, 4096),
         Target("nvlist", "nvlist.decode, format_nvlist and re-encoding in both byte orders", run_nvlist, nvlist_seeds, 4096),
         Target("chained-begin", "chained_begin_payload on a raw (-w) BEGIN with an arbitrary payload", run_chained, chained_seeds, 4096),
+        Target(
+            "btrfs-stream",
+            "BtrfsStreamReader over a btrfs send stream, as sent or with every crc32c made right",
+            btrfs.run_btrfs_stream,
+            btrfs.btrfs_stream_seeds,
+            1 << 14,
+        ),
+        Target(
+            "btrfs-continuation",
+            "Continuation.decode + BtrfsStreamReader.jump: snapferry's btrfs continuation framing",
+            btrfs.run_btrfs_continuation,
+            btrfs.btrfs_continuation_seeds,
+            1 << 14,
+        ),
+        Target("btrfs-token", "BtrfsToken.decode (sf1b- tokens)", btrfs.run_btrfs_token, btrfs.btrfs_token_seeds, 2048),
     )
 }

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from fuzz import targets
-from fuzz.targets import OK, TARGETS, ContractViolation, mutations
+from fuzz.contract import OK, ContractViolation
+from fuzz.targets import TARGETS, mutations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,9 @@ BUDGET = {
     "openzfs-token": 800,
     "nvlist": 1000,
     "chained-begin": 800,
+    "btrfs-stream": 800,
+    "btrfs-continuation": 600,
+    "btrfs-token": 800,
 }
 
 
