@@ -103,7 +103,8 @@ def run_btrfs_continuation(data: bytes) -> str:
     if parsed is not None:
         continuation, items, version = parsed
         first, rest = items[0], items[1:]
-        check(first.command.kind in (Cmd.SUBVOL, Cmd.SNAPSHOT) or first.command.kind == Cmd.END, "continuation's first command")
+        # Which kind it is the receiver checks (it must name a subvolume), not the framing.
+        check(first.offset == STREAM_HEADER_SIZE, f"continuation's first command at {first.offset}")
         if rest:
             body = stream[CONTINUATION_SIZE:]
             _check_commands(rest, version, body, STREAM_HEADER_SIZE + first.size, continuation.offset)
