@@ -992,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--only", type=int, help="run just this iteration index")
+    parser.add_argument("--first", type=int, default=0, help="start at this iteration index (to finish a run stopped early)")
     parser.add_argument("--json", type=Path, help="write the summary and every iteration here (rewritten after each iteration)")
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated: local, sync, btrfs (default {DEFAULT_SCENARIOS})")
     parser.add_argument("--max-mib", type=int, default=16, help="largest data set of an iteration, MiB (default 16; at least 2)")
@@ -1007,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "python3 bench/chaos.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     replay = replay_args(args)
-    indices = [args.only] if args.only is not None else list(range(args.iterations))
+    indices = [args.only] if args.only is not None else list(range(args.first, args.iterations))
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
