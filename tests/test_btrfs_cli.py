@@ -284,3 +284,28 @@ def test_c_is_zfs_flag_or_btrfs_clone_source(argv: list[str], snapshot: str, com
     args = build_parser().parse_args(["send", *argv])
     assert _split_c(args) == clones
     assert (args.snapshot, args.c) == (snapshot, compressed)
+
+
+def test_full_disk_then_resume(bed: Bed, tmp_path: Path) -> None:
+    """The target fills up mid-stream: exit 3 "out of space", checkpoints kept; once space is freed the resume completes."""
+    data = sent(bed.snaps / "snap1")
+    with ExitStack() as stack:
+        small = mkfs(stack, tmp_path, "small").mnt
+        root = small / "root"
+        root.mkdir()
+        st = os.statvfs(small)
+        filler = small / "filler"
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - len(data) // 2)
+        full = sf("receive", "-s", "--checkpoint", "1M", root, data=data)
+        assert full.returncode == 3, full.stderr
+        assert "out of space" in full.stderr and full.stderr.count("\n") == 1
+        filler.unlink()
+        run("btrfs", "filesystem", "sync", small)
+        assert "checkpoint(s) of snap1 kept (the last at stream byte" in full.stderr
+        continuation = sent("-t", _token(root / "snap1"), bed.snaps / "snap1")
+        assert len(continuation) < len(data) * 3 // 4
+        done = sf("receive", "-s", root, data=continuation)
+        assert done.returncode == 0, done.stderr
+        assert_same_tree(bed.stock / "snap1", root / "snap1")
+        assert sorted(os.listdir(root)) == ["snap1"]

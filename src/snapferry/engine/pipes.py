@@ -97,7 +97,7 @@ class SendProcess:
         try:
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
         except FileNotFoundError:
-            hint = "install btrfs-progs" if os.path.basename(argv[0]) == "btrfs" else "set --zfs or SNAPFERRY_ZFS"
+            hint = "install btrfs-progs" if self._program == "btrfs" else "set --zfs or SNAPFERRY_ZFS"
             raise ZfsCommandError(f"cannot run {argv[0]!r}: not found ({hint})") from None
         assert self._proc.stdout is not None
         enlarge_pipe(self._proc.stdout.fileno())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ctypes.util
 import os
 import threading
@@ -27,7 +28,7 @@ from snapferry.codec.btrfs_stream import (
 from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
-from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
+from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.readahead import read_ahead
 from snapferry.resume.btrfs_checkpoints import (
@@ -230,12 +231,14 @@ class BtrfsCheckpointReceiver:
             if resume_from is not None and os.path.lexists(state.partial):
                 destroy_subvolume(state.partial)
             return self._apply(reader, commands, begin, state, identity, resume_from, source_path)
-        except BtrfsStreamTruncated as e:
+        except TransferInterrupted as e:  # cut short, or out of space
             kept = read_state(self.receive_root, name)
             count = len(kept.checkpoints) if kept is not None else 0
             last = kept.last if kept is not None else None
             upto = f" (the last at stream byte {last.offset})" if last is not None else ""
-            raise TransferInterrupted(f"{e}; {count} checkpoint(s) of {name} kept{upto}; {resume_hint(self.receive_root, name)}") from None
+            first = "free some space, then " if isinstance(e, OutOfSpace) else ""
+            summary = f"{count} checkpoint(s) of {name} kept{upto}; {first}{resume_hint(self.receive_root, name)}"
+            raise type(e)(f"{e}; {summary}") from None
 
     def _check_state(self, state: TransferState, identity: StreamIdentity) -> None:
         if state.foreign:
@@ -322,8 +325,13 @@ class BtrfsCheckpointReceiver:
                 # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
                 # keeps the checkpoint's durability from resting on that detail alone.
                 write_behind.wait()
-                syncfs(partial_fd)
-                snapshot_readonly(state_fd, checkpoint.name, partial_fd)
+                try:
+                    syncfs(partial_fd)
+                    snapshot_readonly(state_fd, checkpoint.name, partial_fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise OutOfSpace(f"out of space taking checkpoint {seq} of {name}: {e.strerror}") from None
+                    raise
                 if previous is not None:
                     destroy_subvolume(state.directory / previous.name)
                 previous, last_offset = checkpoint, item.end_offset
