@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import ctypes.util
+import errno
 import os
 import threading
 from collections.abc import Iterator
