@@ -12,3 +12,12 @@ def test_demo_transfers_cuts_resumes_and_verifies(zfs_daemon: None) -> None:
     assert "files identical: True" in out and "snapshot guid identical: True" in out
     assert out.count("exit 3:") == 2, "the demo cuts the transfer twice"
     assert "sfdemo" not in tb.sh("zpool", "list", "-H", "-o", "name", check=False).stdout.decode(), "demo pools are cleaned up"
+
+
+def test_btrfs_demo_transfers_cuts_resumes_and_verifies() -> None:
+    result = tb.snapferry("demo", "--btrfs")
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr + out
+    assert "files identical: True" in out and "read-only: True" in out
+    assert out.count("exit 3:") == 2, "the demo cuts the transfer twice"
+    assert "snapferry-demo-" not in tb.sh("findmnt", "-rn", "-o", "TARGET", check=False).stdout.decode(), "demo mounts are cleaned up"

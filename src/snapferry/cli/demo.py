@@ -1,4 +1,4 @@
-"""`snapferry demo`: a transfer between two throwaway file-backed pools, cut twice, resumed, verified."""
+"""`snapferry demo`: a transfer between two throwaway file-backed pools (or loop-mounted btrfs), cut twice, resumed, verified."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _manifest(root: Path) -> dict[str, str]:
 
 def _pipe(console: Console, sender: list[str], receiver: list[str], cut_at: int | None) -> tuple[int, int, str]:
     """sender | receiver, the link dropping after `cut_at` bytes; returns bytes moved, rc, stderr."""
-    shown = " ".join("$TOKEN" if a.startswith("sf1-") else a for a in sender[3:]) + " | snapferry " + " ".join(receiver[3:])
+    shown = " ".join("$TOKEN" if a.startswith(("sf1-", "sf1b-")) else a for a in sender[3:]) + " | snapferry " + " ".join(receiver[3:])
     console.print(f"[bold]$ snapferry {shown}[/]" + (f"   [dim](link drops after {cut_at:,} bytes)[/]" if cut_at else ""))
     send = subprocess.Popen([*sender, "-q"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     recv = subprocess.Popen([*receiver, "-q"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -74,6 +74,22 @@ def _pipe(console: Console, sender: list[str], receiver: list[str], cut_at: int 
     recv.wait()
     console.print(f"  exit {recv.returncode}: {message.splitlines()[-1] if message else 'ok'}", highlight=False)
     return moved, recv.returncode, message
+
+
+def _cut_twice(console: Console, snapshot: str, receive: list[str], token_of: str, data_size: int) -> int:
+    """Send, cut at 40 %; resume, cut again; resume to the end. The bytes sent in all."""
+    sent, rc, _ = _pipe(console, [*SNAPFERRY, "send", snapshot], receive, cut_at=data_size * 2 // 5)
+    total_sent = sent
+    for cut in (data_size // 4, None):
+        token = subprocess.run([*SNAPFERRY, "token", token_of], capture_output=True, text=True, check=True).stdout.strip()
+        console.print(f"[bold]$ TOKEN=$(snapferry token {token_of})[/]   [dim]# {token[:40]}...[/]")
+        # A btrfs token names no path: the snapshot is given again.
+        path = [snapshot] if snapshot.startswith("/") else []
+        sent, rc, message = _pipe(console, [*SNAPFERRY, "send", "-t", token, *path], receive, cut)
+        total_sent += sent
+    if rc != 0:
+        raise SnapferryError(f"the demo transfer did not complete: {message}")
+    return total_sent
 
 
 def run_demo(zfs: Zfs, quiet: bool = False) -> int:
@@ -100,15 +116,7 @@ def run_demo(zfs: Zfs, quiet: bool = False) -> int:
         console.print(f"Dataset {src}@demo: {len(expected)} files, {data_size / 2**20:.0f} MiB\n")
 
         receive = [*SNAPFERRY, "receive", "-s", "--checkpoint", CHECKPOINT, dst]
-        sent, rc, _ = _pipe(console, [*SNAPFERRY, "send", f"{src}@demo"], receive, cut_at=data_size * 2 // 5)
-        total_sent = sent
-        for cut in (data_size // 4, None):
-            token = subprocess.run([*SNAPFERRY, "token", dst], capture_output=True, text=True, check=True).stdout.strip()
-            console.print(f"[bold]$ TOKEN=$(snapferry token {dst})[/]   [dim]# {token[:40]}...[/]")
-            sent, rc, message = _pipe(console, [*SNAPFERRY, "send", "-t", token], receive, cut_at=cut)
-            total_sent += sent
-        if rc != 0:
-            raise SnapferryError(f"the demo transfer did not complete: {message}")
+        total_sent = _cut_twice(console, f"{src}@demo", receive, dst, data_size)
 
         actual = _manifest(Path(f"/{dst}"))
         same_guid = zfs.guid(f"{src}@demo") == zfs.guid(f"{dst}@demo")
@@ -123,4 +131,57 @@ def run_demo(zfs: Zfs, quiet: bool = False) -> int:
                 if subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True, check=False).returncode == 0:
                     break
                 time.sleep(0.5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_btrfs_demo(quiet: bool = False) -> int:
+    """The same on two loop-mounted btrfs file systems in image files: snapferry's own receiver and its checkpoints."""
+    console = Console(stderr=False, quiet=quiet, soft_wrap=True)
+    if shutil.which("mkfs.btrfs") is None:
+        raise SnapferryError("no btrfs-progs here: install them first (see the README's setup command)")
+    workdir = Path(tempfile.mkdtemp(prefix="snapferry-demo-"))
+    loops: list[str] = []
+    mounted: list[Path] = []
+    try:
+        for name in ("src", "dst"):
+            image, mnt = workdir / f"{name}.img", workdir / name
+            subprocess.run(["truncate", "-s", "512M", str(image)], check=True)
+            subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
+            attached = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True)
+            loops.append(attached.stdout.strip())
+            mnt.mkdir()
+            subprocess.run(["mount", loops[-1], str(mnt)], check=True)
+            mounted.append(mnt)
+        src, dst = mounted
+        console.print(f"[bold]Two loop-mounted btrfs in {workdir}: {src} (source) and {dst} (destination)[/]")
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(src / "data")], check=True)
+        _write_data(src / "data")
+        expected = _manifest(src / "data")
+        (src / "snaps").mkdir()
+        snapshot = src / "snaps" / "demo"
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(src / "data"), str(snapshot)], check=True)
+        data_size = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file())
+        console.print(f"Read-only snapshot {snapshot}: {len(expected)} files, {data_size / 2**20:.0f} MiB\n")
+
+        receive = [*SNAPFERRY, "receive", "-s", "--checkpoint", CHECKPOINT, str(dst)]
+        total_sent = _cut_twice(console, str(snapshot), receive, str(dst / "demo"), data_size)
+
+        actual = _manifest(dst / "demo")
+        shown = subprocess.run(["btrfs", "subvolume", "show", str(dst / "demo")], capture_output=True, text=True).stdout
+        source_uuid = subprocess.run(["btrfs", "subvolume", "show", str(snapshot)], capture_output=True, text=True).stdout
+        uuid = next(line.split()[-1] for line in source_uuid.splitlines() if line.strip().startswith("UUID:"))
+        lines = [line.strip() for line in shown.splitlines()]
+        received = f"Received UUID: \t\t{uuid}".split() in [line.split() for line in lines]
+        received = received and any(line.startswith("Flags:") and "readonly" in line for line in lines)
+        console.print()
+        console.print(f"files identical: {actual == expected} ({len(actual)} files compared by sha256)")
+        console.print(f"received as the source snapshot (Received UUID {uuid}), read-only: {received}")
+        console.print(f"bytes sent in 3 attempts: {total_sent:,} for {data_size:,} bytes of data")
+        return 0 if actual == expected and received else 1
+    finally:
+        for mnt in reversed(mounted):
+            if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
+        for loop in loops:
+            subprocess.run(["losetup", "-d", loop], check=False)
         shutil.rmtree(workdir, ignore_errors=True)

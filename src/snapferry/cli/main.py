@@ -293,9 +293,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from snapferry.cli.demo import run_demo
+    from snapferry.cli.demo import run_btrfs_demo, run_demo
 
-    return run_demo(_zfs(args), quiet=args.quiet)
+    return run_btrfs_demo(quiet=args.quiet) if args.btrfs else run_demo(_zfs(args), quiet=args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     subvolumes.set_defaults(func=btrfs_cli.cmd_subvolumes)
 
     demo = sub.add_parser("demo", parents=[common], help="interrupted and resumed transfer between two file-backed pools")
+    demo.add_argument("--btrfs", action="store_true", help="between two loop-mounted btrfs file systems instead")
     demo.set_defaults(func=cmd_demo)
     return parser
 
