@@ -236,10 +236,16 @@ class BtrfsStreamReader:
         if not self.version:
             self.read_header()
         limit = min(self._max, MAX_COMMAND_LEN if self.version >= 2 else MAX_COMMAND_LEN_V1)
+        readinto = self._source.readinto
+        crc32c_of = crc32c.crc32c
         while True:
             offset = self.bytes_read
             header = bytearray(CMD_HEADER_SIZE)
-            got = self._read_exact(memoryview(header))
+            # The common case, a whole header (or body) in one call, without read_exact's loop.
+            got = readinto(header) or 0
+            if got < CMD_HEADER_SIZE:
+                got += read_exact(self._source, memoryview(header)[got:])
+            self.bytes_read += got
             if got < CMD_HEADER_SIZE:
                 where = "before the END command" if got == 0 else "inside a command header"
                 raise BtrfsStreamTruncated(f"input ended at stream byte {offset + got}, {where}")
@@ -250,12 +256,16 @@ class BtrfsStreamReader:
                 )
             body = bytearray(length)
             view = memoryview(body)
-            got = self._read_exact(view)
+            got = (readinto(body) or 0) if length else 0
+            if got < length:
+                got += read_exact(self._source, view[got:])
+            self.bytes_read += got
             if got < length:
                 name = _command_name(kind)
                 at = offset + CMD_HEADER_SIZE + got
                 raise BtrfsStreamTruncated(f"input ended at stream byte {at}, inside the {name} command at byte {offset}")
-            if btrfs_crc32c(body, btrfs_crc32c(bytes(header[:6]) + _ZERO_CRC)) != crc:
+            # btrfs_crc32c(body, btrfs_crc32c(header with a zero crc)), with the seed inversions folded together.
+            if crc32c_of(body, crc32c_of(header[:6] + _ZERO_CRC, 0xFFFFFFFF)) ^ 0xFFFFFFFF != crc:
                 raise StreamIntegrityError(
                     f"crc32c mismatch in the command at stream byte {offset}: "
                     f"bytes {offset}-{offset + CMD_HEADER_SIZE + length} were corrupted in transit",
