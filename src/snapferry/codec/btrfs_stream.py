@@ -241,10 +241,11 @@ class BtrfsStreamReader:
         while True:
             offset = self.bytes_read
             header = bytearray(CMD_HEADER_SIZE)
+            header_view = memoryview(header)
             # The common case, a whole header (or body) in one call, without read_exact's loop.
-            got = readinto(header) or 0
+            got = readinto(header_view) or 0
             if got < CMD_HEADER_SIZE:
-                got += read_exact(self._source, memoryview(header)[got:])
+                got += read_exact(self._source, header_view[got:])
             self.bytes_read += got
             if got < CMD_HEADER_SIZE:
                 where = "before the END command" if got == 0 else "inside a command header"
@@ -256,7 +257,7 @@ class BtrfsStreamReader:
                 )
             body = bytearray(length)
             view = memoryview(body)
-            got = (readinto(body) or 0) if length else 0
+            got = (readinto(view) or 0) if length else 0
             if got < length:
                 got += read_exact(self._source, view[got:])
             self.bytes_read += got
