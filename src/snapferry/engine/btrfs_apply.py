@@ -194,20 +194,23 @@ class BtrfsApplier:
     def _open(self, kind: Cmd, raw: bytes, flags: int, base_fd: int | None = None, *, regular: bool = True) -> int:
         """Open raw, never through a symlink, with flags; unless it is a regular file (or, with regular=False, a directory), refuse.
 
-        It is pinned with O_PATH and checked before the real open, so a stream cannot make us open a fifo
-        (which would hang) or a device node it created (which would write to a real disk).
+        Its type is checked (lstat) before the open, so a stream cannot make us open a fifo (which would
+        hang) or a device node it created (which would write to a real disk): the stream's own commands
+        cannot change it in between. O_NONBLOCK and the check that the opened inode is the one looked at
+        guard against another process swapping the entry meanwhile.
         """
-        pinned = self._open_any(kind, raw, base_fd)
-        try:
-            mode = os.fstat(pinned).st_mode
-            if stat.S_ISLNK(mode):
-                raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is a symlink")
-            if not (stat.S_ISREG(mode) or (not regular and stat.S_ISDIR(mode))):
-                raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is not a regular file")
-            # Reopening through the magic link reaches exactly the pinned inode.
-            return os.open(self._proc(pinned), flags | os.O_CLOEXEC)
-        finally:
-            os.close(pinned)
+        dir_fd, name = self._parent(kind, raw, base_fd) if raw else (self._subvol_fd() if base_fd is None else base_fd, b".")
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(before.st_mode):
+            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is a symlink")
+        if not (stat.S_ISREG(before.st_mode) or (not regular and stat.S_ISDIR(before.st_mode))):
+            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is not a regular file")
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            os.close(fd)
+            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it was replaced while being opened")
+        return fd
 
     def _open_any(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> int:
         """An O_PATH fd of raw itself, even a symlink or the subvolume root (b"")."""
