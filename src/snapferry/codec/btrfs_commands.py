@@ -6,6 +6,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 from typing import NamedTuple
 from uuid import UUID
 
@@ -248,7 +249,7 @@ class Command:
     def _uuid(self, attr: Attr) -> UUID:
         return UUID(bytes=bytes(self.raw(attr)))
 
-    @property
+    @cached_property
     def path(self) -> bytes:
         """Raw bytes as the sender holds them, relative to the subvolume (b"" is its root): confine with safe_relative_path."""
         return self._bytes(Attr.PATH)

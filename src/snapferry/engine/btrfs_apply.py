@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -70,6 +71,9 @@ class BtrfsApplier:
         self._capability: tuple[bytes, bytes] | None = None
         self._sealing: dict[bytes, int] = {}
         self._dirs: dict[tuple[bytes, ...], int] = {}
+        self._handlers: dict[Cmd, Callable[[Command], None]] = {
+            kind: getattr(self, f"_do_{kind.name.lower()}") for kind in Cmd if kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT, Cmd.END)
+        }
         self._transient: list[int] = []
         self.finished: list[Path] = []
 
@@ -111,7 +115,7 @@ class BtrfsApplier:
             return
         if kind in _NAMESPACE:
             self._drop_write()
-        handler = getattr(self, f"_do_{kind.name.lower()}")
+        handler = self._handlers[kind]
         path = command.path
         if kind == Cmd.RENAME:
             path += b" -> " + command.path_to
