@@ -115,15 +115,14 @@ class BtrfsApplier:
             return
         if kind in _NAMESPACE:
             self._drop_write()
-        handler = self._handlers[kind]
-        path = command.path
-        if kind == Cmd.RENAME:
-            path += b" -> " + command.path_to
-        elif kind == Cmd.LINK:
-            path += b" -> " + command.path_link
         try:
-            handler(command)
+            self._handlers[kind](command)
         except OSError as e:
+            path = command.path
+            if kind == Cmd.RENAME:
+                path += b" -> " + command.path_to
+            elif kind == Cmd.LINK:
+                path += b" -> " + command.path_link
             raise self._os_error(kind, path, e) from None
         finally:
             while self._transient:
