@@ -270,6 +270,22 @@ def test_send_refusals(bed: Bed) -> None:
     assert btrfs_flag.returncode == 2 and "btrfs send's" in btrfs_flag.stderr
 
 
+def test_receive_directory_refusals(bed: Bed, tmp_path: Path) -> None:
+    data = sent(bed.snaps / "snap1")
+    not_btrfs = sf("receive", "-s", tmp_path, data=data)
+    assert (not_btrfs.returncode, not_btrfs.stderr) == (
+        4,
+        f"snapferry: {tmp_path} is not on a btrfs file system: snapferry receives btrfs streams into btrfs only\n",
+    )
+    assert os.listdir(tmp_path) == []  # nothing left behind
+    missing = sf("receive", "-s", tmp_path / "nope", data=data)
+    assert missing.returncode == 4 and "does not exist: create the directory" in missing.stderr
+    root = bed.root("refusals")
+    garbage = sf("receive", "-s", root, data=b"not a stream at all, just text\n")
+    assert (garbage.returncode, garbage.stderr) == (5, "snapferry: no btrfs-stream magic at the start of input: not a btrfs send stream\n")
+    assert os.listdir(root) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "snapshot", "compressed", "clones"),
     [

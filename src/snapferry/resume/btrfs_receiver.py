@@ -85,6 +85,22 @@ def _command_size(item: StreamCommand) -> int:
     return item.size
 
 
+def check_receive_root(path: Path) -> None:
+    """Refuse, before reading any stream, a receive directory that is missing or not on btrfs."""
+    try:
+        fd = os.open(path, _O_DIR)
+    except FileNotFoundError:
+        raise Refused(f"{path} does not exist: create the directory to receive into (on a btrfs file system)") from None
+    except NotADirectoryError:
+        raise Refused(f"{path} is not a directory") from None
+    try:
+        ioc.subvol_info(fd)
+    except OSError:
+        raise Refused(f"{path} is not on a btrfs file system: snapferry receives btrfs streams into btrfs only") from None
+    finally:
+        os.close(fd)
+
+
 class _WriteBehind:
     """Starts writing the received data back on a thread well before the next checkpoint, so that the checkpoint's
     flush finds little left to do and the stream is not stalled for all of it (syncfs releases the GIL)."""
@@ -147,6 +163,7 @@ class BtrfsCheckpointReceiver:
 
     def receive(self, source: Readable) -> list[Path]:
         """Receive every stream on source up to its end; the received subvolumes' paths."""
+        check_receive_root(self.receive_root)
         received: list[Path] = []
         while True:
             first = bytearray(1)
