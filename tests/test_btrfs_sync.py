@@ -169,8 +169,13 @@ def test_usage_errors() -> None:
     assert relative.returncode == 2
 
 
-def _sub(name: str, otransid: int, uuid: UUID | None = None, received: UUID | None = None, readonly: bool = True) -> Subvolume:
-    return Subvolume(Path(name), uuid or uuid4(), received or UUID(int=0), UUID(int=0), otransid, otransid, readonly)
+LIVE = uuid4()
+
+
+def _sub(
+    name: str, otransid: int, uuid: UUID | None = None, received: UUID | None = None, readonly: bool = True, of: UUID = LIVE
+) -> Subvolume:
+    return Subvolume(Path(name), uuid or uuid4(), received or UUID(int=0), of, otransid, otransid, readonly)
 
 
 def test_next_btrfs_step_units() -> None:
@@ -190,3 +195,16 @@ def test_next_btrfs_step_units() -> None:
     assert next_btrfs_step([a, b, c], Listing(has_a.subvolumes, {"b": None}), no_stream=False) == BtrfsStep("b", parent="a")
     with pytest.raises(Refused, match="no read-only snapshot"):
         next_btrfs_step([live], empty, no_stream=False)
+
+
+def test_next_btrfs_step_keeps_each_subvolumes_chain() -> None:
+    """btrbk-style directories hold snapshots of several subvolumes: each is incremental within its own chain."""
+    home, root = uuid4(), uuid4()
+    h1, r1, h2, r2 = _sub("home.1", 1, of=home), _sub("root.1", 2, of=root), _sub("home.2", 3, of=home), _sub("root.2", 4, of=root)
+    source = [h1, r1, h2, r2]
+    assert next_btrfs_step(source, Listing([], {}), no_stream=False) == BtrfsStep("home.1")
+    after_h1 = Listing([_sub("home.1", 9, received=h1.uuid)], {})
+    assert next_btrfs_step(source, after_h1, no_stream=False) == BtrfsStep("home.2", parent="home.1")
+    after_home = Listing([*after_h1.subvolumes, _sub("home.2", 10, received=h2.uuid)], {})
+    assert next_btrfs_step(source, after_home, no_stream=False) == BtrfsStep("root.1")
+    assert next_btrfs_step(source, after_home, no_stream=True) == BtrfsStep("root.2")

@@ -6,6 +6,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from uuid import UUID
 
 from snapferry.engine.btrfs import Subvolume
 from snapferry.errors import Refused, TransferInterrupted
@@ -40,7 +41,12 @@ class Listing:
 
 
 def next_btrfs_step(source: list[Subvolume], target: Listing, *, no_stream: bool) -> BtrfsStep | None:
-    """The next transfer, or None when the target is up to date (pure: unit-tested)."""
+    """The next transfer, or None when the target is up to date (pure: unit-tested).
+
+    Snapshots of different subvolumes can share a directory (home.1, root.1, home.2 ...): each
+    subvolume's snapshots (same parent UUID) form their own chain, incremental from the newest one the
+    target already has.
+    """
     resumable = sorted((name, token) for name, token in target.unfinished.items() if token is not None)
     if resumable:
         name, token = resumable[0]
@@ -49,14 +55,16 @@ def next_btrfs_step(source: list[Subvolume], target: Listing, *, no_stream: bool
     if not snapshots:
         raise Refused("the source directory has no read-only snapshot to send (btrfs subvolume snapshot -r)")
     received = {t.received_uuid for t in target.subvolumes if t.readonly}
-    common = [s for s in snapshots if s.uuid in received]
-    if not common:
-        return BtrfsStep((snapshots[-1] if no_stream else snapshots[0]).name)
-    base = common[-1]
-    newer = [s for s in snapshots if s.otransid > base.otransid and s.uuid not in received]
-    if not newer:
-        return None
-    return BtrfsStep((newer[-1] if no_stream else newer[0]).name, parent=base.name)
+    chains: dict[UUID, list[Subvolume]] = {}
+    for snapshot in snapshots:  # oldest first
+        chains.setdefault(snapshot.parent_uuid, []).append(snapshot)
+    for chain in chains.values():
+        have = [s for s in chain if s.uuid in received]
+        newer = [s for s in chain if s.uuid not in received and (not have or s.otransid > have[-1].otransid)]
+        if newer:
+            pick = newer[-1] if no_stream else newer[0]
+            return BtrfsStep(pick.name, parent=have[-1].name if have else None)
+    return None
 
 
 class BtrfsSync(SteppedSync[BtrfsStep]):
