@@ -39,8 +39,8 @@ def _path(text: str) -> Path:
 
 def _options(args: argparse.Namespace, clones: list[str]) -> BtrfsSendOptions:
     return BtrfsSendOptions(
-        Path(args.parent) if args.parent else None,
-        tuple(Path(c) for c in clones),
+        _path(args.parent) if args.parent else None,
+        tuple(_path(c) for c in clones),
         args.proto,
         args.compressed_data,
     )
