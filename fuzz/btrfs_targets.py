@@ -184,19 +184,19 @@ def _commands(version: int, incremental: bool) -> list[Command]:
     return [*commands, Command.build(Cmd.UTIMES, path="", atime=t, mtime=t, ctime=t), Command.build(Cmd.END)]
 
 
-def _stream(version: int, incremental: bool) -> bytes:
+def synthetic_stream(version: int, incremental: bool) -> bytes:
     return stream_header(version) + b"".join(encode_command(c, version) for c in _commands(version, incremental))
 
 
 def btrfs_stream_seeds() -> tuple[bytes, ...]:
-    streams = [_stream(v, incremental) for v in (1, 2) for incremental in (False, True)]
+    streams = [synthetic_stream(v, incremental) for v in (1, 2) for incremental in (False, True)]
     return (*(bytes([AS_IS]) + s for s in streams), *(bytes([RECRC]) + s for s in streams), bytes([AS_IS]) + streams[0] * 2)
 
 
 def btrfs_continuation_seeds() -> tuple[bytes, ...]:
     out = []
     for version in (1, 2):
-        stream = _stream(version, True)
+        stream = synthetic_stream(version, True)
         items = list(BtrfsStreamReader(io.BytesIO(stream)))
         cut = items[len(items) // 2]
         first = items[0]

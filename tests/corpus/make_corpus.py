@@ -1,8 +1,9 @@
 """Regenerates the damaged-input corpus beside it, deterministically: `python3 tests/corpus/make_corpus.py`.
 
 Each file is one malicious or damaged input; expected.json says which parser must refuse it, with
-which exception and a regex its one-line message matches. The streams are cut from the OpenZFS
-2.3.2 fixture `incr_s1_s2.stream` (one record of each kind it has), so they need the shared data.
+which exception and a regex its one-line message matches. The ZFS streams are cut from the OpenZFS
+2.3.2 fixture `incr_s1_s2.stream` (one record of each kind it has), so they need the shared data;
+the btrfs ones (btrfs_cases.py) are built from synthetic streams.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+sys.path.insert(0, str(HERE))
 
 from fuzz.targets import Split, resize, serialize, split_stream  # noqa: E402
 from tests.shared_data import OPENZFS_DATA  # noqa: E402
@@ -548,7 +550,9 @@ def chained_cases() -> list[Case]:
 
 
 def build() -> list[Case]:
-    return [*stream_cases(), *token_cases(), *nvlist_cases(), *chained_cases()]
+    from btrfs_cases import btrfs_cases  # beside this file
+
+    return [*stream_cases(), *token_cases(), *nvlist_cases(), *chained_cases(), *btrfs_cases(Case)]
 
 
 def main() -> None:
