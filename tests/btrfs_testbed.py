@@ -33,12 +33,12 @@ class Fs:
     mnt: Path
 
 
-def mkfs(stack: ExitStack, base: Path, name: str, options: str = "noatime") -> Fs:
-    """A fresh btrfs on a loop device, unmounted and detached when the stack closes."""
+def mkfs(stack: ExitStack, base: Path, name: str, options: str = "noatime", size: int = 384 << 20) -> Fs:
+    """A fresh btrfs on a loop device (a sparse image), unmounted and detached when the stack closes."""
     img, mnt = base / f"{name}.img", base / name
     mnt.mkdir()
     with open(img, "wb") as f:
-        f.truncate(384 << 20)
+        f.truncate(size)
     run("mkfs.btrfs", "-q", "-f", img)
     stack.callback(img.unlink)
     loop = run("losetup", "--find", "--show", img).strip()

@@ -319,8 +319,20 @@ def test_full_disk_then_resume(bed: Bed, tmp_path: Path) -> None:
         filler.unlink()
         run("btrfs", "filesystem", "sync", small)
         assert "checkpoint(s) of snap1 kept (the last at stream byte" in full.stderr
-        continuation = sent("-t", _token(root / "snap1"), bed.snaps / "snap1")
+        token = _token(root / "snap1")
+        continuation = sent("-t", token, bed.snaps / "snap1")
         assert len(continuation) < len(data) * 3 // 4
+        # Full again before the resume: the snapshot of the checkpoint it starts from cannot be made
+        # (found by the chaos runner, which exited 1 with a bare "No space left on device").
+        run("btrfs", "filesystem", "sync", small)
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, os.statvfs(small).f_bavail * st.f_frsize)
+        again = sf("receive", "-s", root, data=continuation)
+        assert again.returncode == 3 and again.stderr.count("\n") == 1, again.stderr
+        expected = f"snapferry: out of space receiving into {root}: No space left on device; 1 checkpoint(s) of snap1 kept"
+        assert again.stderr.startswith(expected)
+        assert _token(root / "snap1") == token  # nothing committed was lost
+        filler.unlink()
         done = sf("receive", "-s", root, data=continuation)
         assert done.returncode == 0, done.stderr
         assert_same_tree(bed.stock / "snap1", root / "snap1")

@@ -9,7 +9,7 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -83,6 +83,17 @@ def syncfs(fd: int) -> None:
 
 def _command_size(item: StreamCommand) -> int:
     return item.size
+
+
+@contextmanager
+def out_of_space_interrupts(receive_root: Path) -> Iterator[None]:
+    """A full disk or quota anywhere in a receive (state files, checkpoints, the subvolume) is an interruption to resume."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpace(f"out of space receiving into {receive_root}: {e.strerror}") from None
+        raise
 
 
 def check_receive_root(path: Path) -> None:
@@ -170,7 +181,8 @@ class BtrfsCheckpointReceiver:
             if received and read_exact(source, memoryview(first)) == 0:
                 return received
             stream = Prefixed(bytes(first), source) if received else source
-            received.append(self._receive_one(stream))
+            with out_of_space_interrupts(self.receive_root):
+                received.append(self._receive_one(stream))
 
     # --- one stream -----------------------------------------------------------------------------
 
@@ -236,18 +248,19 @@ class BtrfsCheckpointReceiver:
                 raise PartialInTheWay(f"{state.partial} is not the partial subvolume of snapferry's unfinished transfer of {name}")
             resume_from = state.last
         try:
-            if continuation is not None:
-                self._check_continuation(continuation, resume_from, name)
-            elif resume_from is not None:
-                self._skip_to(commands, resume_from, name)
-            elif os.path.lexists(state.partial):
-                destroy_subvolume(state.partial)  # no checkpoint yet: start over
-                self.events("discard", subvolume=name, reason="partial subvolume with no checkpoint")
-            start_state(self.receive_root, name, identity)
-            source_path = state.directory / resume_from.name if resume_from is not None else None
-            if resume_from is not None and os.path.lexists(state.partial):
-                destroy_subvolume(state.partial)
-            return self._apply(reader, commands, begin, state, identity, resume_from, source_path)
+            with out_of_space_interrupts(self.receive_root):
+                if continuation is not None:
+                    self._check_continuation(continuation, resume_from, name)
+                elif resume_from is not None:
+                    self._skip_to(commands, resume_from, name)
+                elif os.path.lexists(state.partial):
+                    destroy_subvolume(state.partial)  # no checkpoint yet: start over
+                    self.events("discard", subvolume=name, reason="partial subvolume with no checkpoint")
+                start_state(self.receive_root, name, identity)
+                source_path = state.directory / resume_from.name if resume_from is not None else None
+                if resume_from is not None and os.path.lexists(state.partial):
+                    destroy_subvolume(state.partial)
+                return self._apply(reader, commands, begin, state, identity, resume_from, source_path)
         except TransferInterrupted as e:  # cut short, or out of space
             kept = read_state(self.receive_root, name)
             count = len(kept.checkpoints) if kept is not None else 0
@@ -342,13 +355,8 @@ class BtrfsCheckpointReceiver:
                 # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
                 # keeps the checkpoint's durability from resting on that detail alone.
                 write_behind.wait()
-                try:
-                    syncfs(partial_fd)
-                    snapshot_readonly(state_fd, checkpoint.name, partial_fd)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise OutOfSpace(f"out of space taking checkpoint {seq} of {name}: {e.strerror}") from None
-                    raise
+                syncfs(partial_fd)
+                snapshot_readonly(state_fd, checkpoint.name, partial_fd)
                 if previous is not None:
                     destroy_subvolume(state.directory / previous.name)
                 previous, last_offset = checkpoint, item.end_offset
