@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _feeder import Feeder
+from _feeder import Feeder, faults_then_resumes
 from tests import btrfs_testbed as bt
 from tests import zfs_testbed as tb
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from chaos import Iteration
 
 BTRFS_KINDS = ("cut", "sigkill", "corrupt", "remount", "snapdestroy")
-EXTRA_ATTEMPTS = 5
 TIMEOUT = 300
 STATE = ".snapferry"
 
@@ -231,27 +230,16 @@ class BtrfsRunner:
         assert sent.returncode == 0, sent.stderr
         whole = sent.stdout
         it.stream_bytes = len(whole)
-        stream, base_offset, prefix = whole, 0, 0
-        rc = None
-        for number, fault in enumerate(it.faults):
-            if number:
-                stream, base_offset, prefix = self.next_stream(it, paths, whole)
-            rc = self.attempt(it, paths, stream, fault, base_offset, prefix)
-            log(f"  fault {fault['kind']} at {fault['offset']}/{fault['of']}: exit {rc}")
-            if rc == 0 or it.terminal:
-                break
+        done = faults_then_resumes(
+            it,
+            (whole, 0, 0),
+            lambda feed, fault: self.attempt(it, paths, feed[0], fault, feed[1], feed[2]),
+            lambda: self.next_stream(it, paths, whole),
+            log,
+        )
         if it.terminal:
             it.ok = not it.problems
-            return
-        extra = 0
-        while rc != 0 and extra < EXTRA_ATTEMPTS:
-            extra += 1
-            stream, base_offset, prefix = self.next_stream(it, paths, whole)
-            rc = self.attempt(it, paths, stream, None, base_offset, prefix)
-            log(f"  resume {extra}: {len(stream)} bytes, exit {rc}")
-        if rc != 0:
-            it.lost = True
-            it.problems.append(f"not done after {EXTRA_ATTEMPTS} extra attempts (last exit {rc})")
+        if not done:
             return
         self.check_replica(it, paths)
         it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)

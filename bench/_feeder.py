@@ -1,4 +1,4 @@
-"""A receiver fed from memory on a thread: what the chaos runner's faults strike while it runs."""
+"""What the chaos runners share: a receiver fed from memory on a thread, and the loop of faults and resumes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+Feed = TypeVar("Feed")
+EXTRA_ATTEMPTS = 5
+
+
+class Faulted(Protocol):
+    faults: list[dict[str, Any]]
+    terminal: bool
+    lost: bool
+    problems: list[str]
+
 
 CHUNK = 256 * 1024
 
@@ -51,3 +63,36 @@ class Feeder:
             return -999, "receiver hung; killed"
         self._thread.join(5)
         return self.proc.returncode, self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+
+
+def faults_then_resumes(
+    it: Faulted,
+    first: Feed,
+    attempt: Callable[[Feed, dict[str, Any] | None], int],
+    next_feed: Callable[[], Feed],
+    log: Callable[[str], None],
+) -> bool:
+    """Each fault on its own attempt (the first on `first`, the others on a resume), then plain resumes.
+
+    True when the transfer ended with exit 0; False when a refusal ended the iteration (it.terminal) or
+    it was not done after EXTRA_ATTEMPTS more (then it.lost is set).
+    """
+    feed, rc = first, None
+    for number, fault in enumerate(it.faults):
+        if number:
+            feed = next_feed()
+        rc = attempt(feed, fault)
+        log(f"  fault {fault['kind']} at {fault['offset']}/{fault['of']}: exit {rc}")
+        if rc == 0 or it.terminal:
+            break
+    if it.terminal:
+        return False
+    extra = 0
+    while rc != 0 and extra < EXTRA_ATTEMPTS:
+        extra += 1
+        rc = attempt(next_feed(), None)
+        log(f"  resume {extra}: exit {rc}")
+    if rc != 0:
+        it.lost = True
+        it.problems.append(f"not done after {EXTRA_ATTEMPTS} extra attempts (last exit {rc})")
+    return rc == 0

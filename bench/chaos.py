@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
 from _faultproxy import FaultProxy, Trigger  # noqa: E402
-from _feeder import Feeder  # noqa: E402
+from _feeder import EXTRA_ATTEMPTS, Feeder, faults_then_resumes  # noqa: E402
 from _sshd import SshServer, remote_snapferry, start_sshd  # noqa: E402
 from tests import zfs_testbed as tb  # noqa: E402
 
@@ -99,7 +99,6 @@ DEFAULT_SCENARIOS = "local,sync,btrfs"
 # --cover-kinds: iteration i starts with CATALOG[i % len(CATALOG)].
 CATALOG = [(scenario, kind) for scenario, kinds in SCENARIOS.items() for kind in kinds]
 TIMEOUT = 300
-EXTRA_ATTEMPTS = 5
 SYNC_TIMEOUT = 240
 SYNC_RETRIES = 10
 # A fault hits the stream's connection, never the few-KiB connections of sync's `zfs get` calls.
@@ -438,27 +437,16 @@ class Runner:
         whole = sent.stdout
         it.stream_bytes = len(whole)
 
-        stream, base_offset = whole, 0
-        rc = None
-        for number, fault in enumerate(it.faults):
-            if number:
-                stream, base_offset = self.next_stream(it, target, whole)
-            rc = self.attempt(it, fs, target, stream, fault, base_offset)
-            log(f"  fault {fault['kind']} at {fault['offset']}/{fault['of']}: exit {rc}")
-            if rc == 0 or it.terminal:
-                break
+        done = faults_then_resumes(
+            it,
+            (whole, 0),
+            lambda feed, fault: self.attempt(it, fs, target, feed[0], fault, feed[1]),
+            lambda: self.next_stream(it, target, whole),
+            log,
+        )
         if it.terminal:
             it.ok = not it.problems
-            return
-        extra = 0
-        while rc != 0 and extra < EXTRA_ATTEMPTS:
-            extra += 1
-            stream, base_offset = self.next_stream(it, target, whole)
-            rc = self.attempt(it, fs, target, stream, None, base_offset)
-            log(f"  resume {extra}: {len(stream)} bytes, exit {rc}")
-        if rc != 0:
-            it.lost = True
-            it.problems.append(f"not done after {EXTRA_ATTEMPTS} extra attempts (last exit {rc})")
+        if not done:
             return
         check_replica(it, target, want_guid, want_files)
         it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)

@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
 import pytest
+from fuzz.btrfs_targets import recrc as recrc_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -407,19 +408,6 @@ def test_arbitrary_bytes_raise_only_stream_errors(data: bytes, prefix: bytes) ->
     _drain(prefix + data)
 
 
-def _recrc(raw: bytearray) -> None:
-    """Re-stamp every command's crc so that mutations reach the attribute parser."""
-    pos = 17
-    while pos + CMD_HEADER_SIZE <= len(raw):
-        (length,) = struct.unpack_from("<I", raw, pos)
-        end = pos + CMD_HEADER_SIZE + length
-        if end > len(raw):
-            return
-        raw[pos + 6 : pos + 10] = bytes(4)
-        raw[pos + 6 : pos + 10] = btrfs_crc32c(raw[pos:end]).to_bytes(4, "little")
-        pos = end
-
-
 @settings(max_examples=500, deadline=3000)
 @given(
     st.sampled_from(["incr_v1", "incr_v2", "compressed_v2"]),
@@ -433,9 +421,10 @@ def test_mutated_real_streams_raise_only_stream_errors(
     raw = bytearray(real[name])
     for pos, xor in flips:
         raw[pos % len(raw)] ^= xor
+    data = bytes(raw)
     if recrc:
-        _recrc(raw)
-    _drain(bytes(raw[: len(raw) - cut % 64]))
+        data = recrc_stream(data)
+    _drain(data[: len(data) - cut % 64])
 
 
 # --- encoder --------------------------------------------------------------------------------------
