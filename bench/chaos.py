@@ -305,6 +305,11 @@ class Runner:
 
     def attempt(self, it: Iteration, fs: str, target: str, stream: bytes, fault: dict[str, object] | None, resume_base: int) -> int:
         """Feed `stream` (with `fault` applied) to a receiver; return its exit code."""
+        if resume_base < 0:  # `snapferry token` says the transfer is complete: nothing to feed (the replica is checked)
+            it.attempts.append({"resend": "none", "why": "snapferry token: the transfer is complete"})
+            if fault is not None:
+                fault.update(fired=False, offset=0, of=0)
+            return 0
         record: dict[str, object] = {"stream_bytes": len(stream), "fault": fault["kind"] if fault else None}
         if fault is None:
             res = self.receive(target, it.checkpoint, stream)
@@ -401,6 +406,9 @@ class Runner:
     def next_stream(self, it: Iteration, target: str, whole: bytes) -> tuple[bytes, int]:
         """The resume stream (and the original-stream byte where it starts), or the whole again."""
         tok = run_sf("token", target)
+        if tok.returncode == 1 and "transfer is complete" in tok.stderr:
+            # A receive that failed after its last piece was committed (zfs-fuse answering EIO after a restart).
+            return b"", -1
         if tok.returncode == 1:
             it.whole_resends += 1
             it.attempts.append({"resend": "whole", "why": last_line(tok.stderr)})

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import io
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -65,9 +66,14 @@ class ReceiveProcess:
         self._close_stdin()
         assert self._proc.stderr is not None
         stderr = self._proc.stderr.read().decode(errors="replace")
-        if self._proc.wait() == 0:
+        status = self._proc.wait()
+        if status == 0:
             return None
-        return classify_failure(self.action, stderr or f"zfs receive exited with status {self._proc.returncode}")
+        if status < 0 and not stderr.strip():
+            # Killed, most often by SIGPIPE when the ZFS service it talks to went away: nothing was committed.
+            name = signal.Signals(-status).name if -status in signal.valid_signals() else f"signal {-status}"
+            return TransferInterrupted(f"{self.action}: zfs receive was killed by {name} (the ZFS service or the system went away)")
+        return classify_failure(self.action, stderr or f"zfs receive exited with status {status}")
 
     def _close_stdin(self) -> None:
         if self._proc.stdin and not self._proc.stdin.closed:
