@@ -267,7 +267,8 @@ class BtrfsCheckpointReceiver:
             last = kept.last if kept is not None else None
             upto = f" (the last at stream byte {last.offset})" if last is not None else ""
             first = "free some space, then " if isinstance(e, OutOfSpace) else ""
-            summary = f"{count} checkpoint(s) of {name} kept{upto}; {first}{resume_hint(self.receive_root, name)}"
+            then = resume_hint(self.receive_root, name) if count else f"send {name} again (it restarts from the beginning)"
+            summary = f"{count} checkpoint(s) of {name} kept{upto}; {first}{then}"
             raise type(e)(f"{e}; {summary}") from None
 
     def _check_state(self, state: TransferState, identity: StreamIdentity) -> None:
