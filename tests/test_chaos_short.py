@@ -45,6 +45,22 @@ def test_short_chaos_run_loses_nothing_and_covers_every_fault(zfs_daemon: None, 
 # -- regressions found by bench/chaos.py ----------------------------------------------------------
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("index", [451, 472])
+def test_quota_that_only_stops_the_mount_is_not_a_failed_piece(zfs_daemon: None, tmp_path: Path, index: int) -> None:
+    """chaos --seed 2026 --only 451 / 472: a quota on the destination's parent let the first piece of a full
+    transfer in but kept `zfs receive` from making its mountpoint ("cannot mount ...: failed to create
+    mountpoint", exit 1 after receiving). snapferry took the piece as failed: exit 6 (451), and through sync
+    a dataset with no snapshot that the next run refused as diverged (472). Replayed exactly."""
+    report = tmp_path / "replay.json"
+    argv = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--seed", "2026", "--only", str(index)]
+    argv += ["--scenarios", "local,sync", "--max-mib", "6", "--json", str(report)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=280, check=False, stdin=subprocess.DEVNULL)
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["faults"]["local" if index == 451 else "sync"]["quota"] >= 1, proc.stderr[-3000:]
+    assert summary["failures"] == [] and proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _writes(size: int) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.stdout.buffer.write(bytes({size}))"]
 
