@@ -251,7 +251,7 @@ class Command:
 
     @cached_property
     def path(self) -> bytes:
-        """Raw bytes as the sender holds them, relative to the subvolume (b"" is its root): confine with safe_relative_path."""
+        """Raw bytes as the sender holds them, relative to the subvolume (b"" is its root): confine with safe_path_parts."""
         return self._bytes(Attr.PATH)
 
     @property

@@ -6,7 +6,6 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import crc32c
 
@@ -331,12 +330,3 @@ def safe_path_parts(raw: bytes | bytearray | memoryview) -> tuple[bytes, ...]:
         if len(name) > NAME_MAX:
             raise StreamFormatError(f"refused path with a name of {len(name)} bytes (NAME_MAX is {NAME_MAX}): {_shown(raw)}")
     return parts
-
-
-def safe_relative_path(raw: bytes | bytearray | memoryview) -> PurePosixPath:
-    """safe_path_parts as a path; b"" (the subvolume's root) gives ".".
-
-    Names need not be UTF-8: undecodable bytes are kept as surrogate escapes, as os.fsdecode does.
-    """
-    parts = safe_path_parts(raw)
-    return PurePosixPath(b"/".join(parts).decode("utf-8", "surrogateescape")) if parts else PurePosixPath(".")
