@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from snapferry.engine.btrfs import subvolume_at
 from snapferry.engine.zfs import Zfs
 from snapferry.errors import SnapferryError, ZfsCommandError
 
@@ -167,12 +168,9 @@ def run_btrfs_demo(quiet: bool = False) -> int:
         total_sent = _cut_twice(console, str(snapshot), receive, str(dst / "demo"), data_size)
 
         actual = _manifest(dst / "demo")
-        shown = subprocess.run(["btrfs", "subvolume", "show", str(dst / "demo")], capture_output=True, text=True).stdout
-        source_uuid = subprocess.run(["btrfs", "subvolume", "show", str(snapshot)], capture_output=True, text=True).stdout
-        uuid = next(line.split()[-1] for line in source_uuid.splitlines() if line.strip().startswith("UUID:"))
-        lines = [line.strip() for line in shown.splitlines()]
-        received = f"Received UUID: \t\t{uuid}".split() in [line.split() for line in lines]
-        received = received and any(line.startswith("Flags:") and "readonly" in line for line in lines)
+        source, copy = subvolume_at(snapshot), subvolume_at(dst / "demo")
+        uuid = source.uuid
+        received = copy.received_uuid == source.uuid and copy.readonly
         console.print()
         console.print(f"files identical: {actual == expected} ({len(actual)} files compared by sha256)")
         console.print(f"received as the source snapshot (Received UUID {uuid}), read-only: {received}")
