@@ -92,3 +92,26 @@ def test_json_events_throttle_the_skips_of_a_resume(capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().err.splitlines()
     assert 1 <= len(lines) <= 3, len(lines)
     assert json.loads(lines[-1])["bytes"] == total
+
+
+def test_json_events_from_two_threads_are_whole_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """sync relays both ends' events from two threads; once two events shared a line (found by CI on a btrfs sync)."""
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so that an unguarded write interleaves
+    with Reporter("json") as events:
+
+        def emit(side: str) -> None:
+            for n in range(2000):
+                events("stream", side=side, n=n, toname="x" * 200)
+
+        threads = [threading.Thread(target=emit, args=(side,)) for side in ("sending", "receiving")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    sys.setswitchinterval(interval)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4000
+    assert all(json.loads(line)["event"] == "stream" for line in lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,7 @@ class Reporter:
         self._task: Any = None
         self._total = total
         self._label = label
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Reporter:
         if self.mode == "bar":
@@ -63,18 +65,21 @@ class Reporter:
     def __call__(self, event: str, **fields: Any) -> None:
         if self.mode == "quiet":
             return
-        if event == "checkpoint":
-            self.checkpoints += 1
-        now = time.monotonic()
-        # send -t reports a skip per record of the committed prefix it verifies: thousands a second.
-        throttled = event == "progress" or (event == "skip" and fields.get("bytes") != fields.get("total"))
-        if throttled and now - self._last < (_BAR_INTERVAL if self.mode == "bar" else _JSON_INTERVAL):
-            return
-        self._last = now
-        if self.mode == "json":
-            print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=sys.stderr, flush=True)
-        elif self.mode == "bar":
-            self._update_bar(event, fields)
+        # sync relays both ends' events from two threads: one event at a time, each line in one write.
+        with self._lock:
+            if event == "checkpoint":
+                self.checkpoints += 1
+            now = time.monotonic()
+            # send -t reports a skip per record of the committed prefix it verifies: thousands a second.
+            throttled = event == "progress" or (event == "skip" and fields.get("bytes") != fields.get("total"))
+            if throttled and now - self._last < (_BAR_INTERVAL if self.mode == "bar" else _JSON_INTERVAL):
+                return
+            self._last = now
+            if self.mode == "json":
+                sys.stderr.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+                sys.stderr.flush()
+            elif self.mode == "bar":
+                self._update_bar(event, fields)
 
     def _update_bar(self, event: str, fields: dict[str, Any]) -> None:
         assert self._progress is not None
