@@ -783,6 +783,16 @@ class SyncRunner:
         rc = self.wait(it, self.runs[-1]) if self.runs else None
         extra = 0
         while rc != 0 and extra <= EXTRA_ATTEMPTS:
+            said = last_line(self.runs[-1].stderr.read_text(errors="replace")) if self.runs else ""
+            if rc == 4 and "exists but holds no snapshot" in said and self.leftover_of_a_crash(it, target):
+                # zfs-fuse killed during the first piece of a full receive can keep the new dataset (with no
+                # snapshot) when the pool is imported again; sync refuses it and says to destroy it: do that.
+                it.refusals += 1
+                it.attempts.append({"after_daemon": "destroyed the snapshotless dataset zfs-fuse left, as sync said"})
+                tb.sh("zfs", "destroy", "-r", target)
+                extra += 1
+                rc = self.wait(it, self.start(it, fs, target))
+                continue
             if rc is not None and rc not in (3, -9, -999):
                 # 3: gave up retrying, -9: killed by a fault. Anything else is not a resumable stop.
                 it.problems.append(f"sync exited {rc}: {last_line(self.runs[-1].stderr.read_text(errors='replace'))}")
@@ -791,6 +801,11 @@ class SyncRunner:
         if rc != 0:
             it.lost = True
             it.problems.append(f"sync not done after {extra} more run(s) (last exit {rc})")
+
+    def leftover_of_a_crash(self, it: Iteration, target: str) -> bool:
+        """After a daemon fault of a full transfer: the target exists with no snapshot at all."""
+        crashed = it.mode == "full" and any(f["kind"] == "daemon" and f.get("fired") for f in it.faults)
+        return crashed and tb.exists(target) and not tb.snapshot_names(target)
 
     def count_events(self, it: Iteration) -> None:
         for run in self.runs:
