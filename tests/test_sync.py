@@ -311,6 +311,24 @@ def test_pull_from_a_remote_source(bed: tb.Bed, ssh_command: str, remote_snapfer
     assert_replica(src, dst, ["a", "b"], files["b"])
 
 
+def test_an_unnamed_first_piece_left_by_a_crash_is_discarded_and_sent_again(
+    bed: tb.Bed, ssh_command: str, remote_snapferry: str
+) -> None:
+    """The daemon died after zfs receive committed the first piece and before its rename to a checkpoint."""
+    src, files = make_source(bed, "unnamed", ["a", "b"], seed=37)
+    dst = bed.target("unnamed")
+    open_piece = f"snapferry-{tb.guid(f'{src}@a'):016x}-{0:016x}-0-open"
+    # The piece has its own guid and only part of the tree: another small snapshot stands in for it.
+    part, _ = make_source(bed, "unnamed-part", ["p"], seed=38, megabytes=1)
+    tb.sh("zfs", "receive", f"{dst}@{open_piece}", input=tb.sh("zfs", "send", f"{part}@p").stdout)
+    assert tb.snapshot_names(dst) == [open_piece]
+
+    result = sync(ssh_command, remote_snapferry, "--json", src, f"{REMOTE}:{dst}")
+    assert result.returncode == 0, result.stderr
+    assert [e["reason"] for e in result.named("discard")] == ["uncommitted piece"]
+    assert_replica(src, dst, ["a", "b"], files["b"])
+
+
 def test_cut_connection_is_retried_until_done(
     bed: tb.Bed,
     ssh_command: str,

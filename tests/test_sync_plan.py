@@ -55,6 +55,12 @@ def test_checkpoint_snapshots_are_not_snapshots_of_the_dataset() -> None:
     assert next_step(SRC, dst, None, no_stream=False, force=False) == Step(snapshot="src/fs@c", base="src/fs@a", intermediates=True)
 
 
+def test_only_an_unnamed_first_piece_means_start_again() -> None:
+    # The daemon died after zfs receive committed the first piece of a full stream, before its rename.
+    dst = [Snapshot(f"dst/fs@snapferry-{1:016x}-{0:016x}-0-open", 77, 9)]
+    assert next_step(SRC, dst, None, no_stream=False, force=False) == Step(snapshot="src/fs@a")
+
+
 def test_empty_source_is_refused() -> None:
     with pytest.raises(Refused, match="no snapshot"):
         next_step([], None, None, no_stream=False, force=False)

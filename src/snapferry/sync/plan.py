@@ -56,7 +56,9 @@ def next_step(
         raise Refused("the source has no snapshot to send (take one, or use --snapshot)")
     newest = source[-1]
     target_snaps = [s for s in target or [] if not is_piece(s)]
-    if target is None:
+    if target is None or (target and not target_snaps):
+        # Only pieces and no token: a first piece committed but never named a checkpoint (the
+        # daemon or host died in between). It holds no position; the receiver discards it.
         return Step(snapshot=(newest if no_stream else source[0]).name)
     if not target_snaps:
         raise Refused("the destination exists but holds no snapshot: it has diverged (destroy it to start over)")
