@@ -6,7 +6,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
@@ -15,6 +15,7 @@ from snapferry.codec.btrfs_extent import decode_extent
 from snapferry.codec.btrfs_stream import BtrfsStreamReader, safe_path_parts
 from snapferry.codec.zfs_stream import Readable
 from snapferry.engine import btrfs_ioctl as ioc
+from snapferry.engine.btrfs_paths import ConfinedPaths, UnsafeStream, shown
 from snapferry.errors import OutOfSpace, SnapferryError, StreamFormatError
 
 MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE: what the kernel accepts as an offset or a size
@@ -22,23 +23,17 @@ MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE: what the kernel accepts as an
 MAX_UNENCODED_LEN = 16 << 20
 # How deep below the receive root snapshot parents and clone sources are looked for.
 PARENT_SEARCH_DEPTH = 4
-_DIR_CACHE_MAX = 1024  # open directory fds kept between commands
 _CAPABILITY = b"security.capability"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _UNSUPPORTED = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 _NAMESPACE = (Cmd.RENAME, Cmd.UNLINK, Cmd.RMDIR, Cmd.LINK, Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK)
 
 
-class UnsafeStream(StreamFormatError):
-    """The stream tried to reach outside its subvolume: through a symlink, a foreign clone source, an absurd size."""
-
-
 class BtrfsApplyError(SnapferryError):
     """The filesystem refused a command for a reason that is not lack of space."""
 
 
-def _shown(path: bytes) -> str:
-    return os.fsdecode(path) or "."
+__all__ = ["BtrfsApplier", "BtrfsApplyError", "UnsafeStream"]
 
 
 @dataclass
@@ -47,6 +42,14 @@ class _Subvol:
     fd: int
     uuid: UUID
     ctransid: int
+    paths: ConfinedPaths = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths = ConfinedPaths(self.fd)
+
+    def close(self) -> None:
+        self.paths.forget_all()
+        os.close(self.fd)
 
 
 class BtrfsApplier:
@@ -70,18 +73,15 @@ class BtrfsApplier:
         self._write: tuple[bytes, int] | None = None
         self._capability: tuple[bytes, bytes] | None = None
         self._sealing: dict[bytes, int] = {}
-        self._dirs: dict[tuple[bytes, ...], int] = {}
         self._handlers: dict[Cmd, Callable[[Command], None]] = {
             kind: getattr(self, f"_do_{kind.name.lower()}") for kind in Cmd if kind not in (Cmd.SUBVOL, Cmd.SNAPSHOT, Cmd.END)
         }
-        self._transient: list[int] = []
         self.finished: list[Path] = []
 
     def close(self) -> None:
         self._drop_write()
-        self._forget_all()
         if self._subvol is not None:
-            os.close(self._subvol.fd)
+            self._subvol.close()
             self._subvol = None
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -103,8 +103,6 @@ class BtrfsApplier:
 
     def apply(self, command: Command) -> None:
         kind = command.kind
-        if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT, Cmd.END) or len(self._dirs) > _DIR_CACHE_MAX:
-            self._forget_all()
         if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT):
             self._begin(command)
             return
@@ -125,102 +123,13 @@ class BtrfsApplier:
                 path += b" -> " + command.path_link
             raise self._os_error(kind, path, e) from None
         finally:
-            while self._transient:
-                os.close(self._transient.pop())
+            self._paths.end_command()
 
     def _os_error(self, kind: Cmd, path: bytes, e: OSError) -> SnapferryError:
-        text = f"{kind.name} {_shown(path)}: {e.strerror or e}"
+        text = f"{kind.name} {shown(path)}: {e.strerror or e}"
         if e.errno in _OUT_OF_SPACE:
             return OutOfSpace(f"out of space receiving btrfs stream: {text}")
         return BtrfsApplyError(f"cannot apply {text}")
-
-    # --- path resolution ------------------------------------------------------------------------
-
-    def _parent(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
-        """An O_PATH fd of the directory holding raw's last component, and that component; never through a symlink.
-
-        The fd is borrowed: valid until the current command is done.
-        """
-        parts = safe_path_parts(raw)
-        if not parts:
-            raise StreamFormatError(f"{kind.name} command names the subvolume's root, not an entry in it")
-        if base_fd is None:
-            return self._directory(kind, raw, parts[:-1]), parts[-1]
-        fd = base_fd
-        for i, name in enumerate(parts[:-1]):
-            fd = self._step(kind, raw, fd, name, parts[: i + 1])
-            self._transient.append(fd)
-        return fd, parts[-1]
-
-    def _directory(self, kind: Cmd, raw: bytes, parts: tuple[bytes, ...]) -> int:
-        """The subvolume's directory at parts, opened once and kept until a rename or rmdir may have moved it.
-
-        Every prefix of a cached directory is cached too, so a directory missing from the cache has no
-        cached descendants (see _forget).
-        """
-        if not parts:
-            return self._subvol_fd()
-        fd = self._dirs.get(parts)
-        if fd is None:
-            fd = self._step(kind, raw, self._directory(kind, raw, parts[:-1]), parts[-1], parts)
-            self._dirs[parts] = fd
-        return fd
-
-    def _step(self, kind: Cmd, raw: bytes, dir_fd: int, name: bytes, where: tuple[bytes, ...]) -> int:
-        try:
-            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.ELOOP) and self._is_symlink(dir_fd, name):
-                raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: {_shown(b'/'.join(where))} is a symlink") from None
-            raise
-
-    def _forget(self, raw: bytes) -> None:
-        """Drop the cached directories at raw and below: it is being renamed or removed."""
-        parts = tuple(raw.split(b"/"))
-        if parts not in self._dirs:
-            return
-        for key in [k for k in self._dirs if k[: len(parts)] == parts]:
-            os.close(self._dirs.pop(key))
-
-    def _forget_all(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
-
-    @staticmethod
-    def _is_symlink(dir_fd: int, name: bytes) -> bool:
-        try:
-            return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-        except OSError:
-            return False
-
-    def _open(self, kind: Cmd, raw: bytes, flags: int, base_fd: int | None = None, *, regular: bool = True) -> int:
-        """Open raw, never through a symlink, with flags; unless it is a regular file (or, with regular=False, a directory), refuse.
-
-        Its type is checked (lstat) before the open, so a stream cannot make us open a fifo (which would
-        hang) or a device node it created (which would write to a real disk): the stream's own commands
-        cannot change it in between. O_NONBLOCK and the check that the opened inode is the one looked at
-        guard against another process swapping the entry meanwhile.
-        """
-        dir_fd, name = self._parent(kind, raw, base_fd) if raw else (self._subvol_fd() if base_fd is None else base_fd, b".")
-        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISLNK(before.st_mode):
-            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is a symlink")
-        if not (stat.S_ISREG(before.st_mode) or (not regular and stat.S_ISDIR(before.st_mode))):
-            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it is not a regular file")
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            os.close(fd)
-            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: it was replaced while being opened")
-        return fd
-
-    def _open_any(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> int:
-        """An O_PATH fd of raw itself, even a symlink or the subvolume root (b"")."""
-        if not raw:
-            return os.dup(self._subvol_fd() if base_fd is None else base_fd)
-        dir_fd, name = self._parent(kind, raw, base_fd)
-        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
     @staticmethod
     def _proc(fd: int) -> str:
@@ -231,7 +140,7 @@ class BtrfsApplier:
         if self._write is not None and self._write[0] == raw:
             return self._write[1]
         self._drop_write()
-        fd = self._open(kind, raw, os.O_WRONLY)
+        fd = self._paths.open(kind, raw, os.O_WRONLY)
         self._write = (raw, fd)
         return fd
 
@@ -242,16 +151,16 @@ class BtrfsApplier:
 
     def _bound(self, kind: Cmd, raw: bytes, what: str, end: int) -> None:
         if end > self._max_size:
-            raise UnsafeStream(f"refused {kind.name} {_shown(raw)}: {what} reaches byte {end}, over the limit of {self._max_size}")
+            raise UnsafeStream(f"refused {kind.name} {shown(raw)}: {what} reaches byte {end}, over the limit of {self._max_size}")
 
     # --- subvolumes -----------------------------------------------------------------------------
 
     def _begin(self, command: Command) -> None:
         if self._subvol is not None:
-            raise StreamFormatError(f"{command.kind.name} command while subvolume {_shown(self._subvol.path)} is still open")
+            raise StreamFormatError(f"{command.kind.name} command while subvolume {shown(self._subvol.path)} is still open")
         name = command.path
         if len(safe_path_parts(name)) != 1:
-            raise UnsafeStream(f"refused {command.kind.name} {_shown(name)}: a received subvolume's name must be one path component")
+            raise UnsafeStream(f"refused {command.kind.name} {shown(name)}: a received subvolume's name must be one path component")
         try:
             if command.kind == Cmd.SUBVOL:
                 ioc.subvol_create(self._root_fd, name)
@@ -265,6 +174,11 @@ class BtrfsApplier:
         except OSError as e:
             raise self._os_error(command.kind, name, e) from None
         self._subvol = _Subvol(name, fd, command.uuid, command.ctransid)
+
+    @property
+    def _paths(self) -> ConfinedPaths:
+        assert self._subvol is not None
+        return self._subvol.paths
 
     def _find_subvol(self, kind: Cmd, uuid: UUID, ctransid: int) -> int:
         fd = ioc.find_subvolume(self._root_fd, uuid, ctransid, PARENT_SEARCH_DEPTH)
@@ -280,7 +194,7 @@ class BtrfsApplier:
         self._drop_write()
         try:
             for raw, flags in self._sealing.items():
-                fd = self._open(Cmd.FILEATTR, raw, os.O_RDONLY, regular=False)
+                fd = self._paths.open(Cmd.FILEATTR, raw, os.O_RDONLY, regular=False)
                 try:
                     ioc.set_fs_flags(fd, ioc.get_fs_flags(fd) | flags)
                 finally:
@@ -289,7 +203,7 @@ class BtrfsApplier:
             ioc.set_readonly(sub.fd)
         except OSError as e:
             raise self._os_error(Cmd.END, sub.path, e) from None
-        os.close(sub.fd)
+        sub.close()
         self._subvol = None
         self._sealing.clear()
         self._capability = None
@@ -298,51 +212,51 @@ class BtrfsApplier:
     # --- inodes ---------------------------------------------------------------------------------
 
     def _do_mkfile(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
 
     def _do_mkdir(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.mkdir(name, 0o700, dir_fd=d)
 
     def _do_mknod(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.mknod(name, stat.S_IFMT(c.mode) | 0o600, c.rdev, dir_fd=d)
 
     def _do_mkfifo(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.mkfifo(name, 0o600, dir_fd=d)
 
     def _do_mksock(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=d)
 
     def _do_symlink(self, c: Command) -> None:
         # The target is stored, never followed by us; it may point anywhere, as in the source.
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.symlink(c.path_link, name, dir_fd=d)
 
     def _do_rename(self, c: Command) -> None:
-        d1, n1 = self._parent(c.kind, c.path)
-        d2, n2 = self._parent(c.kind, c.path_to)
+        d1, n1 = self._paths.parent(c.kind, c.path)
+        d2, n2 = self._paths.parent(c.kind, c.path_to)
         os.rename(n1, n2, src_dir_fd=d1, dst_dir_fd=d2)
-        self._forget(c.path)
-        self._forget(c.path_to)
+        self._paths.forget(c.path)
+        self._paths.forget(c.path_to)
 
     def _do_link(self, c: Command) -> None:
         # PATH is the new name, PATH_LINK the existing inode, both inside the subvolume.
-        d1, n1 = self._parent(c.kind, c.path_link)
-        d2, n2 = self._parent(c.kind, c.path)
+        d1, n1 = self._paths.parent(c.kind, c.path_link)
+        d2, n2 = self._paths.parent(c.kind, c.path)
         os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
 
     def _do_unlink(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.unlink(name, dir_fd=d)
 
     def _do_rmdir(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path)
+        d, name = self._paths.parent(c.kind, c.path)
         os.rmdir(name, dir_fd=d)
-        self._forget(c.path)
+        self._paths.forget(c.path)
 
     # --- data -----------------------------------------------------------------------------------
 
@@ -361,7 +275,7 @@ class BtrfsApplier:
         self._bound(c.kind, c.path, "the clone source", c.clone_offset + length)
         if length == 0:
             # FICLONERANGE reads 0 as "to the end of the source"; send never means that.
-            raise UnsafeStream(f"refused CLONE {_shown(c.path)}: zero length")
+            raise UnsafeStream(f"refused CLONE {shown(c.path)}: zero length")
         dest = self._writer(c.kind, c.path)
         assert self._subvol is not None
         if c.clone_uuid == self._subvol.uuid:
@@ -370,9 +284,9 @@ class BtrfsApplier:
             try:
                 src_subvol, owned = self._find_subvol(c.kind, c.clone_uuid, c.clone_ctransid), True
             except StreamFormatError as e:
-                raise UnsafeStream(f"refused CLONE {_shown(c.path)} from {_shown(c.clone_path)}: {e}") from None
+                raise UnsafeStream(f"refused CLONE {shown(c.path)} from {shown(c.clone_path)}: {e}") from None
         try:
-            src = self._open(c.kind, c.clone_path, os.O_RDONLY, base_fd=src_subvol)
+            src = self._paths.open(c.kind, c.clone_path, os.O_RDONLY, base_fd=src_subvol)
         finally:
             if owned:
                 os.close(src_subvol)
@@ -402,11 +316,11 @@ class BtrfsApplier:
         self._bound(c.kind, c.path, "the encoded write", c.file_offset + length)
         if unencoded_offset + length > unencoded_len or unencoded_len > MAX_UNENCODED_LEN:
             raise UnsafeStream(
-                f"refused ENCODED_WRITE {_shown(c.path)}: {length} bytes at {unencoded_offset} of an extent of {unencoded_len} bytes "
+                f"refused ENCODED_WRITE {shown(c.path)}: {length} bytes at {unencoded_offset} of an extent of {unencoded_len} bytes "
                 f"(at most {MAX_UNENCODED_LEN})"
             )
         if c.encryption != 0:
-            raise StreamFormatError(f"ENCODED_WRITE {_shown(c.path)}: encryption {c.encryption} is not supported")
+            raise StreamFormatError(f"ENCODED_WRITE {shown(c.path)}: encryption {c.encryption} is not supported")
         fd = self._writer(c.kind, c.path)
         if self._encoded_write:
             try:
@@ -427,7 +341,7 @@ class BtrfsApplier:
         try:
             plain = decode_extent(c.compression, c.data, unencoded_len)
         except StreamFormatError as e:
-            raise StreamFormatError(f"ENCODED_WRITE {_shown(c.path)}: {e}") from None
+            raise StreamFormatError(f"ENCODED_WRITE {shown(c.path)}: {e}") from None
         view = memoryview(plain)[unencoded_offset : unencoded_offset + length]
         done = 0
         while done < len(view):
@@ -436,7 +350,7 @@ class BtrfsApplier:
     # --- metadata -------------------------------------------------------------------------------
 
     def _do_set_xattr(self, c: Command) -> None:
-        fd = self._open_any(c.kind, c.path)
+        fd = self._paths.open_any(c.kind, c.path)
         try:
             os.setxattr(self._proc(fd), c.xattr_name, c.xattr_data)
         finally:
@@ -446,17 +360,17 @@ class BtrfsApplier:
             self._capability = (c.path, bytes(c.xattr_data))
 
     def _do_remove_xattr(self, c: Command) -> None:
-        fd = self._open_any(c.kind, c.path)
+        fd = self._paths.open_any(c.kind, c.path)
         try:
             os.removexattr(self._proc(fd), c.xattr_name)
         finally:
             os.close(fd)
 
     def _do_chown(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path) if c.path else (self._subvol_fd(), b".")
+        d, name = self._paths.parent_or_root(c.kind, c.path)
         os.chown(name, c.uid, c.gid, dir_fd=d, follow_symlinks=False)
         if self._capability is not None and self._capability[0] == c.path:
-            fd = self._open_any(c.kind, c.path)
+            fd = self._paths.open_any(c.kind, c.path)
             try:
                 os.setxattr(self._proc(fd), _CAPABILITY, self._capability[1])
             finally:
@@ -464,28 +378,28 @@ class BtrfsApplier:
         self._capability = None
 
     def _do_chmod(self, c: Command) -> None:
-        fd = self._open_any(c.kind, c.path)
+        fd = self._paths.open_any(c.kind, c.path)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise UnsafeStream(f"refused CHMOD {_shown(c.path)}: it is a symlink")
+                raise UnsafeStream(f"refused CHMOD {shown(c.path)}: it is a symlink")
             os.chmod(self._proc(fd), c.mode & 0o7777)
         finally:
             os.close(fd)
 
     def _do_utimes(self, c: Command) -> None:
-        d, name = self._parent(c.kind, c.path) if c.path else (self._subvol_fd(), b".")
+        d, name = self._paths.parent_or_root(c.kind, c.path)
         os.utime(name, ns=(c.atime.ns, c.mtime.ns), dir_fd=d, follow_symlinks=False)
 
     def _do_fileattr(self, c: Command) -> None:
         flags = ioc.fs_flags_from_btrfs(c.fileattr)
-        fd = self._open_any(c.kind, c.path)
+        fd = self._paths.open_any(c.kind, c.path)
         try:
             mode = os.fstat(fd).st_mode
         finally:
             os.close(fd)
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             return  # FS_IOC_SETFLAGS needs an open file; special files have no flags to give
-        fd = self._open(c.kind, c.path, os.O_RDONLY, regular=False)
+        fd = self._paths.open(c.kind, c.path, os.O_RDONLY, regular=False)
         try:
             current = ioc.get_fs_flags(fd)
             wanted = (current & ~ioc.FS_FL_MANAGED) | (flags & ~ioc.FS_FL_SEALING)
@@ -497,7 +411,3 @@ class BtrfsApplier:
             self._sealing[c.path] = flags & ioc.FS_FL_SEALING
         else:
             self._sealing.pop(c.path, None)
-
-    def _subvol_fd(self) -> int:
-        assert self._subvol is not None
-        return self._subvol.fd

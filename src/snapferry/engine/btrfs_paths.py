@@ -1,0 +1,129 @@
+"""Resolves a btrfs stream's paths inside one subvolume, never through a symlink, with a cache of directory fds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from snapferry.codec.btrfs_commands import Cmd
+from snapferry.codec.btrfs_stream import safe_path_parts
+from snapferry.errors import StreamFormatError
+
+DIR_CACHE_MAX = 1024  # open directory fds kept between commands
+
+
+class UnsafeStream(StreamFormatError):
+    """The stream tried to reach outside its subvolume: through a symlink, a foreign clone source, an absurd size."""
+
+
+def shown(path: bytes) -> str:
+    return os.fsdecode(path) or "."
+
+
+class ConfinedPaths:
+    """Paths of one subvolume, resolved component by component from its directory fd.
+
+    Directory fds are kept between commands until a rename or rmdir may have moved them. Other fds
+    opened while resolving (below a clone source's subvolume) are borrowed by the current command and
+    closed by end_command().
+    """
+
+    def __init__(self, subvol_fd: int) -> None:
+        self.subvol_fd = subvol_fd
+        self._dirs: dict[tuple[bytes, ...], int] = {}
+        self._transient: list[int] = []
+
+    def parent(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
+        """An O_PATH fd of the directory holding raw's last component, and that component.
+
+        The fd is borrowed: valid until the current command is done.
+        """
+        parts = safe_path_parts(raw)
+        if not parts:
+            raise StreamFormatError(f"{kind.name} command names the subvolume's root, not an entry in it")
+        if base_fd is None:
+            return self._directory(kind, raw, parts[:-1]), parts[-1]
+        fd = base_fd
+        for i, name in enumerate(parts[:-1]):
+            fd = self._step(kind, raw, fd, name, parts[: i + 1])
+            self._transient.append(fd)
+        return fd, parts[-1]
+
+    def parent_or_root(self, kind: Cmd, raw: bytes) -> tuple[int, bytes]:
+        """As parent(), but b"" (the subvolume's root) is (its fd, b".")."""
+        return self.parent(kind, raw) if raw else (self.subvol_fd, b".")
+
+    def _directory(self, kind: Cmd, raw: bytes, parts: tuple[bytes, ...]) -> int:
+        # Every prefix of a cached directory is cached too, so one missing from the cache has no cached
+        # descendants (forget() relies on it).
+        if not parts:
+            return self.subvol_fd
+        fd = self._dirs.get(parts)
+        if fd is None:
+            fd = self._step(kind, raw, self._directory(kind, raw, parts[:-1]), parts[-1], parts)
+            self._dirs[parts] = fd
+        return fd
+
+    def _step(self, kind: Cmd, raw: bytes, dir_fd: int, name: bytes, where: tuple[bytes, ...]) -> int:
+        try:
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP) and _is_symlink(dir_fd, name):
+                raise UnsafeStream(f"refused {kind.name} {shown(raw)}: {shown(b'/'.join(where))} is a symlink") from None
+            raise
+
+    def open(self, kind: Cmd, raw: bytes, flags: int, base_fd: int | None = None, *, regular: bool = True) -> int:
+        """Open raw with flags; unless it is a regular file (or, with regular=False, a directory), refuse.
+
+        Its type is checked (lstat) before the open, so a stream cannot make us open a fifo (which would
+        hang) or a device node it created (which would write to a real disk): the stream's own commands
+        cannot change it in between. O_NONBLOCK and the check that the opened inode is the one looked at
+        guard against another process swapping the entry meanwhile.
+        """
+        dir_fd, name = self.parent(kind, raw, base_fd) if raw else (self.subvol_fd if base_fd is None else base_fd, b".")
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(before.st_mode):
+            raise UnsafeStream(f"refused {kind.name} {shown(raw)}: it is a symlink")
+        if not (stat.S_ISREG(before.st_mode) or (not regular and stat.S_ISDIR(before.st_mode))):
+            raise UnsafeStream(f"refused {kind.name} {shown(raw)}: it is not a regular file")
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            os.close(fd)
+            raise UnsafeStream(f"refused {kind.name} {shown(raw)}: it was replaced while being opened")
+        return fd
+
+    def open_any(self, kind: Cmd, raw: bytes) -> int:
+        """An O_PATH fd of raw itself, even a symlink or the subvolume root (b"")."""
+        if not raw:
+            return os.dup(self.subvol_fd)
+        dir_fd, name = self.parent(kind, raw)
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+    def forget(self, raw: bytes) -> None:
+        """Drop the cached directories at raw and below: it is being renamed or removed."""
+        parts = tuple(raw.split(b"/"))
+        if parts not in self._dirs:
+            return
+        for key in [k for k in self._dirs if k[: len(parts)] == parts]:
+            os.close(self._dirs.pop(key))
+
+    def end_command(self) -> None:
+        """Close what the command borrowed; keep the cache bounded."""
+        while self._transient:
+            os.close(self._transient.pop())
+        if len(self._dirs) > DIR_CACHE_MAX:
+            self.forget_all()
+
+    def forget_all(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+
+def _is_symlink(dir_fd: int, name: bytes) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
