@@ -37,12 +37,13 @@ def _path(text: str) -> Path:
     return Path(text).absolute()
 
 
-def _options(args: argparse.Namespace, clones: list[str]) -> BtrfsSendOptions:
+def _options(args: argparse.Namespace, clones: list[str], estimate: bool) -> BtrfsSendOptions:
     return BtrfsSendOptions(
         _path(args.parent) if args.parent else None,
         tuple(_path(c) for c in clones),
         args.proto,
         args.compressed_data,
+        estimate,
     )
 
 
@@ -51,10 +52,11 @@ def cmd_send(args: argparse.Namespace, clones: list[str], sink: WireSink, report
         raise UsageError("-i/-I/-L/-e/-w are zfs send's: for btrfs, give the parent with -p PARENT")
     path = _path(args.snapshot)
     with reporter(args, label=path.name) as events:
+        options = _options(args, clones, estimate=events.mode != "quiet")
         if args.token:
-            send_btrfs_continuation(BtrfsToken.decode(args.token), path, sink, _options(args, clones), events=events)
+            send_btrfs_continuation(BtrfsToken.decode(args.token), path, sink, options, events=events)
         else:
-            send_btrfs(path, sink, _options(args, clones), events=events)
+            send_btrfs(path, sink, options, events=events)
     sink.close()
     return 0
 

@@ -86,6 +86,8 @@ class Reporter:
         note = f"{self.checkpoints} checkpoints" if self.checkpoints else ""
         if event == "skip":
             self._progress.update(self._task, description="verifying committed prefix", completed=fields["bytes"], total=fields["total"])
+        elif event == "estimate":
+            self._progress.update(self._task, total=fields["total"])
         elif event == "stream":
             total = fields.get("estimate") or self._total
             self._progress.update(self._task, description=str(fields.get("toname", self._label)), total=total)

@@ -127,9 +127,15 @@ def subvolumes_in(directory: Path) -> list[Subvolume]:
 
 
 def send_argv(
-    path: Path, parent: Path | None = None, clones: tuple[Path, ...] = (), proto: int | None = None, compressed: bool = False
+    path: Path,
+    parent: Path | None = None,
+    clones: tuple[Path, ...] = (),
+    proto: int | None = None,
+    compressed: bool = False,
+    *,
+    no_data: bool = False,
 ) -> list[str]:
-    argv = ["btrfs", "send", "-q"]
+    argv = ["btrfs", "send", "-q", *(["--no-data"] if no_data else [])]
     if parent is not None:
         argv += ["-p", str(parent)]
     for clone in clones:

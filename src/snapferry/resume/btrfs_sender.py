@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,11 +24,15 @@ from snapferry.codec.zfs_stream import Sink
 from snapferry.engine.btrfs import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
 from snapferry.engine.pipes import SendProcess
 from snapferry.engine.zfs import DatasetMissing
-from snapferry.errors import Refused, StreamFormatError
+from snapferry.errors import Refused, SnapferryError, StreamFormatError
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.btrfs_checkpoints import NIL, BtrfsToken
 
 _COPY_CHUNK = 1 << 20
+# btrfs send cuts file data into WRITE commands of at most BTRFS_SEND_READ_SIZE bytes; each costs a
+# header, a path, an offset and a data attribute besides the data.
+_SEND_READ_SIZE = 48 << 10
+_WRITE_OVERHEAD = 10 + 4 + 12 + 4
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class BtrfsSendOptions:
     clones: tuple[Path, ...] = ()
     proto: int | None = None
     compressed: bool = False
+    estimate: bool = False  # estimate the stream's size on the side (a --no-data send) for the progress bar's ETA
 
 
 @dataclass
@@ -78,6 +85,42 @@ def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[_Sending]:
         yield _Sending(reader, first, commands, proc.stdout)
 
 
+def _estimate(proc: SendProcess, events: EventSink, already_sent: int) -> None:
+    """Sum a --no-data stream: its own bytes, and for each extent it leaves out, the WRITE commands that carry it."""
+    reader = BtrfsStreamReader(proc.stdout)
+    total = 0
+    # Stopped by its owner, or failed: the transfer goes on without an ETA either way.
+    with contextlib.suppress(SnapferryError, OSError, ValueError):
+        for item in reader:
+            command = item.command
+            if command.kind == Cmd.UPDATE_EXTENT:
+                writes = -(-command.size // _SEND_READ_SIZE)
+                total += command.size + writes * (_WRITE_OVERHEAD + len(command.path))
+        if proc.failure(timeout=None) is None:
+            events("estimate", total=max(reader.bytes_read + total - already_sent, 0))
+
+
+@contextmanager
+def _estimating(path: Path, options: BtrfsSendOptions, events: EventSink, already_sent: int = 0) -> Iterator[None]:
+    """While the stream is sent, estimate its size from a --no-data send: an "estimate" event gives the bar its total.
+
+    btrfs has nothing like `zfs send -nP`. The --no-data stream walks the same metadata without
+    reading file data, so it ends long before the real one on anything but tiny files.
+    """
+    if not options.estimate:
+        yield
+        return
+    argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed, no_data=True)
+    proc = SendProcess(argv, f"cannot estimate the size of {path}", classify_btrfs_failure)
+    thread = threading.Thread(target=_estimate, args=(proc, events, already_sent), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        proc.stop()
+        thread.join()
+
+
 def send_btrfs(path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOptions(), *, events: EventSink = ignore_events) -> int:
     """Send the read-only snapshot at `path` as `btrfs send` does, every command's crc checked on the way."""
     for snapshot in (path, *([options.parent] if options.parent else []), *options.clones):
@@ -85,8 +128,9 @@ def send_btrfs(path: Path, sink: Sink, options: BtrfsSendOptions = BtrfsSendOpti
             raise Refused(f"{snapshot} is not read-only: send snapshots (btrfs subvolume snapshot -r SUBVOL SNAPSHOT)")
     with _btrfs_send(path, options) as sending:
         events("stream", toname=str(path), offset=0)
-        sink([stream_header(sending.reader.version), sending.first.header, sending.first.body])
-        total = sending.first.end_offset + sending.copy_rest(sink, events)
+        with _estimating(path, options, events):
+            sink([stream_header(sending.reader.version), sending.first.header, sending.first.body])
+            total = sending.first.end_offset + sending.copy_rest(sink, events)
     events("done", bytes=total)
     return total
 
@@ -138,7 +182,7 @@ def send_btrfs_continuation(
         raise Refused(f"stale token: {path} no longer exists; {_abort_advice(token)}") from None
     _check_source(token, source)
     parent = _parent_for(token, path, options.parent)
-    options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed)
+    options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed, options.estimate)
     with _btrfs_send(path, options) as sending:
         first, commands = sending.first, sending.commands
         begin = first.command
@@ -164,6 +208,7 @@ def send_btrfs_continuation(
             ) from None
         continuation = Continuation(token.offset, bytes.fromhex(token.fingerprint))
         sink([continuation.encode(), stream_header(sending.reader.version), first.header, first.body])
-        sent = sending.copy_rest(sink, events)
+        with _estimating(path, options, events, already_sent=token.offset):
+            sent = sending.copy_rest(sink, events)
     events("done", bytes=sent)
     return sent
