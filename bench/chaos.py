@@ -76,8 +76,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
 from _faultproxy import FaultProxy, Trigger  # noqa: E402
 from _feeder import EXTRA_ATTEMPTS, Feeder, faults_then_resumes  # noqa: E402
-from _sshd import SshServer, remote_snapferry, start_sshd  # noqa: E402
 from tests import zfs_testbed as tb  # noqa: E402
+from tests.sshd_server import SshServer, remote_snapferry, start_sshd  # noqa: E402
 
 MiB = 1 << 20
 LOCAL_KINDS = ("cut", "sigkill", "corrupt", "daemon", "quota", "snapdestroy")
@@ -527,7 +527,7 @@ class SyncRunner:
         self.sshd = sshd
         self.proxy = proxy
         self.workdir = workdir
-        self.ssh = sshd.ssh_command(proxy.port)
+        self.ssh = sshd.ssh_command(proxy.port, keepalive=True)
         self.run_now: SyncRun | None = None
         self.runs: list[SyncRun] = []
 

@@ -27,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _zfsbench import MiB, ScratchPools, destroy, fill_random, install_sigterm_cleanup, log, median, run, run_pipeline  # noqa: E402
-from tests.sshd import _start as start_sshd  # noqa: E402
-from tests.sshd import _stop as stop_sshd  # noqa: E402
+from tests.sshd_server import remote_snapferry, start_sshd  # noqa: E402
 
 
 def fill_text(directory: str, total_mib: int) -> None:
@@ -64,7 +63,7 @@ def main() -> int:
 
                 def sync(compress: str, dataset: str = f"{src}/{kind}", target: str = remote) -> list[list[str]]:
                     argv = [*snapferry, "sync", "-q", "--compress", compress, "--ssh", server.command]
-                    return [[*argv, "--remote-snapferry", f"{sys.executable} -m snapferry", dataset, target]]
+                    return [[*argv, "--remote-snapferry", remote_snapferry(), dataset, target]]
 
                 variants = {
                     "raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]],
@@ -85,7 +84,7 @@ def main() -> int:
                 for name, values in times.items():
                     results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
         finally:
-            stop_sshd(server)
+            server.stop()
     print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}")
     print(f"{'variant':24s} {'median s':>9s} {'raw/x':>7s}")
     for name, row in results.items():

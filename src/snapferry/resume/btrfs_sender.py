@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import threading
 from collections.abc import Iterator
@@ -182,7 +183,7 @@ def send_btrfs_continuation(
         raise Refused(f"stale token: {path} no longer exists; {_abort_advice(token)}") from None
     _check_source(token, source)
     parent = _parent_for(token, path, options.parent)
-    options = BtrfsSendOptions(parent, options.clones, options.proto, options.compressed, options.estimate)
+    options = dataclasses.replace(options, parent=parent)
     with _btrfs_send(path, options) as sending:
         first, commands = sending.first, sending.commands
         begin = first.command
