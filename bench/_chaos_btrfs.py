@@ -22,36 +22,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from _chaos_common import Iteration, last_line, log, run_sf, size_bytes
 from _feeder import Feeder, faults_then_resumes
 from tests import btrfs_testbed as bt
 from tests import zfs_testbed as tb
 
-if TYPE_CHECKING:
-    from chaos import Iteration
-
 BTRFS_KINDS = ("cut", "sigkill", "corrupt", "remount", "snapdestroy")
-TIMEOUT = 300
 STATE = ".snapferry"
-
-
-def sf(*args: str | Path, data: bytes | None = None) -> tb.Result:
-    proc = subprocess.run([*tb.SNAPFERRY, *map(str, args)], input=data, capture_output=True, check=False, timeout=TIMEOUT)
-    return tb.Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("{")]
-    return lines[-1][:300] if lines else ""
-
-
-def size_bytes(text: str) -> int:
-    return int(text.rstrip("M")) << 20
 
 
 class BtrfsRunner:
@@ -94,7 +75,7 @@ class BtrfsRunner:
         target, name = paths["target"], paths["snap"].name
         record: dict[str, object] = {"stream_bytes": len(stream), "fault": fault["kind"] if fault else None}
         if fault is None:
-            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream)
+            res = run_sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream)
             it.bytes_fed += len(stream)
             record.update(rc=res.returncode, fed=len(stream), stderr=last_line(res.stderr))
             it.attempts.append(record)
@@ -106,7 +87,7 @@ class BtrfsRunner:
         fault.update(offset=offset, of=len(stream), fired=True)
         record["offset"] = offset
         if kind in ("cut", "snapdestroy"):
-            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream[:offset])
+            res = run_sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=stream[:offset])
             rc, err, fed = res.returncode, res.stderr, offset
             if rc != 3:
                 it.corrupted = it.corrupted or rc == 0
@@ -114,7 +95,7 @@ class BtrfsRunner:
         elif kind == "corrupt":
             data = bytearray(stream)
             data[offset] ^= int(fault["mask"])
-            res = sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=bytes(data))
+            res = run_sf("receive", "-s", "--checkpoint", it.checkpoint, target, data=bytes(data))
             rc, err, fed = res.returncode, res.stderr, len(data)
             allowed = (3, 4, 5) if offset < prefix else (3, 5)
             if rc not in allowed:
@@ -146,7 +127,7 @@ class BtrfsRunner:
 
     def stale_resume(self, it: Iteration, paths: dict[str, Path], fault: dict[str, Any]) -> None:
         target, snap = paths["target"], paths["snap"]
-        tok = sf("token", target / snap.name)
+        tok = run_sf("token", target / snap.name)
         if tok.returncode != 0:
             fault["applied"] = False  # nothing checkpointed yet: nothing to go stale, carry on as a cut
             fault["counted_as"] = "cut"
@@ -155,7 +136,7 @@ class BtrfsRunner:
         bt.run("btrfs", "-q", "subvolume", "delete", victim)
         fault["destroyed"] = victim.name
         it.terminal = True
-        cont = sf("send", "-t", tok.stdout.decode().strip(), snap)
+        cont = run_sf("send", "-t", tok.stdout.decode().strip(), snap)
         it.attempts.append({"resend": "stale", "rc": cont.returncode, "stderr": last_line(cont.stderr)})
         if cont.returncode == 4 and "stale token" in cont.stderr and not cont.stdout:
             it.refusals += 1
@@ -163,7 +144,7 @@ class BtrfsRunner:
             it.problems.append(
                 f"send -t after {victim.name} was deleted: exit {cont.returncode} (want 4 'stale token'): {last_line(cont.stderr)}"
             )
-        abort = sf("receive", "-A", target / snap.name)
+        abort = run_sf("receive", "-A", target / snap.name)
         if abort.returncode != 0:
             it.problems.append(f"receive -A after the stale token: exit {abort.returncode}: {last_line(abort.stderr)}")
         left = sorted(os.listdir(target))
@@ -176,7 +157,7 @@ class BtrfsRunner:
     def next_stream(self, it: Iteration, paths: dict[str, Path], whole: bytes) -> tuple[bytes, int, int]:
         """The resume stream, the original-stream byte it resumes from, and its header's length; or the whole again."""
         target, snap = paths["target"], paths["snap"]
-        tok = sf("token", target / snap.name)
+        tok = run_sf("token", target / snap.name)
         if tok.returncode == 1:
             it.whole_resends += 1
             it.attempts.append({"resend": "whole", "why": last_line(tok.stderr)})
@@ -184,8 +165,8 @@ class BtrfsRunner:
         if tok.returncode != 0:
             raise RuntimeError(f"snapferry token exit {tok.returncode}: {last_line(tok.stderr)}")
         token = tok.stdout.decode().strip()
-        offset = int(json.loads(sf("token", "--decode", token).stdout)["offset"])
-        cont = sf("send", "-t", token, snap)
+        offset = int(json.loads(run_sf("token", "--decode", token).stdout)["offset"])
+        cont = run_sf("send", "-t", token, snap)
         if cont.returncode != 0:
             raise RuntimeError(f"snapferry send -t exit {cont.returncode}: {last_line(cont.stderr)}")
         it.resumes += 1
@@ -222,11 +203,11 @@ class BtrfsRunner:
             bt.change_tree(live)
             bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s2")
             paths["snap"] = snaps / "s2"
-            base = sf("receive", target, data=sf("send", snaps / "s1").stdout)
+            base = run_sf("receive", target, data=run_sf("send", snaps / "s1").stdout)
             assert base.returncode == 0, base.stderr
-            sent = sf("send", "-p", snaps / "s1", snaps / "s2")
+            sent = run_sf("send", "-p", snaps / "s1", snaps / "s2")
         else:
-            sent = sf("send", snaps / "s1")
+            sent = run_sf("send", snaps / "s1")
         assert sent.returncode == 0, sent.stderr
         whole = sent.stdout
         it.stream_bytes = len(whole)
@@ -262,7 +243,3 @@ class BtrfsRunner:
             it.corrupted = True
             differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             it.problems.append(f"tree differs at {len(differ)} path(s): {differ[:5]}")
-
-
-def log(message: str) -> None:
-    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True, file=sys.stderr)
