@@ -144,15 +144,7 @@ class BtrfsRunner:
             it.problems.append(
                 f"send -t after {victim.name} was deleted: exit {cont.returncode} (want 4 'stale token'): {last_line(cont.stderr)}"
             )
-        abort = run_sf("receive", "-A", target / snap.name)
-        if abort.returncode != 0:
-            it.problems.append(f"receive -A after the stale token: exit {abort.returncode}: {last_line(abort.stderr)}")
-        left = sorted(os.listdir(target))
-        want = ["s1"] if it.mode == "incremental" else []
-        if left != want:
-            it.leftover = it.leftover or bool(set(left) - set(want))
-            it.lost = it.lost or bool(set(want) - set(left))
-            it.problems.append(f"{target} after receive -A holds {left}, expected {want}")
+        abort_and_check(it, target, snap.name)
 
     def next_stream(self, it: Iteration, paths: dict[str, Path], whole: bytes) -> tuple[bytes, int, int]:
         """The resume stream, the original-stream byte it resumes from, and its header's length; or the whole again."""
@@ -175,33 +167,32 @@ class BtrfsRunner:
     # -- one iteration -------------------------------------------------------------------------
 
     def run(self, it: Iteration) -> None:
-        live = self.src / f"it{it.index}"
-        snaps = self.src / f"snaps{it.index}"
-        target = self.dst / f"it{it.index}"
+        live, snaps, target = self.src / f"it{it.index}", self.src / f"snaps{it.index}", self.dst / f"it{it.index}"
         try:
             self._run(it, live, snaps, target)
         finally:
-            for directory in (target, snaps):
-                if directory.is_dir():
-                    for entry in directory.iterdir():
-                        if entry.name != STATE:
-                            subprocess.run(["btrfs", "-q", "subvolume", "delete", str(entry)], check=False)
-                    subprocess.run(["rm", "-rf", str(directory)], check=False)
-            if live.exists():
-                subprocess.run(["btrfs", "-q", "subvolume", "delete", str(live)], check=False)
+            remove(live, snaps, target)
 
-    def _run(self, it: Iteration, live: Path, snaps: Path, target: Path) -> None:
+    def make_source(self, it: Iteration, live: Path, snaps: Path, target: Path) -> None:
+        """A live subvolume of random data and a tree of every kind of file, and its read-only snapshot snaps/s1."""
         bt.run("btrfs", "-q", "subvolume", "create", live)
         tb.write_tree(live / "data", seed=it.data_seed, megabytes=it.megabytes)
         bt.fill_tree(live)
         snaps.mkdir()
         target.mkdir()
         bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s1")
+
+    def change_source(self, it: Iteration, live: Path, snaps: Path) -> None:
+        """Changes to data and tree, then the read-only snapshot snaps/s2."""
+        tb.change_tree(live / "data", seed=it.data_seed + 1)
+        bt.change_tree(live)
+        bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s2")
+
+    def _run(self, it: Iteration, live: Path, snaps: Path, target: Path) -> None:
+        self.make_source(it, live, snaps, target)
         paths = {"target": target, "snap": snaps / "s1", "parent": snaps / "s1"}
         if it.mode == "incremental":
-            tb.change_tree(live / "data", seed=it.data_seed + 1)
-            bt.change_tree(live)
-            bt.run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snaps / "s2")
+            self.change_source(it, live, snaps)
             paths["snap"] = snaps / "s2"
             base = run_sf("receive", target, data=run_sf("send", snaps / "s1").stdout)
             assert base.returncode == 0, base.stderr
@@ -243,3 +234,28 @@ class BtrfsRunner:
             it.corrupted = True
             differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             it.problems.append(f"tree differs at {len(differ)} path(s): {differ[:5]}")
+
+
+def abort_and_check(it: Iteration, target: Path, name: str) -> None:
+    """After a refused stale token: `receive -A` must leave nothing (full) or exactly the parent s1 (incremental)."""
+    abort = run_sf("receive", "-A", target / name)
+    if abort.returncode != 0:
+        it.problems.append(f"receive -A after the stale token: exit {abort.returncode}: {last_line(abort.stderr)}")
+    left = sorted(os.listdir(target))
+    want = ["s1"] if it.mode == "incremental" else []
+    if left != want:
+        it.leftover = it.leftover or bool(set(left) - set(want))
+        it.lost = it.lost or bool(set(want) - set(left))
+        it.problems.append(f"{target} after receive -A holds {left}, expected {want}")
+
+
+def remove(live: Path, *directories: Path) -> None:
+    """An iteration's subvolumes and directories, whatever state a fault left them in."""
+    for directory in directories:
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name != STATE:
+                    subprocess.run(["btrfs", "-q", "subvolume", "delete", str(entry)], check=False)
+            subprocess.run(["rm", "-rf", str(directory)], check=False)
+    if live.exists():
+        subprocess.run(["btrfs", "-q", "subvolume", "delete", str(live)], check=False)

@@ -94,9 +94,8 @@ class SyncRun:
 class SyncRunner:
     """The sync scenario: `snapferry sync SRC root@127.0.0.1:DST` through sshd behind a FaultProxy."""
 
-    def __init__(self, src: tb.Pool, dst: tb.Pool, sshd: SshServer, proxy: FaultProxy, workdir: Path) -> None:
-        self.src = src
-        self.dst = dst
+    def __init__(self, sshd: SshServer, proxy: FaultProxy, workdir: Path, pools: tuple[tb.Pool, tb.Pool] | None = None) -> None:
+        self.pools = pools  # zfs-fuse's source and destination pools (the daemon fault restarts both)
         self.sshd = sshd
         self.proxy = proxy
         self.workdir = workdir
@@ -206,14 +205,15 @@ class SyncRunner:
         if kind == "link_corrupt":
             return Trigger(offset, "flip", mask=mask)
         if kind == "daemon":
-            dirs, names = [self.src.directory, self.dst.directory], [self.src.name, self.dst.name]
+            assert self.pools is not None
+            dirs, names = [p.directory for p in self.pools], [p.name for p in self.pools]
             return Trigger(offset, "call", callback=lambda: tb.reboot_daemon(dirs, names))
         return Trigger(offset, "call", callback=self.killer(kind, run, target))
 
     def inject(self, it: Iteration, fs: str, target: str, fault: dict[str, object]) -> None:
         """Arm one fault on the running (or a new) sync and wait until it fired or the sync ended."""
         kind = str(fault["kind"])
-        remaining = max(MIN_WIRE_OFFSET * 2, it.stream_bytes - committed(target))
+        remaining = max(MIN_WIRE_OFFSET * 2, it.stream_bytes - self.committed(it, target))
         fault["of"] = remaining
         if kind == "quota":
             self.inject_quota(it, fs, target, fault, remaining)
@@ -280,6 +280,10 @@ class SyncRunner:
         if reason and "space" not in reason:
             it.problems.append(f"quota {margin} bytes above use: sync stopped for another reason: {reason[:300]}")
 
+    def committed(self, it: Iteration, target: str) -> int:
+        """The stream byte where the transfer's last checkpoint ends (0 without one)."""
+        return committed(target)
+
     def stale_resume(self, it: Iteration, fs: str, target: str, fault: dict[str, object]) -> None:
         """The sync was killed after a checkpoint: destroy the source snapshot, expect a refusal, abort."""
         deadline = time.monotonic() + 60
@@ -321,6 +325,18 @@ class SyncRunner:
             sent = run_sf("send", f"{fs}@s1")
         assert sent.returncode == 0, sent.stderr
         it.stream_bytes = len(sent.stdout)
+        if not self.drive(it, fs, target):
+            return
+        check_replica(it, target, want_guid, want_files)
+        src_names = [n for n in tb.snapshot_names(fs) if not n.startswith("snapferry-")]
+        dst_names = [n for n in tb.snapshot_names(target) if not n.startswith("snapferry-")]
+        if dst_names != src_names:
+            it.lost = True
+            it.problems.append(f"destination snapshots {dst_names} != source {src_names}")
+        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+
+    def drive(self, it: Iteration, fs: str, target: str) -> bool:
+        """Inject the iteration's faults into syncs of fs to target, then sync until done; whether to check the replica."""
         wire_before = self.proxy.up_bytes
         try:
             for fault in it.faults:
@@ -340,16 +356,12 @@ class SyncRunner:
             self.count_events(it)
         if it.terminal:
             it.ok = not it.problems
-            return
+            return False
         self.check_remote(it, target)
-        if not it.lost:
-            check_replica(it, target, want_guid, want_files)
-            src_names = [n for n in tb.snapshot_names(fs) if not n.startswith("snapferry-")]
-            dst_names = [n for n in tb.snapshot_names(target) if not n.startswith("snapferry-")]
-            if dst_names != src_names:
-                it.lost = True
-                it.problems.append(f"destination snapshots {dst_names} != source {src_names}")
-        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+        if it.lost:
+            it.ok = False
+            return False
+        return True
 
     def finish_sync(self, it: Iteration, fs: str, target: str) -> None:
         """Wait for the sync in progress, then run it again until it is done."""

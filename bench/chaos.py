@@ -40,6 +40,10 @@ Scenario `btrfs`: `snapferry send | snapferry receive -s DIR` between two loop-m
 the faults cut, sigkill, corrupt, remount (the target unmounted and mounted again after a SIGKILL:
 a reboot) and snapdestroy; see bench/_chaos_btrfs.py.
 
+Scenario `btrfs_sync`: `snapferry sync SNAPDIR root@127.0.0.1:DIR` between those two btrfs, through
+the same sshd and proxy, with the sync faults that are not zfs-fuse's (all but daemon and quota);
+see bench/_chaos_btrfs_sync.py.
+
 sync retries by itself (--retries); a sync that exits is run again until done. Both scenarios end
 by checking the guids, every file's sha256, and that no `snapferry-*` snapshot (and no remote
 receive) is left.
@@ -60,7 +64,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest  # the test beds report failures with pytest.fail
@@ -71,6 +75,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
+from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner  # noqa: E402
 from _chaos_common import Iteration, log  # noqa: E402
 from _chaos_sync import SyncRunner  # noqa: E402
 from _chaos_zfs import Runner, make_pool  # noqa: E402
@@ -91,9 +96,11 @@ SYNC_KINDS = (
     "quota",
     "snapdestroy",
 )
-SCENARIOS = {"local": LOCAL_KINDS, "sync": SYNC_KINDS, "btrfs": BTRFS_KINDS}
+SCENARIOS = {"local": LOCAL_KINDS, "sync": SYNC_KINDS, "btrfs": BTRFS_KINDS, "btrfs_sync": BTRFS_SYNC_KINDS}
 ZFS_SCENARIOS = ("local", "sync")
-DEFAULT_SCENARIOS = "local,sync,btrfs"
+BTRFS_SCENARIOS = ("btrfs", "btrfs_sync")
+SYNC_SCENARIOS = ("sync", "btrfs_sync")
+DEFAULT_SCENARIOS = "local,sync,btrfs,btrfs_sync"
 # --cover-kinds: iteration i starts with CATALOG[i % len(CATALOG)].
 CATALOG = [(scenario, kind) for scenario, kinds in SCENARIOS.items() for kind in kinds]
 
@@ -108,14 +115,14 @@ def draw(seed: int, index: int, scenarios: tuple[str, ...], max_mib: int, cover:
     it.mode = rng.choice(["full", "incremental"])
     it.megabytes = rng.randint(2, max_mib)
     it.data_seed = rng.randrange(1 << 30)
-    it.checkpoint = f"{rng.randint(1, 2 if it.scenario == 'sync' else 4)}M"
-    it.compress = rng.choice(["none", "zstd:3"]) if it.scenario == "sync" else "none"
+    it.checkpoint = f"{rng.randint(1, 2 if it.scenario in SYNC_SCENARIOS else 4)}M"
+    it.compress = rng.choice(["none", "zstd:3"]) if it.scenario in SYNC_SCENARIOS else "none"
     kinds = [rng.choice(SCENARIOS[it.scenario]) for _ in range(rng.randint(1, 3))]
     if cover:
         catalog = [(s, k) for s, k in CATALOG if s in scenarios]
         it.scenario, first = catalog[index % len(catalog)]
-        kinds = [first] + [k if k in SCENARIOS[it.scenario] else "link_cut" if it.scenario == "sync" else "cut" for k in kinds[1:]]
-        it.compress = "zstd:3" if it.scenario == "sync" and not index % 2 else "none"
+        kinds = [first] + [k if k in SCENARIOS[it.scenario] else "link_cut" if it.scenario in SYNC_SCENARIOS else "cut" for k in kinds[1:]]
+        it.compress = "zstd:3" if it.scenario in SYNC_SCENARIOS and not index % 2 else "none"
     if "snapdestroy" in kinds:
         kinds = kinds[: kinds.index("snapdestroy") + 1]  # it ends the iteration
         it.checkpoint = "1M"
@@ -123,54 +130,64 @@ def draw(seed: int, index: int, scenarios: tuple[str, ...], max_mib: int, cover:
         it.faults.append({"kind": kind, "fraction": rng.random(), "fraction2": rng.random(), "mask": 1 << rng.randrange(8)})
     # Over loopback ssh and sshd buffer megabytes ahead of the receiver; a link at a few MB/s keeps
     # the receiver close to the byte where a fault hits (and the sender alive until the end).
-    it.bwlimit = rng.choice(["2M", "4M"]) if it.scenario == "sync" else ""
+    it.bwlimit = rng.choice(["2M", "4M"]) if it.scenario in SYNC_SCENARIOS else ""
     return it
 
 
-def run_iteration(it: Iteration, local: Runner | None, sync: SyncRunner | None, btrfs: BtrfsRunner | None) -> Iteration:
+@dataclass
+class Runners:
+    """One runner per scenario of the run (None for the others)."""
+
+    local: Runner | None = None
+    sync: SyncRunner | None = None
+    btrfs: BtrfsRunner | None = None
+    btrfs_sync: BtrfsSyncRunner | None = None
+
+
+def run_iteration(it: Iteration, runners: Runners) -> Iteration:
     started = time.monotonic()
-    if it.scenario == "btrfs":
-        assert btrfs is not None
-        kinds = [f["kind"] for f in it.faults]
-        log(f"iteration {it.index}: btrfs {it.mode}, {it.megabytes} MiB, --checkpoint {it.checkpoint}, faults {kinds}")
-        try:
-            btrfs.run(it)
-        except (Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - a runner error is a failure of this iteration
-            it.problems.append(f"runner error: {type(exc).__name__}: {exc}")
-            it.ok = False
+    wire = f", --compress {it.compress} --bwlimit {it.bwlimit}" if it.scenario in SYNC_SCENARIOS else ""
+    kinds = [f["kind"] for f in it.faults]
+    log(f"iteration {it.index}: {it.scenario} {it.mode}, {it.megabytes} MiB, --checkpoint {it.checkpoint}{wire}, faults {kinds}")
+    try:
+        if it.scenario == "btrfs":
+            assert runners.btrfs is not None
+            runners.btrfs.run(it)
+        elif it.scenario == "btrfs_sync":
+            assert runners.btrfs_sync is not None
+            runners.btrfs_sync.run_btrfs(it)
+        else:
+            run_zfs_iteration(it, runners)
+    except (Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - a runner error is a failure of this iteration
+        it.problems.append(f"runner error: {type(exc).__name__}: {exc}")
+        it.ok = False
+    finally:
         it.seconds = round(time.monotonic() - started, 1)
-        return it
+    return it
+
+
+def run_zfs_iteration(it: Iteration, runners: Runners) -> None:
+    local = runners.local
     assert local is not None
-    src_pool, dst_pool = local.src.name, local.dst.name
-    fs = f"{src_pool}/it{it.index}"
-    parent = f"{dst_pool}/it{it.index}"
+    fs = f"{local.src.name}/it{it.index}"
+    parent = f"{local.dst.name}/it{it.index}"
     target = f"{parent}/data"
-    log(
-        f"iteration {it.index}: {it.scenario} {it.mode}, {it.megabytes} MiB, --checkpoint {it.checkpoint}"
-        + (f", --compress {it.compress} --bwlimit {it.bwlimit}" if it.scenario == "sync" else "")
-        + f", faults {[f['kind'] for f in it.faults]}"
-    )
     try:
         for dataset in (parent, fs):
             if tb.exists(dataset):
                 tb.sh("zfs", "destroy", "-r", dataset)
         tb.sh("zfs", "create", parent)
         if it.scenario == "sync":
-            assert sync is not None
-            sync.run(it, fs, target)
+            assert runners.sync is not None
+            runners.sync.run(it, fs, target)
         else:
             local.run(it, fs, target)
-    except Exception as exc:  # noqa: BLE001 - a runner error is a failure of this iteration
-        it.problems.append(f"runner error: {type(exc).__name__}: {exc}")
-        it.ok = False
     finally:
-        it.seconds = round(time.monotonic() - started, 1)
         for dataset in (parent, fs):
             for _ in range(10):
                 if not tb.exists(dataset) or tb.sh("zfs", "destroy", "-r", dataset, check=False).returncode == 0:
                     break
                 time.sleep(0.5)
-    return it
 
 
 def replay_args(args: argparse.Namespace) -> str:
@@ -234,13 +251,13 @@ def summarize(seed: int, results: list[Iteration], replay: str = "") -> dict[str
 
 def print_report(summary: dict[str, object], results: list[Iteration]) -> None:
     print(
-        f"{'it':>4} {'scen':<5} {'mode':<11} {'MiB':>3} {'ckpt':>4} {'faults':<40} {'resumes':>7} {'whole':>5} "
+        f"{'it':>4} {'scen':<10} {'mode':<11} {'MiB':>3} {'ckpt':>4} {'faults':<40} {'resumes':>7} {'whole':>5} "
         f"{'stream':>9} {'sent':>9} {'ratio':>6} {'s':>6}  ok"
     )
     for it in results:
         kinds = ",".join(f"{f['kind']}@{f.get('offset', '-')}" + ("" if f.get("fired", True) else "(no)") for f in it.faults)
         print(
-            f"{it.index:>4} {it.scenario:<5} {it.mode:<11} {it.megabytes:>3} {it.checkpoint:>4} {kinds[:40]:<40} {it.resumes:>7} "
+            f"{it.index:>4} {it.scenario:<10} {it.mode:<11} {it.megabytes:>3} {it.checkpoint:>4} {kinds[:40]:<40} {it.resumes:>7} "
             f"{it.whole_resends:>5} {it.stream_bytes:>9} {it.bytes_fed:>9} {it.ratio:>6.2f} {it.seconds:>6}  "
             f"{('refused ok' if it.terminal else 'yes') if it.ok else 'NO'}"
         )
@@ -277,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, help="run just this iteration index")
     parser.add_argument("--first", type=int, default=0, help="start at this iteration index (to finish a run stopped early)")
     parser.add_argument("--json", type=Path, help="write the summary and every iteration here (rewritten after each iteration)")
-    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated: local, sync, btrfs (default {DEFAULT_SCENARIOS})")
+    parser.add_argument(
+        "--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated, of {', '.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})"
+    )
     parser.add_argument("--max-mib", type=int, default=16, help="largest data set of an iteration, MiB (default 16; at least 2)")
     parser.add_argument("--cover-kinds", action="store_true", help="iteration i starts with the i-th (scenario, fault kind)")
     parser.add_argument("--time-budget", type=float, help="start no iteration after this many seconds")
@@ -285,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     if not scenarios or any(s not in SCENARIOS for s in scenarios) or args.max_mib < 2:
-        parser.error("--scenarios takes local, sync and/or btrfs; --max-mib at least 2")
+        parser.error("--scenarios takes local, sync, btrfs and/or btrfs_sync; --max-mib at least 2")
     if os.geteuid() != 0:
         print("chaos.py needs root (zfs-fuse, sshd)", file=sys.stderr)
         return 2
@@ -311,24 +330,28 @@ def main(argv: list[str] | None = None) -> int:
         proxy: FaultProxy | None = None
         btrfs: BtrfsRunner | None = None
         try:
-            local = sync = None
+            runners = Runners()
             if uses_zfs:
                 pools.append(make_pool(base, "s"))
                 pools.append(make_pool(base, "d"))
-                local = Runner(pools[0], pools[1])
-            if "btrfs" in scenarios:
-                btrfs = BtrfsRunner(base)
-            if "sync" in scenarios:
+                runners.local = Runner(pools[0], pools[1])
+            if any(s in BTRFS_SCENARIOS for s in scenarios):
+                btrfs = runners.btrfs = BtrfsRunner(base)
+            if any(s in SYNC_SCENARIOS for s in scenarios):
                 sshd = start_sshd(base / "sshd")
                 proxy = FaultProxy(sshd.port)
                 logs = args.logs or base / "sync"
                 logs.mkdir(parents=True, exist_ok=True)
-                sync = SyncRunner(pools[0], pools[1], sshd, proxy, logs)
+                if "sync" in scenarios:
+                    runners.sync = SyncRunner(sshd, proxy, logs, (pools[0], pools[1]))
+                if "btrfs_sync" in scenarios:
+                    assert btrfs is not None
+                    runners.btrfs_sync = BtrfsSyncRunner(btrfs, sshd, proxy, logs)
             for index in indices:
                 if args.time_budget is not None and time.monotonic() - started > args.time_budget:
                     log(f"time budget of {args.time_budget} s spent: stopping before iteration {index}")
                     break
-                it = run_iteration(draw(args.seed, index, scenarios, args.max_mib, args.cover_kinds), local, sync, btrfs)
+                it = run_iteration(draw(args.seed, index, scenarios, args.max_mib, args.cover_kinds), runners)
                 results.append(it)
                 verdict = "ok" if it.ok else "FAILED"
                 log(f"iteration {index}: {verdict} sent {it.bytes_fed}/{it.stream_bytes} in {it.seconds} s {it.problems}")

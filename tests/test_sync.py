@@ -311,9 +311,7 @@ def test_pull_from_a_remote_source(bed: tb.Bed, ssh_command: str, remote_snapfer
     assert_replica(src, dst, ["a", "b"], files["b"])
 
 
-def test_an_unnamed_first_piece_left_by_a_crash_is_discarded_and_sent_again(
-    bed: tb.Bed, ssh_command: str, remote_snapferry: str
-) -> None:
+def test_an_unnamed_first_piece_left_by_a_crash_is_discarded_and_sent_again(bed: tb.Bed, ssh_command: str, remote_snapferry: str) -> None:
     """The daemon died after zfs receive committed the first piece and before its rename to a checkpoint."""
     src, files = make_source(bed, "unnamed", ["a", "b"], seed=37)
     dst = bed.target("unnamed")

@@ -131,3 +131,20 @@ def test_corruption_in_flight_is_caught_by_openzfs_and_checkpoints_stay(pool: st
     rc, stderr = _receive_pieces(dst, continuation.stdout)
     assert rc == 0, stderr
     assert guid(f"{dst}@s1") == snap_guid and manifest(mountpoint(dst)) == files
+
+
+def test_send_estimates_incrementals_for_the_eta(pool: str) -> None:
+    """`zfs send -nP` gives the bar its total for an incremental too (zfs-fuse cannot: no ETA there)."""
+    fs = f"{pool}/estimated"
+    sh("zfs", "create", fs)
+    write_tree(mountpoint(fs), seed=44, megabytes=4, small_files=20)
+    for name, seed in (("s1", 0), ("s2", 45), ("s3", 46)):
+        if seed:
+            change_tree(mountpoint(fs), seed=seed)
+        snapshot(f"{fs}@{name}")
+    for args in (["-i", f"{fs}@s1", f"{fs}@s2"], ["-I", f"{fs}@s1", f"{fs}@s3"], [f"{fs}@s3"]):
+        result = snapferry("send", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        estimate = next(e["estimate"] for e in events if e["event"] == "stream")
+        assert 0.8 * len(result.stdout) <= estimate <= 1.2 * len(result.stdout), (args, estimate, len(result.stdout))
