@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from _chaos_common import Iteration, last_line, log, run_sf, size_bytes
+from _chaos_common import Iteration, last_line, log, record_attempt, run_sf, size_bytes
 from _feeder import Feeder, faults_then_resumes
 from tests import btrfs_testbed as bt
 from tests import zfs_testbed as tb
@@ -117,10 +117,7 @@ class BtrfsRunner:
                 self.remount()
         else:
             raise ValueError(kind)
-        it.bytes_fed += fed
-        record.update(rc=rc, fed=fed, stderr=last_line(err))
-        fault["rc"] = rc
-        it.attempts.append(record)
+        record_attempt(it, record, fault, rc, fed, err)
         if kind == "snapdestroy" and rc == 3:
             self.stale_resume(it, paths, fault)
         return rc

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests import zfs_testbed as tb
 
@@ -63,3 +64,11 @@ def last_line(text: str) -> str:
 
 def size_bytes(text: str) -> int:
     return int(text.rstrip("M")) * MiB
+
+
+def record_attempt(it: Iteration, record: dict[str, object], fault: dict[str, Any], rc: int, fed: int, stderr: str) -> None:
+    """A faulted attempt's outcome, in the iteration's report."""
+    it.bytes_fed += fed
+    record.update(rc=rc, fed=fed, stderr=last_line(stderr))
+    fault["rc"] = rc
+    it.attempts.append(record)

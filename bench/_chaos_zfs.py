@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from _chaos_common import Iteration, MiB, last_line, log, run_sf, size_bytes
+from _chaos_common import Iteration, MiB, last_line, log, record_attempt, run_sf, size_bytes
 from _feeder import Feeder, faults_then_resumes
 from tests import zfs_testbed as tb
 
@@ -234,10 +234,7 @@ class Runner:
                 it.problems.append(f"quota {margin} bytes above use: exit {rc}, expected 3 out of space: {last_line(err)}")
         else:
             raise ValueError(kind)
-        it.bytes_fed += fed
-        record.update(rc=rc, fed=fed, stderr=last_line(err))
-        fault["rc"] = rc
-        it.attempts.append(record)
+        record_attempt(it, record, fault, rc, fed, err)
         if kind == "snapdestroy" and rc == 3:
             self.stale_resume(it, fs, target, fault)
         return rc
