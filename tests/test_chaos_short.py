@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from snapferry.cli.progress import Reporter
-from snapferry.errors import Refused, TransferInterrupted
+from snapferry.errors import Locked, Refused, TransferInterrupted
+from snapferry.resume.btrfs_checkpoints import transfer_lock
+from snapferry.resume.lock import dataset_lock
 from snapferry.sync.driver import run_pipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +75,24 @@ def _reads_then_fails(message: str, code: int) -> list[str]:
     return [sys.executable, "-c", script]
 
 
-def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_lock() -> None:
+def _refusal_while_locked(lock: Callable[[], AbstractContextManager[None]]) -> str:
+    """What a second taker of the lock is told (the real message, as the far end prints it)."""
+    with lock(), pytest.raises(Locked) as refused, lock():
+        pass
+    return f"snapferry: {refused.value}"
+
+
+def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_lock(tmp_path: Path) -> None:
     """chaos --seed 2026 --only 7 --max-mib 6: the link stalled for 7.7 s, ssh gave up after 3 s,
     sync retried, and the receive of the stalled attempt, still alive at the far end, held the
-    destination's lock: the whole sync ended with exit 4 instead of retrying once it was gone."""
-    locked = "snapferry: another snapferry process is working on tank/fs (pid 1234, receive); wait for it or stop it first"
-    with pytest.raises(TransferInterrupted, match="another snapferry process is working on tank/fs"):
-        run_pipe(_writes(4096), _reads_then_fails(locked, 4))
+    destination's lock: the whole sync ended with exit 4 instead of retrying once it was gone.
+    The same for btrfs (chaos --seed 2026 --only 5 --scenarios btrfs_sync --max-mib 8): its
+    transfer lock said it in other words, which sync took for a refusal."""
+    zfs_locked = _refusal_while_locked(lambda: dataset_lock("tank/fs", "receive"))
+    btrfs_locked = _refusal_while_locked(lambda: transfer_lock(tmp_path, "snap1"))
+    for locked, what in ((zfs_locked, "tank/fs"), (btrfs_locked, "snap1")):
+        with pytest.raises(TransferInterrupted, match=f"another snapferry process is working on {what}"):
+            run_pipe(_writes(4096), _reads_then_fails(locked, 4))
     # Every other refusal still ends the sync.
     with pytest.raises(Refused, match="stale token"):
         run_pipe(_writes(4096), _reads_then_fails("snapferry: stale token: the source snapshot no longer exists", 4))

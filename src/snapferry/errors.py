@@ -31,6 +31,14 @@ class Refused(SnapferryError):
     exit_code = 4
 
 
+class Locked(Refused):
+    """Another snapferry process holds the dataset or transfer. For sync's retry this is a passing state
+    (the receive of an attempt that ssh gave up on lives on at the far end until its own connection
+    times out): it backs off and tries again, recognising the message by PREFIX across ssh."""
+
+    PREFIX = "another snapferry process is working on"
+
+
 class StreamFormatError(SnapferryError):
     """The input is not a ZFS stream snapferry can handle (foreign, corrupt framing, unsupported kind)."""
 

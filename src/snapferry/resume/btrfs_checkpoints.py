@@ -17,7 +17,7 @@ from uuid import UUID
 
 from snapferry.codec.token import seal, unseal
 from snapferry.engine import btrfs_ioctl as ioc
-from snapferry.errors import Refused
+from snapferry.errors import Locked, Refused
 
 STATE_DIR = ".snapferry"
 MARKER = "stream"
@@ -119,7 +119,7 @@ def transfer_lock(receive_root: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Refused(f"another snapferry process is receiving or aborting {name} under {receive_root}") from None
+            raise Locked(f"{Locked.PREFIX} {name} under {receive_root} (receiving or aborting it); wait for it or stop it first") from None
         yield
     finally:
         os.close(fd)

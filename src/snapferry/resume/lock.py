@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from snapferry.errors import Refused
+from snapferry.errors import Locked
 
 LOCK_DIR_ENV = "SNAPFERRY_LOCK_DIR"
 DEFAULT_LOCK_DIR = "/run/lock/snapferry"
@@ -29,7 +29,7 @@ def dataset_lock(dataset: str, purpose: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise Refused(f"another snapferry process is working on {dataset} ({holder}); wait for it or stop it first") from None
+            raise Locked(f"{Locked.PREFIX} {dataset} ({holder}); wait for it or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {purpose}".encode(), 0)
         yield

@@ -15,7 +15,7 @@ from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Snapshot
-from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
+from snapferry.errors import Locked, Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.resume.native import Mode, choose_mode, kernel_token
@@ -25,10 +25,6 @@ from snapferry.sync.plan import Rollback, Step, next_step, plan_all
 MAX_DELAY = 60.0
 # Exit codes of a snapferry process on either end (through ssh, which adds 255 for its own failures).
 _REFUSED, _BAD_STREAM = 4, 5
-# resume/lock.py's refusal. After a stalled link the receive of the attempt that ssh gave up on
-# lives on at the far end until its own connection times out, holding the lock: for the retry
-# that is a passing state to wait out with back-off, not a refusal that ends the sync.
-_LOCKED = "another snapferry process is working on"
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     # sender's failure, and a sender whose reader went away only reports the receiver's.
     sender_first = send_rc != 0 and not stopped_sender and "receiving side closed" not in send_message
     rc, message = (send_rc, send_message) if sender_first else (receive_rc, receive_message)
-    if rc == _REFUSED and _LOCKED not in message:
+    if rc == _REFUSED and Locked.PREFIX not in message:
         raise Refused(message)
     if rc == _BAD_STREAM:
         raise StreamFormatError(message)
