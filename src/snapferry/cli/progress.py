@@ -11,14 +11,26 @@ from typing import Any
 
 _BAR_INTERVAL = 0.1
 _JSON_INTERVAL = 1.0
+_NOTICES = ("warning", "discard")
+
+
+def _notice(event: str, fields: dict[str, Any]) -> str:
+    """A warning or a discard as the one line a person reads."""
+    if event == "warning":
+        return f"snapferry: warning: {fields.get('message', '')}"
+    where = fields.get("dataset") or fields.get("subvolume") or "the destination"
+    what = fields.get("reason", "unfinished transfer")
+    return f"snapferry: {where}: discarded the {what}; it holds no checkpoint, so this transfer starts from the beginning"
 
 
 class Reporter:
     """An EventSink. Mode is "bar" (on a terminal, else quiet), "json" or "quiet"."""
 
     def __init__(self, mode: str, total: int | None = None, label: str = "transfer") -> None:
+        # Warnings reach a person unless -q: as plain lines in scripts and cron, above the bar on a terminal.
+        self._notices = mode == "bar"
         if mode == "bar" and not sys.stderr.isatty():
-            # Like zfs itself, stay silent in scripts and cron; --json is there for machines.
+            # Like zfs itself, show no progress in scripts and cron; --json is there for machines.
             mode = "quiet"
         self.mode = mode
         self.checkpoints = 0
@@ -64,6 +76,9 @@ class Reporter:
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self.mode == "quiet":
+            if self._notices and event in _NOTICES:
+                with self._lock:
+                    print(_notice(event, fields), file=sys.stderr, flush=True)
             return
         # sync relays both ends' events from two threads: one event at a time, each line in one write.
         with self._lock:
@@ -83,6 +98,9 @@ class Reporter:
 
     def _update_bar(self, event: str, fields: dict[str, Any]) -> None:
         assert self._progress is not None
+        if event in _NOTICES:
+            self._progress.console.print(_notice(event, fields), markup=False, highlight=False)
+            return
         note = f"{self.checkpoints} checkpoints" if self.checkpoints else ""
         if event == "skip":
             self._progress.update(self._task, description="verifying committed prefix", completed=fields["bytes"], total=fields["total"])
