@@ -93,6 +93,19 @@ def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_l
     for locked, what in ((zfs_locked, "tank/fs"), (btrfs_locked, "snap1")):
         with pytest.raises(TransferInterrupted, match=f"another snapferry process is working on {what}"):
             run_pipe(_writes(4096), _reads_then_fails(locked, 4))
+
+
+def test_sync_gets_a_fresh_token_when_the_far_end_went_on_past_it() -> None:
+    """chaos --seed 2026 --only 5 --scenarios btrfs_sync --max-mib 8 (after the lock fix): the stalled
+    attempt's receive committed one more checkpoint before it died, so the token the retry had fetched
+    was behind; sync ended with exit 4 instead of fetching a fresh one (tests/test_btrfs_cli.py checks
+    the receiver's real message)."""
+    behind = (
+        "snapferry: stale token: the unfinished transfer of s1 has moved past this token (its last checkpoint is at "
+        "stream byte 4247875, the token's at 2115771); get a fresh token with: snapferry token /backup/s1"
+    )
+    with pytest.raises(TransferInterrupted, match="has moved past this token"):
+        run_pipe(_writes(4096), _reads_then_fails(behind, 4))
     # Every other refusal still ends the sync.
     with pytest.raises(Refused, match="stale token"):
         run_pipe(_writes(4096), _reads_then_fails("snapferry: stale token: the source snapshot no longer exists", 4))

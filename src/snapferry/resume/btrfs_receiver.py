@@ -28,7 +28,7 @@ from snapferry.codec.btrfs_stream import (
 from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
-from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
+from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TokenBehind, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.readahead import read_ahead
 from snapferry.resume.btrfs_checkpoints import (
@@ -297,11 +297,17 @@ class BtrfsCheckpointReceiver:
         self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
 
     def _check_continuation(self, continuation: Continuation, checkpoint: BtrfsCheckpoint | None, name: str) -> None:
+        fresh = f"get a fresh token with: snapferry token {self.receive_root / name}"
+        if checkpoint is not None and checkpoint.offset > continuation.offset:
+            raise TokenBehind(
+                f"stale token: the unfinished transfer of {name} {TokenBehind.MARKER} (its last checkpoint is at stream byte "
+                f"{checkpoint.offset}, the token's at {continuation.offset}); {fresh}"
+            )
         if checkpoint is None or (checkpoint.offset, checkpoint.fingerprint) != (continuation.offset, continuation.fingerprint):
             where = f"stream byte {checkpoint.offset}" if checkpoint is not None else "no checkpoint"
             raise Refused(
                 f"stale token: this continuation starts at stream byte {continuation.offset}, but the unfinished transfer of {name} "
-                f"has its last checkpoint at {where}; get a fresh token with: snapferry token {self.receive_root / name}"
+                f"has its last checkpoint at {where}; {fresh}"
             )
         self.events("resume", subvolume=name, offset=checkpoint.offset, seq=checkpoint.seq)
 

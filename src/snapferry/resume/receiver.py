@@ -11,7 +11,15 @@ from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_
 from snapferry.codec.zfs_stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import ReceiveProcess
 from snapferry.engine.zfs import Snapshot, Zfs
-from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
+from snapferry.errors import (
+    Refused,
+    SnapferryError,
+    StreamFormatError,
+    StreamIntegrityError,
+    TokenBehind,
+    TransferInterrupted,
+    ZfsCommandError,
+)
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import (
     MAX_CHECKPOINT_NAME,
@@ -192,9 +200,9 @@ class PieceReceiver:
                 f"(guid {begin.toguid}, expected {transfer.toguid}): the token is stale"
             )
         if seq != last.seq:
-            raise Refused(
-                f"stale token: this stream continues checkpoint {seq}, but {self.dataset} has reached checkpoint "
-                f"{last.seq}; get a fresh one with: snapferry token {self.dataset}"
+            raise TokenBehind(
+                f"stale token: {self.dataset} {TokenBehind.MARKER} (it has reached checkpoint {last.seq}, the token continues "
+                f"checkpoint {seq}); get a fresh one with: snapferry token {self.dataset}"
             )
         if transfer.open_pieces:
             # A piece committed after the last checkpoint but never renamed: its end is unknown.
