@@ -13,9 +13,11 @@ import pytest
 
 from snapferry.cli.progress import Reporter
 from snapferry.errors import Locked, Refused, TransferInterrupted
+from snapferry.events import ignore_events
 from snapferry.resume.btrfs_checkpoints import transfer_lock
 from snapferry.resume.lock import dataset_lock
-from snapferry.sync.driver import run_pipe
+from snapferry.sync.btrfs_sync import BtrfsStep
+from snapferry.sync.driver import SteppedSync, SyncOptions, run_pipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 7
@@ -95,20 +97,41 @@ def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_l
             run_pipe(_writes(4096), _reads_then_fails(locked, 4))
 
 
-def test_sync_gets_a_fresh_token_when_the_far_end_went_on_past_it() -> None:
-    """chaos --seed 2026 --only 5 --scenarios btrfs_sync --max-mib 8 (after the lock fix): the stalled
+class _ScriptedSync(SteppedSync[BtrfsStep]):
+    """sync's driver over a script of plans (what the destination says is next) whose first run is refused."""
+
+    def __init__(self, plans: list[BtrfsStep | None], *, moves_on: bool) -> None:  # no ends to reach: no super()
+        self.options = SyncOptions(retries=3)
+        self.events = ignore_events
+        self.plans = plans
+        self.moves_on = moves_on
+        self.ran: list[BtrfsStep] = []
+
+    def _next(self) -> BtrfsStep | None:
+        return self.plans[0]
+
+    def _run(self, step: BtrfsStep) -> None:
+        if not self.ran and step.token == "sf1b-early":
+            if self.moves_on:
+                self.plans.pop(0)  # meanwhile the abandoned attempt's receive committed one more checkpoint
+            raise Refused("stale token: the unfinished transfer of s1 has moved past this token")
+        self.ran.append(step)
+        self.plans.pop(0)
+
+
+def test_sync_plans_again_when_a_refusal_came_from_a_destination_that_moved_on() -> None:
+    """chaos --seed 2026 --only 5 --scenarios btrfs_sync --max-mib 8 (after bug 8's fix): the stalled
     attempt's receive committed one more checkpoint before it died, so the token the retry had fetched
-    was behind; sync ended with exit 4 instead of fetching a fresh one (tests/test_btrfs_cli.py checks
-    the receiver's real message)."""
-    behind = (
-        "snapferry: stale token: the unfinished transfer of s1 has moved past this token (its last checkpoint is at "
-        "stream byte 4247875, the token's at 2115771); get a fresh token with: snapferry token /backup/s1"
-    )
-    with pytest.raises(TransferInterrupted, match="has moved past this token"):
-        run_pipe(_writes(4096), _reads_then_fails(behind, 4))
-    # Every other refusal still ends the sync.
-    with pytest.raises(Refused, match="stale token"):
-        run_pipe(_writes(4096), _reads_then_fails("snapferry: stale token: the source snapshot no longer exists", 4))
+    was behind and the receive refused it; sync ended with exit 4 instead of planning again."""
+    behind, fresh = BtrfsStep("s1", token="sf1b-early"), BtrfsStep("s1", token="sf1b-late")
+    moved_on = _ScriptedSync([behind, fresh, None], moves_on=True)
+    assert moved_on.run() == "done in 1 step(s), 2 attempt(s)"
+    assert moved_on.ran == [fresh]
+    # A refusal that planning again does not change still ends the sync.
+    stuck = _ScriptedSync([behind, None], moves_on=False)
+    with pytest.raises(Refused, match="moved past this token"):
+        stuck.run()
+    assert stuck.ran == []
 
 
 def test_json_events_throttle_the_skips_of_a_resume(capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,13 +39,6 @@ class Locked(Refused):
     PREFIX = "another snapferry process is working on"
 
 
-class TokenBehind(Refused):
-    """The destination has checkpoints past this token: an attempt that was given up on went on for a
-    while at the far end. A fresh token resumes from there; sync gets one and retries (by MARKER)."""
-
-    MARKER = "has moved past this token"
-
-
 class StreamFormatError(SnapferryError):
     """The input is not a ZFS stream snapferry can handle (foreign, corrupt framing, unsupported kind)."""
 

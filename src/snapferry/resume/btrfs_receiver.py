@@ -28,7 +28,7 @@ from snapferry.codec.btrfs_stream import (
 from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
 from snapferry.engine import btrfs_ioctl as ioc
 from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
-from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TokenBehind, TransferInterrupted
+from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.readahead import read_ahead
 from snapferry.resume.btrfs_checkpoints import (
@@ -299,8 +299,8 @@ class BtrfsCheckpointReceiver:
     def _check_continuation(self, continuation: Continuation, checkpoint: BtrfsCheckpoint | None, name: str) -> None:
         fresh = f"get a fresh token with: snapferry token {self.receive_root / name}"
         if checkpoint is not None and checkpoint.offset > continuation.offset:
-            raise TokenBehind(
-                f"stale token: the unfinished transfer of {name} {TokenBehind.MARKER} (its last checkpoint is at stream byte "
+            raise Refused(
+                f"stale token: the unfinished transfer of {name} has moved past this token (its last checkpoint is at stream byte "
                 f"{checkpoint.offset}, the token's at {continuation.offset}); {fresh}"
             )
         if checkpoint is None or (checkpoint.offset, checkpoint.fingerprint) != (continuation.offset, continuation.fingerprint):

@@ -86,7 +86,12 @@ def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[_Sending]:
         yield _Sending(reader, first, commands, proc.stdout)
 
 
-def _estimate(proc: SendProcess, events: EventSink, already_sent: int) -> None:
+def _no_data_send(path: Path, options: BtrfsSendOptions) -> SendProcess:
+    argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed, no_data=True)
+    return SendProcess(argv, f"cannot estimate the size of {path}", classify_btrfs_failure)
+
+
+def _sum_no_data(proc: SendProcess, already_sent: int) -> int | None:
     """Sum a --no-data stream: its own bytes, and for each extent it leaves out, the WRITE commands that carry it."""
     reader = BtrfsStreamReader(proc.stdout)
     total = 0
@@ -98,22 +103,39 @@ def _estimate(proc: SendProcess, events: EventSink, already_sent: int) -> None:
                 writes = -(-command.size // _SEND_READ_SIZE)
                 total += command.size + writes * (_WRITE_OVERHEAD + len(command.path))
         if proc.failure(timeout=None) is None:
-            events("estimate", total=max(reader.bytes_read + total - already_sent, 0))
+            return max(reader.bytes_read + total - already_sent, 0)
+    return None
+
+
+def estimate_stream_size(path: Path, options: BtrfsSendOptions = BtrfsSendOptions(), already_sent: int = 0) -> int | None:
+    """What `btrfs send` of `path` (less `already_sent` bytes) will write, from a --no-data send; None if that fails.
+
+    btrfs has nothing like `zfs send -nP`. The --no-data stream walks the same metadata without
+    reading file data; only the split of the data into WRITE commands is reckoned.
+    """
+    proc = _no_data_send(path, options)
+    try:
+        return _sum_no_data(proc, already_sent)
+    finally:
+        proc.stop()
 
 
 @contextmanager
 def _estimating(path: Path, options: BtrfsSendOptions, events: EventSink, already_sent: int = 0) -> Iterator[None]:
-    """While the stream is sent, estimate its size from a --no-data send: an "estimate" event gives the bar its total.
+    """While the stream is sent, estimate its size on a thread: an "estimate" event gives the bar its total (and ETA).
 
-    btrfs has nothing like `zfs send -nP`. The --no-data stream walks the same metadata without
-    reading file data, so it ends long before the real one on anything but tiny files.
+    A transfer that ends first stops the estimate.
     """
     if not options.estimate:
         yield
         return
-    argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed, no_data=True)
-    proc = SendProcess(argv, f"cannot estimate the size of {path}", classify_btrfs_failure)
-    thread = threading.Thread(target=_estimate, args=(proc, events, already_sent), daemon=True)
+    proc = _no_data_send(path, options)
+
+    def estimate() -> None:
+        if (total := _sum_no_data(proc, already_sent)) is not None:
+            events("estimate", total=total)
+
+    thread = threading.Thread(target=estimate, daemon=True)
     thread.start()
     try:
         yield

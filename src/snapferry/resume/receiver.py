@@ -16,7 +16,6 @@ from snapferry.errors import (
     SnapferryError,
     StreamFormatError,
     StreamIntegrityError,
-    TokenBehind,
     TransferInterrupted,
     ZfsCommandError,
 )
@@ -200,8 +199,8 @@ class PieceReceiver:
                 f"(guid {begin.toguid}, expected {transfer.toguid}): the token is stale"
             )
         if seq != last.seq:
-            raise TokenBehind(
-                f"stale token: {self.dataset} {TokenBehind.MARKER} (it has reached checkpoint {last.seq}, the token continues "
+            raise Refused(
+                f"stale token: {self.dataset} has moved past this token (it has reached checkpoint {last.seq}, the token continues "
                 f"checkpoint {seq}); get a fresh one with: snapferry token {self.dataset}"
             )
         if transfer.open_pieces:

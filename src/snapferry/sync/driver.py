@@ -15,7 +15,7 @@ from snapferry.codec.openzfs_token import OpenZfsToken
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.pipes import enlarge_pipe
 from snapferry.engine.zfs import Snapshot
-from snapferry.errors import Locked, Refused, StreamFormatError, TokenBehind, TransferInterrupted
+from snapferry.errors import Locked, Refused, StreamFormatError, TransferInterrupted
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import latest_token, read_transfers
 from snapferry.resume.native import Mode, choose_mode, kernel_token
@@ -111,9 +111,9 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     # sender's failure, and a sender whose reader went away only reports the receiver's.
     sender_first = send_rc != 0 and not stopped_sender and "receiving side closed" not in send_message
     rc, message = (send_rc, send_message) if sender_first else (receive_rc, receive_message)
-    # Refusals that a retry resolves: the far end's receive of an attempt that ssh gave up on lives on
-    # until its own connection times out, holding the lock, and may commit checkpoints past the token.
-    if rc == _REFUSED and Locked.PREFIX not in message and TokenBehind.MARKER not in message:
+    # The far end's receive of an attempt that ssh gave up on lives on until its own connection times
+    # out, holding the lock: a passing state, retried with back-off.
+    if rc == _REFUSED and Locked.PREFIX not in message:
         raise Refused(message)
     if rc == _BAD_STREAM:
         raise StreamFormatError(message)
@@ -150,7 +150,14 @@ class SteppedSync(Generic[StepT]):
         done = 0
         while (step := self._next()) is not None:
             self.events("plan", steps=[step.describe()])
-            self._run(step)
+            try:
+                self._run(step)
+            except Refused as exc:
+                # The far end's receive of an abandoned attempt may have gone on meanwhile (committed
+                # checkpoints past the token, or finished): a refusal stands only if the plan does.
+                if self._next() == step:
+                    raise
+                raise TransferInterrupted(f"{exc} (the destination changed meanwhile: planning again)") from None
             done += 1
         self._after_steps()
         return done
