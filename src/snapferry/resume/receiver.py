@@ -11,14 +11,7 @@ from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_
 from snapferry.codec.zfs_stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.engine.pipes import ReceiveProcess
 from snapferry.engine.zfs import Snapshot, Zfs
-from snapferry.errors import (
-    Refused,
-    SnapferryError,
-    StreamFormatError,
-    StreamIntegrityError,
-    TransferInterrupted,
-    ZfsCommandError,
-)
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
 from snapferry.events import EventSink, ignore_events
 from snapferry.resume.checkpoints import (
     MAX_CHECKPOINT_NAME,
