@@ -7,6 +7,7 @@ import pytest
 from snapferry.codec.token import ResumeToken
 from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused
+from snapferry.sync.driver import SyncOptions
 from snapferry.sync.plan import Rollback, Step, next_step
 
 
@@ -85,3 +86,9 @@ def test_dry_run_plan_lists_every_step() -> None:
         "roll the destination back to dst/fs@a (--force)",
         "incremental src/fs@a -> src/fs@c",
     ]
+
+
+def test_the_sending_side_reports_progress_only_when_the_sync_shows_it() -> None:
+    """A quiet sync (cron) spares the sending side its events and the size estimate behind the ETA."""
+    assert SyncOptions(compress="zstd:3").wire() == ["--json", "--compress", "zstd:3"]
+    assert SyncOptions(compress="zstd:3", progress=False).wire() == ["-q", "--compress", "zstd:3"]

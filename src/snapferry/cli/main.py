@@ -262,6 +262,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise UsageError("sync goes from ZFS to ZFS or from btrfs to btrfs: give two datasets or two directories")
     if source.is_btrfs and (args.force or args.snapshot or args.mode):
         raise UsageError("--force, --snapshot and --mode are for ZFS; take btrfs snapshots with btrfs subvolume snapshot -r")
+    reporter = _reporter(args, label=str(target))
     options = SyncOptions(
         no_stream=args.no_stream,
         force=args.force,
@@ -273,8 +274,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         buffer=args.buffer,
         snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
         mode=args.mode,
+        progress=reporter.mode != "quiet",
     )
-    with dataset_lock(f"sync-{target}", f"sync {source} {target}"), _reporter(args, label=str(target)) as events:
+    with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
         shells = Shell(source, ssh, remote_snapferry), Shell(target, ssh, remote_snapferry)
         sync: Sync | BtrfsSync = BtrfsSync(*shells, options, events) if source.is_btrfs else Sync(*shells, options, events)
         if args.dry_run:

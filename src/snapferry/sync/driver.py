@@ -40,10 +40,13 @@ class SyncOptions:
     snapshot_prefix: str | None = None
     dry_run: bool = False
     mode: Mode | None = None
+    # Whether the sync shows progress: only then does the sending side report it, and work out the
+    # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
+    progress: bool = True
 
     def wire(self) -> list[str]:
         """The sending side's options for the link."""
-        wire = ["--json", "--compress", self.compress]
+        wire = ["--json" if self.progress else "-q", "--compress", self.compress]
         if self.bwlimit:
             wire += ["--bwlimit", self.bwlimit]
         if self.buffer:
@@ -89,7 +92,7 @@ class _Side:
 
 
 def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> None:
-    """send | receive (both run with --json), with both ends' exit codes turned into one error (or none)."""
+    """send | receive (the receiving side with --json), with both ends' exit codes turned into one error (or none)."""
     read_end, write_end = os.pipe()
     enlarge_pipe(write_end)
     try:
