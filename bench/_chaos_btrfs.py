@@ -211,7 +211,7 @@ class BtrfsRunner:
         if not done:
             return
         self.check_replica(it, paths)
-        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+        it.ok = it.clean
 
     def check_replica(self, it: Iteration, paths: dict[str, Path]) -> None:
         snap, target = paths["snap"], paths["target"]

@@ -33,9 +33,6 @@ class BtrfsSyncRunner(SyncRunner):
     def committed(self, it: Iteration, target: str) -> int:
         return max(self.btrfs.checkpoint_ends(Path(target), final_snap(it)), default=0)
 
-    def leftover_of_a_crash(self, it: Iteration, target: str) -> bool:
-        return False  # a zfs-fuse matter
-
     def run_btrfs(self, it: Iteration) -> None:
         src, dst = self.btrfs.src, self.btrfs.dst
         live, snaps, target = src / f"sync{it.index}", src / f"syncsnaps{it.index}", dst / f"sync{it.index}"
@@ -64,7 +61,7 @@ class BtrfsSyncRunner(SyncRunner):
         if not self.drive(it, str(snaps), str(target)):
             return
         self.btrfs.check_replica(it, {"target": target, "snap": snaps / final_snap(it)})
-        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+        it.ok = it.clean
 
     def stale_resume(self, it: Iteration, fs: str, target: str, fault: dict[str, object]) -> None:
         """The sync was killed after a checkpoint: delete the snapshot (or its parent), expect a refusal, abort."""

@@ -48,6 +48,11 @@ class Iteration:
     seconds: float = 0.0
 
     @property
+    def clean(self) -> bool:
+        """Nothing lost, corrupted or left over, and no other problem noted."""
+        return not (self.lost or self.corrupted or self.leftover or self.problems)
+
+    @property
     def ratio(self) -> float:
         return self.bytes_fed / self.stream_bytes if self.stream_bytes else 0.0
 

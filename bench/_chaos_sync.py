@@ -333,7 +333,7 @@ class SyncRunner:
         if dst_names != src_names:
             it.lost = True
             it.problems.append(f"destination snapshots {dst_names} != source {src_names}")
-        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+        it.ok = it.clean
 
     def drive(self, it: Iteration, fs: str, target: str) -> bool:
         """Inject the iteration's faults into syncs of fs to target, then sync until done; whether to check the replica."""

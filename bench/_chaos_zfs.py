@@ -310,4 +310,4 @@ class Runner:
         if not done:
             return
         check_replica(it, target, want_guid, want_files)
-        it.ok = not (it.lost or it.corrupted or it.leftover or it.problems)
+        it.ok = it.clean
