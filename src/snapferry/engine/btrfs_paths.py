@@ -50,9 +50,11 @@ class ConfinedPaths:
             self._transient.append(fd)
         return fd, parts[-1]
 
-    def parent_or_root(self, kind: Cmd, raw: bytes) -> tuple[int, bytes]:
-        """As parent(), but b"" (the subvolume's root) is (its fd, b".")."""
-        return self.parent(kind, raw) if raw else (self.subvol_fd, b".")
+    def parent_or_root(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
+        """As parent(), but b"" (the root: the subvolume's, or base_fd) is (its fd, b".")."""
+        if raw:
+            return self.parent(kind, raw, base_fd)
+        return (self.subvol_fd if base_fd is None else base_fd), b"."
 
     def _directory(self, kind: Cmd, raw: bytes, parts: tuple[bytes, ...]) -> int:
         # Every prefix of a cached directory is cached too, so one missing from the cache has no cached
@@ -81,7 +83,7 @@ class ConfinedPaths:
         cannot change it in between. O_NONBLOCK and the check that the opened inode is the one looked at
         guard against another process swapping the entry meanwhile.
         """
-        dir_fd, name = self.parent(kind, raw, base_fd) if raw else (self.subvol_fd if base_fd is None else base_fd, b".")
+        dir_fd, name = self.parent_or_root(kind, raw, base_fd)
         before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(before.st_mode):
             raise UnsafeStream(f"refused {kind.name} {shown(raw)}: it is a symlink")
