@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from snapferry.codec.fletcher import BlockSum, Fletcher4
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, end_header
-from snapferry.codec.zfs_stream import StampedWriter, StreamReader
-from snapferry.engine.pipes import write_all
+from snapferry.core.process import write_all
+from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
+from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, end_header
+from snapferry.zfs.codec.stream import StampedWriter, StreamReader
 
 MiB = 1 << 20
 RECORD = 128 << 10

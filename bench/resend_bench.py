@@ -45,8 +45,8 @@ from _zfsbench import (  # noqa: E402
     zfs_get,
 )
 
-from snapferry.codec.token import ResumeToken  # noqa: E402
-from snapferry.engine.pipes import write_all  # noqa: E402
+from snapferry.core.process import write_all  # noqa: E402
+from snapferry.zfs.codec.token import ResumeToken  # noqa: E402
 
 
 def parse_size(text: str) -> int:

@@ -13,8 +13,8 @@ from uuid import UUID
 
 from fuzz.contract import attempt as _attempt
 from fuzz.contract import check, outcome
-from snapferry.codec.btrfs_commands import Cmd, Command, Timespec
-from snapferry.codec.btrfs_stream import (
+from snapferry.btrfs.codec.commands import Cmd, Command, Timespec
+from snapferry.btrfs.codec.stream import (
     CMD_HEADER_SIZE,
     CONTINUATION_SIZE,
     STREAM_HEADER_SIZE,
@@ -27,8 +27,8 @@ from snapferry.codec.btrfs_stream import (
     safe_path_parts,
     stream_header,
 )
+from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, BtrfsToken, MalformedBtrfsToken
 from snapferry.errors import StreamFormatError
-from snapferry.resume.btrfs_checkpoints import BTRFS_TOKEN_PREFIX, BtrfsToken, MalformedBtrfsToken
 
 BTRFS_ERRORS = (StreamFormatError, BtrfsStreamTruncated)
 # Input marker bytes: the rest as is, or the rest with every command's crc32c made right.

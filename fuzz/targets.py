@@ -18,12 +18,13 @@ from tests.shared_data import OPENZFS_DATA
 
 from fuzz import btrfs_targets as btrfs
 from fuzz.contract import OK, Errors, attempt, check, outcome
-from snapferry.codec import nvlist, openzfs_token
-from snapferry.codec.fletcher import BlockSum, Fletcher4
-from snapferry.codec.nvlist import NvList, NvlistError, NvPair, NvType
-from snapferry.codec.openzfs_token import MalformedOpenZfsToken
-from snapferry.codec.token import MalformedToken, ResumeToken
-from snapferry.codec.zfs_records import (
+from snapferry.errors import StreamFormatError, StreamIntegrityError
+from snapferry.transport.wire import ZSTD_MAGIC, open_wire
+from snapferry.zfs.codec import nvlist, openzfs_token
+from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
+from snapferry.zfs.codec.nvlist import NvList, NvlistError, NvPair, NvType
+from snapferry.zfs.codec.openzfs_token import MalformedOpenZfsToken
+from snapferry.zfs.codec.records import (
     BEGIN_MAGIC,
     BEGIN_MAGIC_SWAPPED,
     COMPOUNDSTREAM,
@@ -45,9 +46,8 @@ from snapferry.codec.zfs_records import (
     payload_size,
     record_type,
 )
-from snapferry.codec.zfs_stream import Readable, StreamReader, StreamTruncated
-from snapferry.errors import StreamFormatError, StreamIntegrityError
-from snapferry.transport.wire import ZSTD_MAGIC, open_wire
+from snapferry.zfs.codec.stream import Readable, StreamReader, StreamTruncated
+from snapferry.zfs.codec.token import MalformedToken, ResumeToken
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

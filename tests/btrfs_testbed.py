@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snapferry.engine import btrfs_ioctl as ioc
+from snapferry.btrfs.engine import ioctl as ioc
 
 SETUP_HINT = "the btrfs tests need root, btrfs-progs and loop devices (scripts/setup.sh installs btrfs-progs)"
 NS = 1_000_000_000

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from snapferry.engine.btrfs_apply import BtrfsApplier, BtrfsApplyError
+from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError
 from snapferry.errors import StreamFormatError
 from tests.btrfs_testbed import NS, SETUP_HINT, assert_same_tree, encoded_extents, fs_flags, mkfs, run, subvol
 

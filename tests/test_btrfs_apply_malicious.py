@@ -14,10 +14,10 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from snapferry.codec.btrfs_commands import Cmd, Command, Timespec
-from snapferry.codec.btrfs_stream import encode_command, stream_header
-from snapferry.engine import btrfs_ioctl as ioc
-from snapferry.engine.btrfs_apply import BtrfsApplier, BtrfsApplyError, UnsafeStream
+from snapferry.btrfs.codec.commands import Cmd, Command, Timespec
+from snapferry.btrfs.codec.stream import encode_command, stream_header
+from snapferry.btrfs.engine import ioctl as ioc
+from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError, UnsafeStream
 from snapferry.errors import OutOfSpace, StreamFormatError
 from tests.btrfs_testbed import NS, SETUP_HINT, encoded_extents, fs_flags, mkfs, run, segments
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.btrfs.codec.stream import CMD_HEADER_SIZE, CONTINUATION_SIZE, STREAM_HEADER_SIZE
+from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken
+from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size
 from snapferry.cli.main import _split_c, build_parser
-from snapferry.codec.btrfs_stream import CMD_HEADER_SIZE, CONTINUATION_SIZE, STREAM_HEADER_SIZE
-from snapferry.resume.btrfs_checkpoints import STATE_DIR, BtrfsToken
-from snapferry.resume.btrfs_sender import BtrfsSendOptions, estimate_stream_size
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
 from tests.zfs_testbed import SNAPFERRY
 

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 
-from snapferry.codec.btrfs_commands import Cmd
-from snapferry.codec.btrfs_stream import CMD_HEADER_SIZE, BtrfsStreamReader, StreamCommand, btrfs_crc32c
-from snapferry.engine.btrfs_apply import BtrfsApplier
-from snapferry.errors import Refused, TransferInterrupted
-from snapferry.resume.btrfs_checkpoints import (
+from snapferry.btrfs.codec.commands import Cmd
+from snapferry.btrfs.codec.stream import CMD_HEADER_SIZE, BtrfsStreamReader, StreamCommand, btrfs_crc32c
+from snapferry.btrfs.engine.apply import BtrfsApplier
+from snapferry.btrfs.resume.checkpoints import (
     STATE_DIR,
     BtrfsCheckpoint,
     BtrfsToken,
@@ -33,7 +32,8 @@ from snapferry.resume.btrfs_checkpoints import (
     start_state,
     transfer_lock,
 )
-from snapferry.resume.btrfs_receiver import BtrfsCheckpointReceiver, StreamChanged
+from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver, StreamChanged
+from snapferry.errors import Refused, TransferInterrupted
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
 
 CHECKPOINT = 64 << 10
@@ -181,7 +181,7 @@ def test_sigkill_then_resume(bed: Bed) -> None:
     data = bed.streams["full_v2"]
     root = _root(bed)
     code = (
-        "import sys; from pathlib import Path; from snapferry.resume.btrfs_receiver import BtrfsCheckpointReceiver; "
+        "import sys; from pathlib import Path; from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver; "
         "BtrfsCheckpointReceiver(Path(sys.argv[1]), checkpoint_size=int(sys.argv[2])).receive(sys.stdin.buffer)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(CHECKPOINT)], stdin=subprocess.PIPE)

@@ -18,8 +18,8 @@ from fuzz.btrfs_targets import recrc as recrc_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec.btrfs_commands import ATTR_SIZE, SPECS, Attr, Cmd, Command, Compression, Timespec
-from snapferry.codec.btrfs_stream import (
+from snapferry.btrfs.codec.commands import ATTR_SIZE, SPECS, Attr, Cmd, Command, Compression, Timespec
+from snapferry.btrfs.codec.stream import (
     CMD_HEADER_SIZE,
     FINGERPRINT_START,
     MAX_COMMAND_LEN,
@@ -32,8 +32,8 @@ from snapferry.codec.btrfs_stream import (
     safe_path_parts,
     stream_header,
 )
-from snapferry.codec.zfs_stream import StreamTruncated
 from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.zfs.codec.stream import StreamTruncated
 from tests.btrfs_testbed import SETUP_HINT, mkfs, run
 
 ALLOWED = (StreamFormatError, TransferInterrupted)

@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from snapferry.engine.btrfs import Subvolume
+from snapferry.btrfs.engine.command import Subvolume
 from snapferry.errors import Refused
 from snapferry.sync.btrfs_sync import BtrfsStep, Listing, next_btrfs_step
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.btrfs.resume.checkpoints import transfer_lock
 from snapferry.cli.progress import Reporter
+from snapferry.core.events import ignore_events
+from snapferry.core.lock import dataset_lock
 from snapferry.errors import Locked, Refused, TransferInterrupted
-from snapferry.events import ignore_events
-from snapferry.resume.btrfs_checkpoints import transfer_lock
-from snapferry.resume.lock import dataset_lock
 from snapferry.sync.btrfs_sync import BtrfsStep
 from snapferry.sync.driver import SteppedSync, SyncOptions, run_pipe
 

@@ -15,14 +15,14 @@ from typing import cast
 import pytest
 from fuzz.targets import RAW_BEGIN, TARGETS
 
-from snapferry.codec import nvlist, openzfs_token
-from snapferry.codec.btrfs_commands import Attr, Cmd
-from snapferry.codec.btrfs_stream import CONTINUATION_SIZE, STREAM_HEADER_SIZE, BtrfsStreamReader, Continuation, safe_path_parts
-from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_records import chained_begin_payload
-from snapferry.codec.zfs_stream import Readable, StreamReader
-from snapferry.resume.btrfs_checkpoints import BtrfsToken
+from snapferry.btrfs.codec.commands import Attr, Cmd
+from snapferry.btrfs.codec.stream import CONTINUATION_SIZE, STREAM_HEADER_SIZE, BtrfsStreamReader, Continuation, safe_path_parts
+from snapferry.btrfs.resume.checkpoints import BtrfsToken
 from snapferry.transport.wire import open_wire
+from snapferry.zfs.codec import nvlist, openzfs_token
+from snapferry.zfs.codec.records import chained_begin_payload
+from snapferry.zfs.codec.stream import Readable, StreamReader
+from snapferry.zfs.codec.token import ResumeToken
 
 CORPUS = Path(__file__).parent / "corpus"
 EXPECTED: dict[str, dict[str, str]] = json.loads((CORPUS / "expected.json").read_text())

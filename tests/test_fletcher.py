@@ -1,4 +1,4 @@
-"""Fletcher-4 (snapferry.codec.fletcher) against the word-by-word reference and a real OpenZFS stream."""
+"""Fletcher-4 (snapferry.zfs.codec.fletcher) against the word-by-word reference and a real OpenZFS stream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_reference
+from snapferry.zfs.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_reference
 from tests.shared_data import OPENZFS_DATA
 
 # Internal slice size of BlockSum.of, in 32-bit words (4 MiB of input). Duplicated on purpose so

@@ -22,12 +22,12 @@ from fuzz.targets import TARGETS, mutations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec import nvlist
-from snapferry.codec.nvlist import NvList, NvPair, NvType
-from snapferry.codec.zfs_records import chained_begin_payload
 from snapferry.errors import StreamFormatError
 from snapferry.transport import wire
 from snapferry.transport.wire import WireSink
+from snapferry.zfs.codec import nvlist
+from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
+from snapferry.zfs.codec.records import chained_begin_payload
 
 CORPUS = Path(__file__).parent / "corpus"
 

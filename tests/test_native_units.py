@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapferry.codec import nvlist
-from snapferry.codec.nvlist import NvList, NvPair, NvType
-from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.zfs_records import FEATURE_RAW, HEADER_SIZE, Begin, chained_begin_payload
-from snapferry.codec.zfs_stream import Prefixed, StreamTruncated, read_header
-from snapferry.engine.zfs import PartialReceiveInTheWay, Snapshot, classify_failure
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.sync.plan import Step, next_step
 from snapferry.sync.serve import Policy
+from snapferry.zfs.codec import nvlist
+from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.records import FEATURE_RAW, HEADER_SIZE, Begin, chained_begin_payload
+from snapferry.zfs.codec.stream import Prefixed, StreamTruncated, read_header
+from snapferry.zfs.engine.command import PartialReceiveInTheWay, Snapshot, classify_failure
 from tests.shared_data import OPENZFS_DATA
 
 

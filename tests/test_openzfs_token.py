@@ -1,4 +1,4 @@
-"""OpenZFS's receive_resume_token and packed nvlists (snapferry.codec.openzfs_token, .nvlist): fixtures, round trips, fuzz."""
+"""OpenZFS's receive_resume_token and packed nvlists (snapferry.zfs.codec.openzfs_token, .nvlist): fixtures, round trips, fuzz."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec import nvlist
-from snapferry.codec.nvlist import MAX_DEPTH, NvList, NvlistError, NvPair, NvType
-from snapferry.codec.openzfs_token import MalformedOpenZfsToken, OpenZfsToken, decode, describe, encode, to_nvlist
-from snapferry.codec.token import MalformedToken
 from snapferry.errors import Refused, StreamFormatError
+from snapferry.zfs.codec import nvlist
+from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvlistError, NvPair, NvType
+from snapferry.zfs.codec.openzfs_token import MalformedOpenZfsToken, OpenZfsToken, decode, describe, encode, to_nvlist
+from snapferry.zfs.codec.token import MalformedToken
 from tests.shared_data import OPENZFS_DATA
 
 TOKENS = sorted(OPENZFS_DATA.glob("zfs-*/*.token"))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.readahead import read_ahead
+from snapferry.core.readahead import read_ahead
 
 
 class Boom(Exception):

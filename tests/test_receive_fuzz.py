@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fuzz.btrfs_targets import recrc
 
-from snapferry.resume.btrfs_checkpoints import STATE_DIR
+from snapferry.btrfs.resume.checkpoints import STATE_DIR
 from tests import zfs_testbed as tb
 from tests.btrfs_testbed import SETUP_HINT, change_tree, describe, fill_tree, mkfs, run
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from snapferry.codec.token import ResumeToken
-from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused
 from snapferry.sync.driver import SyncOptions
 from snapferry.sync.plan import Rollback, Step, next_step
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Snapshot
 
 
 def snaps(dataset: str, spec: str) -> list[Snapshot]:

@@ -1,4 +1,4 @@
-"""snapferry resume tokens (snapferry.codec.token): round trip, damaged and foreign tokens, describe()."""
+"""snapferry resume tokens (snapferry.zfs.codec.token): round trip, damaged and foreign tokens, describe()."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec.token import TOKEN_PREFIX, MalformedToken, ResumeToken
 from snapferry.errors import Refused, SnapferryError
+from snapferry.zfs.codec.token import TOKEN_PREFIX, MalformedToken, ResumeToken
 from tests.shared_data import OPENZFS_DATA
 from tests.zfs_testbed import snapferry
 

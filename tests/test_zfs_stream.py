@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapferry.codec.fletcher import Fletcher4
-from snapferry.codec.zfs_records import (
+from snapferry.errors import SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.zfs.codec.fletcher import Fletcher4
+from snapferry.zfs.codec.records import (
     BEGIN_MAGIC,
     BEGIN_MAGIC_SWAPPED,
     FLAG_CLONE,
@@ -28,8 +29,7 @@ from snapferry.codec.zfs_records import (
     RecordType,
     end_checksum,
 )
-from snapferry.codec.zfs_stream import StampedWriter, StreamReader, StreamTruncated
-from snapferry.errors import SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.zfs.codec.stream import StampedWriter, StreamReader, StreamTruncated
 from tests.shared_data import OPENZFS_DATA
 
 DATA = OPENZFS_DATA

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from snapferry.codec.zfs_records import HEADER_SIZE
+from snapferry.zfs.codec.records import HEADER_SIZE
 from tests import zfs_testbed as tb
 
 

@@ -12,9 +12,9 @@ from typing import Protocol
 
 from fuzz.btrfs_targets import recrc, synthetic_stream
 
-from snapferry.codec.btrfs_commands import Cmd, Command
-from snapferry.codec.btrfs_stream import CMD_HEADER_SIZE, BtrfsStreamReader, Continuation, encode_command, stream_header
-from snapferry.resume.btrfs_checkpoints import BtrfsToken
+from snapferry.btrfs.codec.commands import Cmd, Command
+from snapferry.btrfs.codec.stream import CMD_HEADER_SIZE, BtrfsStreamReader, Continuation, encode_command, stream_header
+from snapferry.btrfs.resume.checkpoints import BtrfsToken
 
 
 class CaseType(Protocol):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from snapferry.codec.zfs_records import HEADER_SIZE, RecordType
-from snapferry.codec.zfs_stream import StreamReader
+from snapferry.zfs.codec.records import HEADER_SIZE, RecordType
+from snapferry.zfs.codec.stream import StreamReader
 from tests.openzfs.conftest import encrypted_source, unlocked_manifest
 from tests.openzfs.test_native import modes_chosen
 from tests.zfs_testbed import (

@@ -9,11 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from snapferry.cli.progress import Reporter
-from snapferry.engine.btrfs import subvolumes_in
-from snapferry.engine.pipes import enlarge_pipe
-from snapferry.errors import UsageError
-from snapferry.resume.btrfs_checkpoints import (
+from snapferry.btrfs.engine.command import subvolumes_in
+from snapferry.btrfs.resume.checkpoints import (
     BTRFS_TOKEN_PREFIX,
     STATE_DIR,
     BtrfsToken,
@@ -21,8 +18,11 @@ from snapferry.resume.btrfs_checkpoints import (
     btrfs_token,
     read_state,
 )
-from snapferry.resume.btrfs_receiver import DEFAULT_CHECKPOINT_SIZE, BtrfsCheckpointReceiver
-from snapferry.resume.btrfs_sender import BtrfsSendOptions, send_btrfs, send_btrfs_continuation
+from snapferry.btrfs.resume.receiver import DEFAULT_CHECKPOINT_SIZE, BtrfsCheckpointReceiver
+from snapferry.btrfs.resume.sender import BtrfsSendOptions, send_btrfs, send_btrfs_continuation
+from snapferry.cli.progress import Reporter
+from snapferry.core.process import enlarge_pipe
+from snapferry.errors import UsageError
 from snapferry.transport.wire import WireSink, open_wire
 
 ReporterFactory = Callable[..., Reporter]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from snapferry.engine.btrfs import subvolume_at
-from snapferry.engine.zfs import Zfs
+from snapferry.btrfs.engine.command import subvolume_at
 from snapferry.errors import SnapferryError, ZfsCommandError
+from snapferry.zfs.engine.command import Zfs
 
 SNAPFERRY = [sys.executable, "-m", "snapferry"]
 CHECKPOINT = "4M"

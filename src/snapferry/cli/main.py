@@ -13,23 +13,23 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from snapferry.btrfs.engine.command import is_btrfs_path
 from snapferry.cli import btrfs as btrfs_cli
 from snapferry.cli.progress import Reporter
-from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_records import Begin
-from snapferry.codec.zfs_stream import Prefixed, read_header
-from snapferry.engine.btrfs import is_btrfs_path
-from snapferry.engine.pipes import enlarge_pipe
-from snapferry.engine.zfs import Zfs
+from snapferry.core.lock import dataset_lock
+from snapferry.core.process import enlarge_pipe
 from snapferry.errors import SnapferryError, UsageError
-from snapferry.resume.checkpoints import latest_token, read_transfers
-from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
-from snapferry.resume.lock import dataset_lock
-from snapferry.resume.native import MODES, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
-from snapferry.resume.receiver import PieceReceiver
-from snapferry.resume.sender import send_continuation, send_snapshot
 from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.records import Begin
+from snapferry.zfs.codec.stream import Prefixed, read_header
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Zfs
+from snapferry.zfs.resume.checkpoints import latest_token, read_transfers
+from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.zfs.resume.native import MODES, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
+from snapferry.zfs.resume.receiver import PieceReceiver
+from snapferry.zfs.resume.sender import send_continuation, send_snapshot
 
 # Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
 # 40-110 ms on zfs-fuse, about 5 % of a raw transfer at 1 GiB per piece, and an interruption

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from uuid import UUID
 
-from snapferry.engine.btrfs import Subvolume
+from snapferry.btrfs.engine.command import Subvolume
 from snapferry.errors import Refused, TransferInterrupted
 from snapferry.sync.driver import SteppedSync, run_pipe
 from snapferry.sync.endpoints import Shell

@@ -11,16 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.token import ResumeToken
-from snapferry.engine.pipes import enlarge_pipe
-from snapferry.engine.zfs import Snapshot
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import enlarge_pipe
 from snapferry.errors import Locked, Refused, StreamFormatError, TransferInterrupted
-from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import latest_token, read_transfers
-from snapferry.resume.native import Mode, choose_mode, kernel_token
 from snapferry.sync.endpoints import Shell
 from snapferry.sync.plan import Rollback, Step, next_step, plan_all
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Snapshot
+from snapferry.zfs.resume.checkpoints import latest_token, read_transfers
+from snapferry.zfs.resume.native import Mode, choose_mode, kernel_token
 
 MAX_DELAY = 60.0
 # Exit codes of a snapferry process on either end (through ssh, which adds 255 for its own failures).

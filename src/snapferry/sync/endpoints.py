@@ -6,9 +6,9 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from snapferry.engine.btrfs import is_btrfs_path
-from snapferry.engine.zfs import Zfs
+from snapferry.btrfs.engine.command import is_btrfs_path
 from snapferry.errors import UsageError
+from snapferry.zfs.engine.command import Zfs
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>[^@:/\s]+):(?P<dataset>[^:\s]+)$")
 _LOCAL = re.compile(r"^[A-Za-z0-9][\w.:-]*(/[\w.:-]+)*$")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.token import ResumeToken
-from snapferry.engine.zfs import Snapshot
 from snapferry.errors import Refused
-from snapferry.resume.checkpoints import is_piece
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Snapshot
+from snapferry.zfs.resume.checkpoints import is_piece
 
 
 @dataclass(frozen=True)

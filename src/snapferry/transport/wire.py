@@ -12,9 +12,9 @@ from typing import IO, cast
 
 import zstandard
 
-from snapferry.codec.zfs_stream import Readable, StreamTruncated
-from snapferry.engine.pipes import Buffer, write_all
+from snapferry.core.process import Buffer, write_all
 from snapferry.errors import StreamFormatError, UsageError
+from snapferry.zfs.codec.stream import Readable, StreamTruncated
 
 ZSTD_MAGIC = bytes.fromhex("28b52ffd")
 _COMPRESS = re.compile(r"^(none|zstd)(?::(-?\d+))?$")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from snapferry.codec.token import ResumeToken
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.codec.zfs_stream import Record, Sink, StampedWriter, StreamReader, fingerprint_digest
-from snapferry.engine.pipes import SendProcess
-from snapferry.engine.zfs import Snapshot, Zfs
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import SendProcess
 from snapferry.errors import Refused, StreamFormatError
-from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import is_piece
+from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
+from snapferry.zfs.codec.stream import Record, Sink, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Snapshot, Zfs
+from snapferry.zfs.resume.checkpoints import is_piece
 
 
 @contextmanager

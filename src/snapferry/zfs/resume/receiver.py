@@ -7,20 +7,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from snapferry.codec.zfs_records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.codec.zfs_stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
-from snapferry.engine.pipes import ReceiveProcess
-from snapferry.engine.zfs import Snapshot, Zfs
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import ReceiveProcess
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
-from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import (
+from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
+from snapferry.zfs.codec.stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.zfs.engine.command import Snapshot, Zfs
+from snapferry.zfs.resume.checkpoints import (
     MAX_CHECKPOINT_NAME,
     Transfer,
     checkpoint_name,
     open_name,
     read_transfers,
 )
-from snapferry.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
 
 MAX_DATASET_NAME = 255
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import crc32c
 
-from snapferry.codec.btrfs_commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
-from snapferry.codec.zfs_stream import Readable, StreamTruncated, read_exact
+from snapferry.btrfs.codec.commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
 from snapferry.errors import StreamFormatError, StreamIntegrityError
+from snapferry.zfs.codec.stream import Readable, StreamTruncated, read_exact
 
 MAGIC = b"btrfs-stream\0"
 STREAM_HEADER_SIZE = len(MAGIC) + 4

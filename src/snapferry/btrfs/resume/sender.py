@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
-from snapferry.codec.btrfs_commands import Cmd
-from snapferry.codec.btrfs_stream import (
+from snapferry.btrfs.codec.commands import Cmd
+from snapferry.btrfs.codec.stream import (
     BtrfsStreamReader,
     Continuation,
     PrefixMismatch,
@@ -21,13 +21,13 @@ from snapferry.codec.btrfs_stream import (
     skip_applied,
     stream_header,
 )
-from snapferry.codec.zfs_stream import Sink
-from snapferry.engine.btrfs import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
-from snapferry.engine.pipes import SendProcess
-from snapferry.engine.zfs import DatasetMissing
+from snapferry.btrfs.engine.command import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
+from snapferry.btrfs.resume.checkpoints import NIL, BtrfsToken
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import SendProcess
 from snapferry.errors import Refused, SnapferryError, StreamFormatError
-from snapferry.events import EventSink, ignore_events
-from snapferry.resume.btrfs_checkpoints import NIL, BtrfsToken
+from snapferry.zfs.codec.stream import Sink
+from snapferry.zfs.engine.command import DatasetMissing
 
 _COPY_CHUNK = 1 << 20
 # btrfs send cuts file data into WRITE commands of at most BTRFS_SEND_READ_SIZE bytes; each costs a

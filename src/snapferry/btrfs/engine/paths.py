@@ -6,8 +6,8 @@ import errno
 import os
 import stat
 
-from snapferry.codec.btrfs_commands import Cmd
-from snapferry.codec.btrfs_stream import safe_path_parts
+from snapferry.btrfs.codec.commands import Cmd
+from snapferry.btrfs.codec.stream import safe_path_parts
 from snapferry.errors import StreamFormatError
 
 DIR_CACHE_MAX = 1024  # open directory fds kept between commands

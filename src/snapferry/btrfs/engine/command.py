@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
-from snapferry.engine import btrfs_ioctl as ioc
-from snapferry.engine.zfs import DatasetMissing, last_line
+from snapferry.btrfs.engine import ioctl as ioc
 from snapferry.errors import Refused, SnapferryError
+from snapferry.zfs.engine.command import DatasetMissing, last_line
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOT_READ_ONLY = re.compile(r"is not read-only", re.I)

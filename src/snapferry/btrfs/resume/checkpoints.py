@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from uuid import UUID
 
-from snapferry.codec.token import seal, unseal
-from snapferry.engine import btrfs_ioctl as ioc
+from snapferry.btrfs.engine import ioctl as ioc
 from snapferry.errors import Locked, Refused
+from snapferry.zfs.codec.token import seal, unseal
 
 STATE_DIR = ".snapferry"
 MARKER = "stream"

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from snapferry.codec.openzfs_token import OpenZfsToken
-from snapferry.codec.zfs_records import Begin
-from snapferry.codec.zfs_stream import Readable, Sink, read_header
-from snapferry.engine.pipes import ReceiveProcess, SendProcess
-from snapferry.engine.zfs import PartialReceiveInTheWay, Snapshot, Zfs
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import ReceiveProcess, SendProcess
 from snapferry.errors import Refused, SnapferryError, TransferInterrupted
-from snapferry.events import EventSink, ignore_events
-from snapferry.resume.checkpoints import Transfer, read_transfers
-from snapferry.resume.receiver import resume_hint
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.records import Begin
+from snapferry.zfs.codec.stream import Readable, Sink, read_header
+from snapferry.zfs.engine.command import PartialReceiveInTheWay, Snapshot, Zfs
+from snapferry.zfs.resume.checkpoints import Transfer, read_transfers
+from snapferry.zfs.resume.receiver import resume_hint
 
 Mode = Literal["native", "pieces"]
 MODES: tuple[Mode, ...] = ("native", "pieces")

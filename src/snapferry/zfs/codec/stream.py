@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from snapferry.codec.fletcher import BlockSum, Fletcher4
-from snapferry.codec.zfs_records import (
+from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
+from snapferry.zfs.codec.records import (
     HEADER_SIZE,
     STAMP_OFFSET,
     Begin,
@@ -17,7 +18,6 @@ from snapferry.codec.zfs_records import (
     payload_size,
     record_type,
 )
-from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
 
 _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
-from snapferry.codec.btrfs_commands import Cmd, Command
-from snapferry.codec.btrfs_extent import decode_extent
-from snapferry.codec.btrfs_stream import BtrfsStreamReader, safe_path_parts
-from snapferry.codec.zfs_stream import Readable
-from snapferry.engine import btrfs_ioctl as ioc
-from snapferry.engine.btrfs_paths import ConfinedPaths, UnsafeStream, shown
+from snapferry.btrfs.codec.commands import Cmd, Command
+from snapferry.btrfs.codec.extent import decode_extent
+from snapferry.btrfs.codec.stream import BtrfsStreamReader, safe_path_parts
+from snapferry.btrfs.engine import ioctl as ioc
+from snapferry.btrfs.engine.paths import ConfinedPaths, UnsafeStream, shown
 from snapferry.errors import OutOfSpace, SnapferryError, StreamFormatError
+from snapferry.zfs.codec.stream import Readable
 
 MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE: what the kernel accepts as an offset or a size
 # Decompressing ENCODED_WRITE data ourselves: btrfs extents hold at most 128 KiB uncompressed; the bound stops a bomb.

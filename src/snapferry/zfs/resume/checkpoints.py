@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from snapferry.codec.token import ResumeToken
-from snapferry.engine.zfs import Snapshot, Zfs
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Snapshot, Zfs
 
 PREFIX = "snapferry"
 

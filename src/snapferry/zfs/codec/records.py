@@ -6,9 +6,9 @@ import struct
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
-from snapferry.codec import nvlist
-from snapferry.codec.fletcher import Fletcher4
 from snapferry.errors import StreamFormatError
+from snapferry.zfs.codec import nvlist
+from snapferry.zfs.codec.fletcher import Fletcher4
 
 HEADER_SIZE = 312
 # Modern OpenZFS stores the running stream checksum in the last 32 bytes of every non-BEGIN

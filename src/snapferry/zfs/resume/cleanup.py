@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from snapferry.engine.zfs import Snapshot, Zfs
 from snapferry.errors import Refused
-from snapferry.resume.checkpoints import Transfer, is_piece
+from snapferry.zfs.engine.command import Snapshot, Zfs
+from snapferry.zfs.resume.checkpoints import Transfer, is_piece
 
 
 def remove_finished_pieces(zfs: Zfs, transfer: Transfer) -> None:

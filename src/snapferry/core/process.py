@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
-from snapferry.engine.zfs import classify_failure
 from snapferry.errors import SnapferryError, TransferInterrupted, ZfsCommandError
+from snapferry.zfs.engine.command import classify_failure
 
 Buffer = bytes | bytearray | memoryview
 

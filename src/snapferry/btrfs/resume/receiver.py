@@ -13,8 +13,8 @@ from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 
-from snapferry.codec.btrfs_commands import Cmd, Command
-from snapferry.codec.btrfs_stream import (
+from snapferry.btrfs.codec.commands import Cmd, Command
+from snapferry.btrfs.codec.stream import (
     CONTINUATION_MAGIC,
     CONTINUATION_SIZE,
     STREAM_HEADER_SIZE,
@@ -25,13 +25,9 @@ from snapferry.codec.btrfs_stream import (
     StreamCommand,
     skip_applied,
 )
-from snapferry.codec.zfs_stream import Prefixed, Readable, read_exact
-from snapferry.engine import btrfs_ioctl as ioc
-from snapferry.engine.btrfs_apply import BtrfsApplier, _Subvol
-from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
-from snapferry.events import EventSink, ignore_events
-from snapferry.readahead import read_ahead
-from snapferry.resume.btrfs_checkpoints import (
+from snapferry.btrfs.engine import ioctl as ioc
+from snapferry.btrfs.engine.apply import BtrfsApplier, _Subvol
+from snapferry.btrfs.resume.checkpoints import (
     NIL,
     BtrfsCheckpoint,
     StreamIdentity,
@@ -46,6 +42,10 @@ from snapferry.resume.btrfs_checkpoints import (
     start_state,
     transfer_lock,
 )
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.readahead import read_ahead
+from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
+from snapferry.zfs.codec.stream import Prefixed, Readable, read_exact
 
 DEFAULT_CHECKPOINT_SIZE = 256 << 20
 _PROGRESS_EVERY = 1 << 20

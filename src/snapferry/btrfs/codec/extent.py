@@ -7,7 +7,7 @@ import zlib
 
 import zstandard
 
-from snapferry.codec.btrfs_commands import Compression
+from snapferry.btrfs.codec.commands import Compression
 from snapferry.errors import StreamFormatError
 
 
