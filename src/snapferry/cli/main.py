@@ -18,11 +18,12 @@ from snapferry.cli import btrfs as btrfs_cli
 from snapferry.cli.progress import Reporter
 from snapferry.core.lock import dataset_lock
 from snapferry.core.process import enlarge_pipe
+from snapferry.core.streamio import Prefixed
 from snapferry.errors import SnapferryError, UsageError
 from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
-from snapferry.zfs.codec.stream import Prefixed, read_header
+from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import latest_token, read_transfers

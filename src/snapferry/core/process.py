@@ -1,4 +1,4 @@
-"""Child processes at either end of a stream: `zfs receive` fed from us, `zfs send` read by us."""
+"""Child processes at either end of a stream (a receive we feed, a send we read) and what their failures mean."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import cast
 
-from snapferry.errors import SnapferryError, TransferInterrupted, ZfsCommandError
-from snapferry.zfs.engine.command import classify_failure
-
-Buffer = bytes | bytearray | memoryview
+from snapferry.core.streamio import Buffer, write_all
+from snapferry.errors import CommandFailed, SnapferryError, TransferInterrupted
 
 # Linux pipes hold 64 KiB, less than one 128 KiB record: with bigger pipes snapferry and zfs
 # overlap instead of taking turns (measured in docs/BENCHMARKS.md).
@@ -29,27 +28,33 @@ def enlarge_pipe(fd: int) -> None:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def write_all(fd: int, parts: Sequence[Buffer]) -> None:
-    """writev until every byte is out (a pipe may take less than asked)."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A filesystem's command line tool: what its stderr means (`classify(action, stderr)`), what to say when it is missing."""
+
+    classify: Callable[[str, str], Exception]
+    missing_hint: str
+
+    def not_found(self, program: str) -> CommandFailed:
+        return CommandFailed(f"cannot run {program!r}: not found ({self.missing_hint})")
 
 
 class ReceiveProcess:
-    """One `zfs receive`: a piece is committed only when finish() returns."""
+    """One receiving command (`zfs receive`) fed by us: what it receives is committed only when finish() returns."""
 
-    def __init__(self, argv: list[str], action: str) -> None:
+    def __init__(self, argv: list[str], action: str, tool: Tool) -> None:
         self.action = action
+        self._program = os.path.basename(argv[0])
+        self._tool = tool
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except FileNotFoundError:
-            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found (set --zfs or SNAPFERRY_ZFS)") from None
+            raise tool.not_found(argv[0]) from None
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
         enlarge_pipe(self._fd)
@@ -59,7 +64,7 @@ class ReceiveProcess:
             write_all(self._fd, parts)
         except BrokenPipeError:
             # It stopped reading: its own error says why (a pipe cannot break on a clean exit 0).
-            raise self._failure() or ZfsCommandError(f"{self.action}: zfs receive stopped reading") from None
+            raise self._failure() or CommandFailed(f"{self.action}: the receiving command stopped reading") from None
 
     def _failure(self) -> Exception | None:
         """Close our end, wait for zfs receive, and return its error if it failed."""
@@ -72,8 +77,8 @@ class ReceiveProcess:
         if status < 0 and not stderr.strip():
             # Killed, most often by SIGPIPE when the ZFS service it talks to went away: nothing was committed.
             name = signal.Signals(-status).name if -status in signal.valid_signals() else f"signal {-status}"
-            return TransferInterrupted(f"{self.action}: zfs receive was killed by {name} (the ZFS service or the system went away)")
-        return classify_failure(self.action, stderr or f"zfs receive exited with status {status}")
+            return TransferInterrupted(f"{self.action}: {self._program} receive was killed by {name} (the service or the system went away)")
+        return self._tool.classify(self.action, stderr or f"the receiving command exited with status {status}")
 
     def _close_stdin(self) -> None:
         if self._proc.stdin and not self._proc.stdin.closed:
@@ -94,17 +99,16 @@ class ReceiveProcess:
 
 
 class SendProcess:
-    """One `zfs send` (or `btrfs send`) whose stdout we read; `classify` turns its stderr into an error."""
+    """One sending command (`zfs send`, `btrfs send`) whose stdout we read; its tool turns its stderr into an error."""
 
-    def __init__(self, argv: list[str], action: str, classify: Callable[[str, str], Exception] = classify_failure) -> None:
+    def __init__(self, argv: list[str], action: str, tool: Tool) -> None:
         self.action = action
         self._program = os.path.basename(argv[0])
-        self._classify = classify
+        self._tool = tool
         try:
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
         except FileNotFoundError:
-            hint = "install btrfs-progs" if self._program == "btrfs" else "set --zfs or SNAPFERRY_ZFS"
-            raise ZfsCommandError(f"cannot run {argv[0]!r}: not found ({hint})") from None
+            raise tool.not_found(argv[0]) from None
         assert self._proc.stdout is not None
         enlarge_pipe(self._proc.stdout.fileno())
         self.stdout = cast(io.BufferedReader, self._proc.stdout)
@@ -121,7 +125,7 @@ class SendProcess:
         if self._stderr is None:
             assert self._proc.stderr is not None
             self._stderr = self._proc.stderr.read().decode(errors="replace")
-        return self._classify(self.action, self._stderr or f"{self._program} send exited with status {self._proc.returncode}")
+        return self._tool.classify(self.action, self._stderr or f"{self._program} send exited with status {self._proc.returncode}")
 
     @contextmanager
     def reading(self, bytes_read: Callable[[], int]) -> Iterator[None]:

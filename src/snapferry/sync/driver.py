@@ -38,7 +38,6 @@ class SyncOptions:
     bwlimit: str | None = None
     buffer: str | None = None
     snapshot_prefix: str | None = None
-    dry_run: bool = False
     mode: Mode | None = None
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).

@@ -12,9 +12,8 @@ from typing import IO, cast
 
 import zstandard
 
-from snapferry.core.process import Buffer, write_all
-from snapferry.errors import StreamFormatError, UsageError
-from snapferry.zfs.codec.stream import Readable, StreamTruncated
+from snapferry.core.streamio import Buffer, Readable, write_all
+from snapferry.errors import StreamFormatError, StreamTruncated, UsageError
 
 ZSTD_MAGIC = bytes.fromhex("28b52ffd")
 _COMPRESS = re.compile(r"^(none|zstd)(?::(-?\d+))?$")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import crc32c
 
 from snapferry.btrfs.codec.commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
-from snapferry.errors import StreamFormatError, StreamIntegrityError
-from snapferry.zfs.codec.stream import Readable, StreamTruncated, read_exact
+from snapferry.core.streamio import Readable, read_exact
+from snapferry.errors import BtrfsStreamTruncated, PrefixMismatch, StreamFormatError, StreamIntegrityError
 
 MAGIC = b"btrfs-stream\0"
 STREAM_HEADER_SIZE = len(MAGIC) + 4
@@ -34,10 +34,6 @@ FINGERPRINT_SIZE = 16
 # Chained from this value: a fingerprint after N commands is blake2b(previous || command header).
 FINGERPRINT_START = bytes(FINGERPRINT_SIZE)
 CONTINUATION_SIZE = len(CONTINUATION_MAGIC) + _CONTINUATION.size
-
-
-class BtrfsStreamTruncated(StreamTruncated):
-    """The input ended before the btrfs stream's END command."""
 
 
 def btrfs_crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -291,14 +287,6 @@ def skip_applied(commands: Iterator[StreamCommand], offset: int, fingerprint: by
             return
         break
     raise PrefixMismatch(offset)
-
-
-class PrefixMismatch(StreamFormatError):
-    """A regenerated stream differs from the one whose prefix was received: its commands up to `offset` are not the same."""
-
-    def __init__(self, offset: int) -> None:
-        super().__init__(f"the stream differs from the one received up to stream byte {offset}")
-        self.offset = offset
 
 
 def _shown(raw: bytes) -> str:

@@ -14,9 +14,9 @@ from snapferry.btrfs.codec.commands import Cmd, Command
 from snapferry.btrfs.codec.extent import decode_extent
 from snapferry.btrfs.codec.stream import BtrfsStreamReader, safe_path_parts
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.btrfs.engine.paths import ConfinedPaths, UnsafeStream, shown
-from snapferry.errors import OutOfSpace, SnapferryError, StreamFormatError
-from snapferry.zfs.codec.stream import Readable
+from snapferry.btrfs.engine.paths import ConfinedPaths, shown
+from snapferry.core.streamio import Readable
+from snapferry.errors import BtrfsApplyError, OutOfSpace, SnapferryError, StreamFormatError, UnsafeStream
 
 MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE: what the kernel accepts as an offset or a size
 # Decompressing ENCODED_WRITE data ourselves: btrfs extents hold at most 128 KiB uncompressed; the bound stops a bomb.
@@ -27,10 +27,6 @@ _CAPABILITY = b"security.capability"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _UNSUPPORTED = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 _NAMESPACE = (Cmd.RENAME, Cmd.UNLINK, Cmd.RMDIR, Cmd.LINK, Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK)
-
-
-class BtrfsApplyError(SnapferryError):
-    """The filesystem refused a command for a reason that is not lack of space."""
 
 
 __all__ = ["BtrfsApplier", "BtrfsApplyError", "UnsafeStream"]
@@ -62,10 +58,15 @@ class BtrfsApplier:
     refuses that ioctl (or `encoded_write=False`), zlib and zstd data is decompressed and written plainly
     and LZO is refused. FILEATTR, which stock `btrfs receive` ignores, is applied with FS_IOC_SETFLAGS;
     immutable and append-only wait until END so that the stream's later commands still work.
+    `resume_from` (a checkpoint of a partial subvolume): the first SUBVOL or SNAPSHOT command re-creates
+    the subvolume as a writable snapshot of it instead, and the commands after the checkpoint follow.
     """
 
-    def __init__(self, receive_root: Path, *, encoded_write: bool = True, max_file_size: int = MAX_FILE_SIZE) -> None:
+    def __init__(
+        self, receive_root: Path, *, encoded_write: bool = True, max_file_size: int = MAX_FILE_SIZE, resume_from: Path | None = None
+    ) -> None:
         self.receive_root = receive_root
+        self._resume_from = resume_from
         self._encoded_write = encoded_write
         self._max_size = max_file_size
         self._root_fd = os.open(receive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -162,7 +163,14 @@ class BtrfsApplier:
         if len(safe_path_parts(name)) != 1:
             raise UnsafeStream(f"refused {command.kind.name} {shown(name)}: a received subvolume's name must be one path component")
         try:
-            if command.kind == Cmd.SUBVOL:
+            if self._resume_from is not None:
+                checkpoint = os.open(self._resume_from, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    ioc.snapshot_create(self._root_fd, name, checkpoint)
+                finally:
+                    os.close(checkpoint)
+                self._resume_from = None
+            elif command.kind == Cmd.SUBVOL:
                 ioc.subvol_create(self._root_fd, name)
             else:
                 parent = self._find_subvol(command.kind, command.clone_uuid, command.clone_ctransid)

@@ -9,19 +9,13 @@ from pathlib import Path
 from uuid import UUID
 
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.errors import Refused, SnapferryError
-from snapferry.zfs.engine.command import DatasetMissing, last_line
+from snapferry.core.process import Tool, last_line
+from snapferry.errors import BtrfsCommandError, DatasetMissing, Refused
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOT_READ_ONLY = re.compile(r"is not read-only", re.I)
 _MISSING = re.compile(r"No such file or directory|cannot find|does not exist|unable to resolve", re.I)
 _NOT_SUBVOL = re.compile(r"not a (btrfs )?subvolume|not on a btrfs|Inappropriate ioctl", re.I)
-
-
-class BtrfsCommandError(SnapferryError):
-    """A btrfs command failed for a reason snapferry has no better name for."""
-
-    exit_code = 6
 
 
 @dataclass(frozen=True)
@@ -157,3 +151,6 @@ def classify_btrfs_failure(action: str, stderr: str) -> Exception:
     if _MISSING.search(stderr):
         return DatasetMissing(f"{action}: {message}")
     return BtrfsCommandError(f"{action}: {message}")
+
+
+BTRFS_TOOL = Tool(classify_btrfs_failure, "install btrfs-progs")

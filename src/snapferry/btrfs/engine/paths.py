@@ -8,13 +8,9 @@ import stat
 
 from snapferry.btrfs.codec.commands import Cmd
 from snapferry.btrfs.codec.stream import safe_path_parts
-from snapferry.errors import StreamFormatError
+from snapferry.errors import StreamFormatError, UnsafeStream
 
 DIR_CACHE_MAX = 1024  # open directory fds kept between commands
-
-
-class UnsafeStream(StreamFormatError):
-    """The stream tried to reach outside its subvolume: through a symlink, a foreign clone source, an absurd size."""
 
 
 def shown(path: bytes) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 from uuid import UUID
 
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.errors import Locked, Refused
-from snapferry.zfs.codec.token import seal, unseal
+from snapferry.core.seal import seal, unseal
+from snapferry.errors import Locked, MalformedBtrfsToken, Refused
 
 STATE_DIR = ".snapferry"
 MARKER = "stream"
@@ -32,10 +32,6 @@ _CHECKPOINT = re.compile(
 )
 _MARKER_LINE = re.compile(r"^(?P<uuid>[0-9a-f]{32}) (?P<ctransid>[0-9a-f]+) (?P<parent>[0-9a-f]{32})\n$")
 _TOKEN_MAX_BODY = 1 << 12
-
-
-class MalformedBtrfsToken(Refused):
-    """The text is damaged or not a snapferry btrfs token."""
 
 
 @dataclass(frozen=True)
@@ -236,10 +232,6 @@ def clear_state(state: TransferState) -> None:
     os.rmdir(state.directory)
     with contextlib.suppress(OSError):  # other transfers' state is still there
         os.rmdir(state.directory.parent)
-
-
-def abort_hint(receive_root: Path, name: str) -> str:
-    return f"snapferry's btrfs abort for {name} under {receive_root}"
 
 
 def abort(receive_root: Path, subvol_name: str) -> None:

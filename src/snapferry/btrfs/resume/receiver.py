@@ -13,20 +13,18 @@ from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 
-from snapferry.btrfs.codec.commands import Cmd, Command
+from snapferry.btrfs.codec.commands import Cmd
 from snapferry.btrfs.codec.stream import (
     CONTINUATION_MAGIC,
     CONTINUATION_SIZE,
     STREAM_HEADER_SIZE,
     BtrfsStreamReader,
-    BtrfsStreamTruncated,
     Continuation,
-    PrefixMismatch,
     StreamCommand,
     skip_applied,
 )
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.btrfs.engine.apply import BtrfsApplier, _Subvol
+from snapferry.btrfs.engine.apply import BtrfsApplier
 from snapferry.btrfs.resume.checkpoints import (
     NIL,
     BtrfsCheckpoint,
@@ -44,21 +42,22 @@ from snapferry.btrfs.resume.checkpoints import (
 )
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.readahead import read_ahead
-from snapferry.errors import OutOfSpace, Refused, StreamFormatError, TransferInterrupted
-from snapferry.zfs.codec.stream import Prefixed, Readable, read_exact
+from snapferry.core.streamio import Prefixed, Readable, read_exact
+from snapferry.errors import (
+    BtrfsStreamTruncated,
+    OutOfSpace,
+    PartialInTheWay,
+    PrefixMismatch,
+    Refused,
+    StreamChanged,
+    StreamFormatError,
+    TransferInterrupted,
+)
 
 DEFAULT_CHECKPOINT_SIZE = 256 << 20
 _PROGRESS_EVERY = 1 << 20
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CAPABILITY = b"security.capability"
-
-
-class StreamChanged(Refused):
-    """The stream offered for a resume is not the one the checkpoints were taken from."""
-
-
-class PartialInTheWay(Refused):
-    """Something at the subvolume's path is not what a snapferry transfer of this stream left there."""
 
 
 def resume_hint(receive_root: Path, name: str) -> str:
@@ -132,27 +131,6 @@ class _WriteBehind:
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
-
-
-class _CheckpointApplier(BtrfsApplier):
-    """An applier whose SUBVOL/SNAPSHOT command, on a resume, re-creates the subvolume as a writable snapshot of a checkpoint."""
-
-    def __init__(self, receive_root: Path, resume_from: Path | None) -> None:
-        super().__init__(receive_root)
-        self._resume_from = resume_from
-
-    def _begin(self, command: Command) -> None:
-        if self._resume_from is None:
-            super()._begin(command)
-            return
-        source = os.open(self._resume_from, _O_DIR)
-        try:
-            ioc.snapshot_create(self._root_fd, command.path, source)
-        finally:
-            os.close(source)
-        fd = os.open(command.path, _O_DIR, dir_fd=self._root_fd)
-        self._subvol = _Subvol(command.path, fd, command.uuid, command.ctransid)
-        self._resume_from = None
 
 
 class BtrfsCheckpointReceiver:
@@ -329,7 +307,7 @@ class BtrfsCheckpointReceiver:
         with ExitStack() as stack:
             state_fd = os.open(state.directory, _O_DIR)
             stack.callback(os.close, state_fd)
-            applier = stack.enter_context(_CheckpointApplier(self.receive_root, source_path))
+            applier = stack.enter_context(BtrfsApplier(self.receive_root, resume_from=source_path))
             applier.apply(begin.command)
             partial_fd = os.open(state.partial, _O_DIR)
             stack.callback(os.close, partial_fd)

@@ -13,21 +13,13 @@ from pathlib import Path
 from uuid import UUID
 
 from snapferry.btrfs.codec.commands import Cmd
-from snapferry.btrfs.codec.stream import (
-    BtrfsStreamReader,
-    Continuation,
-    PrefixMismatch,
-    StreamCommand,
-    skip_applied,
-    stream_header,
-)
-from snapferry.btrfs.engine.command import Subvolume, classify_btrfs_failure, send_argv, subvolume_at, subvolumes_in
+from snapferry.btrfs.codec.stream import BtrfsStreamReader, Continuation, StreamCommand, skip_applied, stream_header
+from snapferry.btrfs.engine.command import BTRFS_TOOL, Subvolume, send_argv, subvolume_at, subvolumes_in
 from snapferry.btrfs.resume.checkpoints import NIL, BtrfsToken
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
-from snapferry.errors import Refused, SnapferryError, StreamFormatError
-from snapferry.zfs.codec.stream import Sink
-from snapferry.zfs.engine.command import DatasetMissing
+from snapferry.core.streamio import Sink
+from snapferry.errors import DatasetMissing, PrefixMismatch, Refused, SnapferryError, StreamFormatError
 
 _COPY_CHUNK = 1 << 20
 # btrfs send cuts file data into WRITE commands of at most BTRFS_SEND_READ_SIZE bytes; each costs a
@@ -75,7 +67,7 @@ class _Sending:
 def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[_Sending]:
     """Run `btrfs send` and read its first command; the caller reads the rest up to END."""
     argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed)
-    proc = SendProcess(argv, f"cannot send {path}", classify_btrfs_failure)
+    proc = SendProcess(argv, f"cannot send {path}", BTRFS_TOOL)
     reader = BtrfsStreamReader(proc.stdout)
     with proc.reading(lambda: reader.bytes_read):
         commands = iter(reader)
@@ -88,7 +80,7 @@ def _btrfs_send(path: Path, options: BtrfsSendOptions) -> Iterator[_Sending]:
 
 def _no_data_send(path: Path, options: BtrfsSendOptions) -> SendProcess:
     argv = send_argv(path, options.parent, options.clones, options.proto, options.compressed, no_data=True)
-    return SendProcess(argv, f"cannot estimate the size of {path}", classify_btrfs_failure)
+    return SendProcess(argv, f"cannot estimate the size of {path}", BTRFS_TOOL)
 
 
 def _sum_no_data(proc: SendProcess, already_sent: int) -> int | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Union, cast
 
-from snapferry.errors import StreamFormatError
+from snapferry.errors import NvlistError
 
 NV_VERSION = 0
 NV_UNIQUE_NAME = 0x1
@@ -31,14 +31,6 @@ _EMBEDDED_SIZE = 24
 _POINTER_SIZE = 8
 # The smallest pair: a one-byte name (just its NUL) and no value.
 _MIN_PAIR = 24
-
-
-class NvlistError(StreamFormatError):
-    """A packed nvlist is damaged, not natively encoded, or holds a type snapferry does not decode."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"malformed nvlist: {reason}")
-        self.reason = reason
 
 
 class NvType(IntEnum):

@@ -8,9 +8,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import cast
 
+from snapferry.errors import MalformedToken, NvlistError
 from snapferry.zfs.codec import nvlist
-from snapferry.zfs.codec.nvlist import NvList, NvlistError, NvPair, NvType
-from snapferry.zfs.codec.token import MalformedToken
+from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 
 TOKEN_VERSION = 1
 # OpenZFS compresses the packed nvlist with gzip_compress(..., 6): deflateInit at level 6 with

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
-from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.core.streamio import Readable, Sink, read_exact
+from snapferry.errors import StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
 from snapferry.zfs.codec.records import (
     HEADER_SIZE,
@@ -23,37 +23,6 @@ _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
 
 
-class Readable(Protocol):
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-class Prefixed:
-    """A Readable that gives `head` (bytes already read from `rest`) before the rest of `rest`."""
-
-    def __init__(self, head: bytes, rest: Readable) -> None:
-        self._head = memoryview(head)
-        self._rest = rest
-
-    def readinto(self, buffer: memoryview, /) -> int | None:
-        if not self._head:
-            return self._rest.readinto(buffer)
-        n = min(len(buffer), len(self._head))
-        buffer[:n] = self._head[:n]
-        self._head = self._head[n:]
-        return n
-
-
-def read_exact(source: Readable, view: memoryview) -> int:
-    """Fill `view` from `source` unless the input ends first; the number of bytes read."""
-    got = 0
-    while got < len(view):
-        n = source.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
 def read_header(source: Readable) -> bytes:
     """The first record header of a stream, for deciding how to receive it."""
     header = bytearray(HEADER_SIZE)
@@ -63,10 +32,6 @@ def read_header(source: Readable) -> bytes:
     if got < HEADER_SIZE:
         raise StreamTruncated(f"input ended inside the BEGIN record ({got} of {HEADER_SIZE} bytes)")
     return bytes(header)
-
-
-class StreamTruncated(TransferInterrupted):
-    """The input ended before the stream's END record."""
 
 
 @dataclass
@@ -240,9 +205,6 @@ class StreamReader:
         if record.offset >= fingerprint_from:
             return fingerprint.extend(record.head_sum).advance_zeros(_STAMP_WORDS).extend(record.payload_sum)
         return fingerprint
-
-
-Sink = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 
 
 class StampedWriter:

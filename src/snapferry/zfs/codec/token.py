@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
-import json
 import re
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any
 
-from snapferry.errors import Refused
+from snapferry.core.seal import seal, unseal
+from snapferry.errors import MalformedToken
 
 TOKEN_PREFIX = "sf1-"
 # A token's JSON is a few hundred bytes; the bound keeps a forged one from inflating without limit.
@@ -24,34 +22,6 @@ MAX_DATASET_NAME = 255
 
 def _is_dataset_name(name: object) -> bool:
     return isinstance(name, str) and bool(_DATASET.fullmatch(name)) and len(name) <= MAX_DATASET_NAME
-
-
-def seal(prefix: str, fields: dict[str, object]) -> str:
-    """`prefix` + base64 of zlib(JSON of fields) + "-" + crc32: one word that survives copy and paste."""
-    body = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
-    text = base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip("=")
-    return f"{prefix}{text}-{zlib.crc32(body):08x}"
-
-
-def unseal(prefix: str, text: str, max_body: int) -> Any:
-    """The JSON seal() packed into `text` (which starts with `prefix`), inflating at most max_body bytes.
-
-    Raises ValueError, TypeError, RecursionError, binascii.Error or zlib.error on a damaged text.
-    """
-    body_text, _, crc_text = text[len(prefix) :].rpartition("-")
-    inflater = zlib.decompressobj()
-    body = inflater.decompress(base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4)), max_body + 1)
-    if len(body) > max_body:
-        raise ValueError(f"it inflates to more than {max_body} bytes")
-    if not inflater.eof:
-        raise ValueError("its compressed body is cut short")
-    if f"{zlib.crc32(body):08x}" != crc_text:
-        raise ValueError("check digits do not match")
-    return json.loads(body)
-
-
-class MalformedToken(Refused):
-    """The token text is damaged or not a snapferry token."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from snapferry.errors import OutOfSpace, Refused, TransferInterrupted, ZfsCommandError
+from snapferry.core.process import Tool, last_line
+from snapferry.errors import DatasetMissing, OutOfSpace, PartialReceiveInTheWay, Refused, TransferInterrupted, ZfsCommandError
 
 ZFS_ENV = "SNAPFERRY_ZFS"
 
@@ -33,19 +34,6 @@ _SERVE_REFUSED = re.compile(r"^snapferry: serve: ", re.M)
 _PARTIAL_STATE = re.compile(r"contains partially-complete state|/%recv", re.I)
 _RESUMABLE_SAVED = re.compile(r"Partially received snapshot is saved", re.I)
 _NO_SUCH_PROPERTY = re.compile(r"invalid property|bad property list|unsupported property", re.I)
-
-
-class DatasetMissing(Refused):
-    """The dataset or snapshot named does not exist."""
-
-
-class PartialReceiveInTheWay(Refused):
-    """OpenZFS keeps an interrupted `zfs receive -s` (a token, a %recv child) that blocks this command."""
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
 
 
 def _first_line(text: str) -> str:
@@ -75,6 +63,9 @@ def classify_failure(action: str, stderr: str) -> Exception:
     if _MISSING.search(stderr):
         return DatasetMissing(f"{action}: {message}")
     return ZfsCommandError(f"{action}: {message}")
+
+
+ZFS_TOOL = Tool(classify_failure, f"set --zfs or {ZFS_ENV}")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ from typing import Literal
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess, SendProcess
-from snapferry.errors import Refused, SnapferryError, TransferInterrupted
+from snapferry.core.streamio import Readable, Sink
+from snapferry.errors import PartialReceiveInTheWay, Refused, SnapferryError, TransferInterrupted
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
-from snapferry.zfs.codec.stream import Readable, Sink, read_header
-from snapferry.zfs.engine.command import PartialReceiveInTheWay, Snapshot, Zfs
+from snapferry.zfs.codec.stream import read_header
+from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import Transfer, read_transfers
 from snapferry.zfs.resume.receiver import resume_hint
 
@@ -64,7 +65,7 @@ def receive_native(
     header = read_header(source)
     begin = Begin.decode(header, supported_only=False)
     events("stream", dataset=dataset, toname=begin.toname, offset=0, mode="native")
-    proc = ReceiveProcess(zfs.receive_argv(dataset, force=force, resumable=resumable), f"cannot receive into {dataset}")
+    proc = ReceiveProcess(zfs.receive_argv(dataset, force=force, resumable=resumable), f"cannot receive into {dataset}", ZFS_TOOL)
     total = len(header)
     buffer = memoryview(bytearray(CHUNK))
     try:
@@ -137,7 +138,7 @@ def send_native_continuation(
     token = OpenZfsToken.decode(text)
     source = check_native_token(zfs, token, flags, visible)
     events("stream", toname=source.name, offset=token.bytes, mode="native")
-    proc = SendProcess(zfs.send_token_argv(text.strip()), f"cannot resume the send of {source.name}")
+    proc = SendProcess(zfs.send_token_argv(text.strip()), f"cannot resume the send of {source.name}", ZFS_TOOL)
     written = 0
     buffer = memoryview(bytearray(CHUNK))
     try:

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
+from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.zfs.codec.stream import Readable, Record, StampedWriter, StreamReader, fingerprint_digest
-from snapferry.zfs.engine.command import Snapshot, Zfs
+from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import (
     MAX_CHECKPOINT_NAME,
     Transfer,
@@ -53,7 +54,7 @@ class _Piece:
         self.size = 0
         self.start: int | None = None
         argv = zfs.receive_argv(dataset, force=force, unmounted=unmounted)
-        self._proc = ReceiveProcess(argv, f"cannot receive into {dataset}")
+        self._proc = ReceiveProcess(argv, f"cannot receive into {dataset}", ZFS_TOOL)
         self._writer = StampedWriter(self._proc.write)
         self._writer.begin(begin, begin_payload)
 

@@ -7,18 +7,19 @@ from contextlib import contextmanager
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
+from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, StreamFormatError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.zfs.codec.stream import Record, Sink, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.zfs.codec.token import ResumeToken
-from snapferry.zfs.engine.command import Snapshot, Zfs
+from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import is_piece
 
 
 @contextmanager
 def _zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = ()) -> Iterator[tuple[StreamReader, Begin, bytes]]:
     """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
-    proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}")
+    proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}", ZFS_TOOL)
     reader = StreamReader(proc.stdout)
     with proc.reading(lambda: reader.bytes_read):
         first = reader.read_begin()
