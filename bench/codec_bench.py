@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snapferry.core.process import write_all
+from snapferry.core.streamio import write_all
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, end_header
 from snapferry.zfs.codec.stream import StampedWriter, StreamReader

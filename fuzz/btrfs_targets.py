@@ -19,7 +19,6 @@ from snapferry.btrfs.codec.stream import (
     CONTINUATION_SIZE,
     STREAM_HEADER_SIZE,
     BtrfsStreamReader,
-    BtrfsStreamTruncated,
     Continuation,
     StreamCommand,
     btrfs_crc32c,
@@ -27,8 +26,8 @@ from snapferry.btrfs.codec.stream import (
     safe_path_parts,
     stream_header,
 )
-from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, BtrfsToken, MalformedBtrfsToken
-from snapferry.errors import StreamFormatError
+from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, BtrfsToken
+from snapferry.errors import BtrfsStreamTruncated, MalformedBtrfsToken, StreamFormatError
 
 BTRFS_ERRORS = (StreamFormatError, BtrfsStreamTruncated)
 # Input marker bytes: the rest as is, or the rest with every command's crc32c made right.

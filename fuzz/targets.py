@@ -18,12 +18,12 @@ from tests.shared_data import OPENZFS_DATA
 
 from fuzz import btrfs_targets as btrfs
 from fuzz.contract import OK, Errors, attempt, check, outcome
-from snapferry.errors import StreamFormatError, StreamIntegrityError
+from snapferry.core.streamio import Readable
+from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.transport.wire import ZSTD_MAGIC, open_wire
 from snapferry.zfs.codec import nvlist, openzfs_token
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
-from snapferry.zfs.codec.nvlist import NvList, NvlistError, NvPair, NvType
-from snapferry.zfs.codec.openzfs_token import MalformedOpenZfsToken
+from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 from snapferry.zfs.codec.records import (
     BEGIN_MAGIC,
     BEGIN_MAGIC_SWAPPED,
@@ -46,8 +46,8 @@ from snapferry.zfs.codec.records import (
     payload_size,
     record_type,
 )
-from snapferry.zfs.codec.stream import Readable, StreamReader, StreamTruncated
-from snapferry.zfs.codec.token import MalformedToken, ResumeToken
+from snapferry.zfs.codec.stream import StreamReader
+from snapferry.zfs.codec.token import ResumeToken
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

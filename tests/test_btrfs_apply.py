@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError
-from snapferry.errors import StreamFormatError
+from snapferry.btrfs.engine.apply import BtrfsApplier
+from snapferry.errors import BtrfsApplyError, StreamFormatError
 from tests.btrfs_testbed import NS, SETUP_HINT, assert_same_tree, encoded_extents, fs_flags, mkfs, run, subvol
 
 # A file capability (vfs_cap_data revision 2, effective, CAP_NET_RAW permitted): chown clears it, receive restores it.

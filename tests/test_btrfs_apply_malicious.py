@@ -17,8 +17,8 @@ import pytest
 from snapferry.btrfs.codec.commands import Cmd, Command, Timespec
 from snapferry.btrfs.codec.stream import encode_command, stream_header
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError, UnsafeStream
-from snapferry.errors import OutOfSpace, StreamFormatError
+from snapferry.btrfs.engine.apply import BtrfsApplier
+from snapferry.errors import BtrfsApplyError, OutOfSpace, StreamFormatError, UnsafeStream
 from tests.btrfs_testbed import NS, SETUP_HINT, encoded_extents, fs_flags, mkfs, run, segments
 
 

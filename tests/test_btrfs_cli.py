@@ -17,7 +17,8 @@ import pytest
 from snapferry.btrfs.codec.stream import CMD_HEADER_SIZE, CONTINUATION_SIZE, STREAM_HEADER_SIZE
 from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size
-from snapferry.cli.main import _split_c, build_parser
+from snapferry.cli.main import build_parser
+from snapferry.cli.send_cmd import split_c
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
 from tests.zfs_testbed import SNAPFERRY
 
@@ -328,7 +329,7 @@ def test_receive_directory_refusals(bed: Bed, tmp_path: Path) -> None:
 )
 def test_c_is_zfs_flag_or_btrfs_clone_source(argv: list[str], snapshot: str, compressed: bool, clones: list[str]) -> None:
     args = build_parser().parse_args(["send", *argv])
-    assert _split_c(args) == clones
+    assert split_c(args) == clones
     assert (args.snapshot, args.c) == (snapshot, compressed)
 
 

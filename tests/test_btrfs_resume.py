@@ -32,8 +32,8 @@ from snapferry.btrfs.resume.checkpoints import (
     start_state,
     transfer_lock,
 )
-from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver, StreamChanged
-from snapferry.errors import Refused, TransferInterrupted
+from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver
+from snapferry.errors import Refused, StreamChanged, TransferInterrupted
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
 
 CHECKPOINT = 64 << 10

@@ -24,7 +24,6 @@ from snapferry.btrfs.codec.stream import (
     FINGERPRINT_START,
     MAX_COMMAND_LEN,
     BtrfsStreamReader,
-    BtrfsStreamTruncated,
     StreamCommand,
     btrfs_crc32c,
     encode_command,
@@ -32,8 +31,7 @@ from snapferry.btrfs.codec.stream import (
     safe_path_parts,
     stream_header,
 )
-from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
-from snapferry.zfs.codec.stream import StreamTruncated
+from snapferry.errors import BtrfsStreamTruncated, StreamFormatError, StreamIntegrityError, StreamTruncated, TransferInterrupted
 from tests.btrfs_testbed import SETUP_HINT, mkfs, run
 
 ALLOWED = (StreamFormatError, TransferInterrupted)

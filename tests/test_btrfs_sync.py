@@ -16,8 +16,8 @@ from uuid import UUID, uuid4
 import pytest
 
 from snapferry.btrfs.engine.command import Subvolume
+from snapferry.btrfs.plan import BtrfsStep, Listing, next_btrfs_step
 from snapferry.errors import Refused
-from snapferry.sync.btrfs_sync import BtrfsStep, Listing, next_btrfs_step
 from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
 from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401
 from tests.zfs_testbed import SNAPFERRY

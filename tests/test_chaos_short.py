@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.btrfs.plan import BtrfsStep
 from snapferry.btrfs.resume.checkpoints import transfer_lock
 from snapferry.cli.progress import Reporter
 from snapferry.core.events import ignore_events
 from snapferry.core.lock import dataset_lock
 from snapferry.errors import Locked, Refused, TransferInterrupted
-from snapferry.sync.btrfs_sync import BtrfsStep
 from snapferry.sync.driver import SteppedSync, SyncOptions, run_pipe
 
 ROOT = Path(__file__).resolve().parent.parent

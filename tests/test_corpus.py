@@ -18,10 +18,11 @@ from fuzz.targets import RAW_BEGIN, TARGETS
 from snapferry.btrfs.codec.commands import Attr, Cmd
 from snapferry.btrfs.codec.stream import CONTINUATION_SIZE, STREAM_HEADER_SIZE, BtrfsStreamReader, Continuation, safe_path_parts
 from snapferry.btrfs.resume.checkpoints import BtrfsToken
+from snapferry.core.streamio import Readable
 from snapferry.transport.wire import open_wire
 from snapferry.zfs.codec import nvlist, openzfs_token
 from snapferry.zfs.codec.records import chained_begin_payload
-from snapferry.zfs.codec.stream import Readable, StreamReader
+from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.token import ResumeToken
 
 CORPUS = Path(__file__).parent / "corpus"

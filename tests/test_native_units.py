@@ -8,15 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
-from snapferry.sync.plan import Step, next_step
-from snapferry.sync.serve import Policy
+from snapferry.cli.serve import Policy
+from snapferry.core.streamio import Prefixed
+from snapferry.errors import PartialReceiveInTheWay, Refused, StreamFormatError, StreamTruncated, TransferInterrupted
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import FEATURE_RAW, HEADER_SIZE, Begin, chained_begin_payload
-from snapferry.zfs.codec.stream import Prefixed, StreamTruncated, read_header
-from snapferry.zfs.engine.command import PartialReceiveInTheWay, Snapshot, classify_failure
+from snapferry.zfs.codec.stream import read_header
+from snapferry.zfs.engine.command import Snapshot, classify_failure
+from snapferry.zfs.plan import Step, next_step
 from tests.shared_data import OPENZFS_DATA
 
 
@@ -113,20 +114,16 @@ def test_openzfs_receive_failures_are_classified() -> None:
     assert isinstance(classify_failure("x", IN_THE_WAY), PartialReceiveInTheWay)
 
 
-def test_serve_allows_only_the_feature_question_on_allowed_pools() -> None:
+def test_serve_answers_the_native_question_only_through_status() -> None:
+    """sync used to ask a pool's features with raw zpool and zfs commands; now `snapferry status` says it."""
     policy = Policy(("tank/backup",), read_only=True)
-    assert policy.check("zpool get -H -o value feature@extensible_dataset tank") == [
-        "zpool", "get", "-H", "-o", "value", "feature@extensible_dataset", "tank",
-    ]  # fmt: skip
-    with pytest.raises(Refused, match="pool other holds no dataset under --allow"):
-        policy.check("zpool get -H -o value feature@extensible_dataset other")
-    with pytest.raises(Refused, match="zpool is only allowed to read a feature"):
-        policy.check("zpool destroy tank")
-    assert policy.check("zfs get -H -o value receive_resume_token tank")[-1] == "tank"
-    with pytest.raises(Refused, match="dataset other is outside --allow"):
-        policy.check("zfs get -H -o value receive_resume_token other")
+    with pytest.raises(Refused, match="zpool is not allowed"):
+        policy.check("zpool get -H -o value feature@extensible_dataset tank")
+    with pytest.raises(Refused, match="zfs is not allowed"):
+        policy.check("zfs get -H -o value receive_resume_token tank")
+    assert policy.check("snapferry status --json tank/backup/fs")[-1] == "tank/backup/fs"
     with pytest.raises(Refused, match="dataset tank is outside --allow"):
-        policy.check("zfs get -H -o value guid tank")
+        policy.check("snapferry status --json tank")
     assert Policy(("tank/backup",), read_only=False).check("snapferry receive -s --mode native tank/backup/fs")[-1] == "tank/backup/fs"
 
 

@@ -13,11 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.errors import Refused, StreamFormatError
+from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, Refused, StreamFormatError
 from snapferry.zfs.codec import nvlist
-from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvlistError, NvPair, NvType
-from snapferry.zfs.codec.openzfs_token import MalformedOpenZfsToken, OpenZfsToken, decode, describe, encode, to_nvlist
-from snapferry.zfs.codec.token import MalformedToken
+from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvPair, NvType
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken, decode, describe, encode, to_nvlist
 from tests.shared_data import OPENZFS_DATA
 
 TOKENS = sorted(OPENZFS_DATA.glob("zfs-*/*.token"))

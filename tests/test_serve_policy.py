@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from snapferry.cli.serve import Policy
 from snapferry.errors import Refused
-from snapferry.sync.serve import Policy
 
 POLICY = Policy(("tank/backup",), read_only=False)
 READ_ONLY = Policy(("tank/backup",), read_only=True)
@@ -21,15 +21,15 @@ READ_ONLY = Policy(("tank/backup",), read_only=True)
         "python3 -m snapferry token tank/backup",
         "snapferry send -q -t sf1-abc-123",
         "snapferry send --json --compress zstd:3 --bwlimit 10M -I @a tank/backup/fs@c",
-        "zfs get -H -p -r -d 1 -o name,property,value guid,createtxg tank/backup/fs",
-        "zfs get -H -p -o value type tank/backup/fs",
-        "zfs rollback -r tank/backup/fs@a",
-        "zfs set atime=off tank/backup/fs",
+        "snapferry status --json tank/backup/fs",
+        "snapferry receive --json -s --mode pieces -o atime=off tank/backup/fs",
+        "snapferry receive -q --json -A tank/backup/fs",
+        "snapferry snapshot --json tank/backup/fs@snapferry_2026",
     ],
 )
 def test_allowed(command: str) -> None:
     argv = POLICY.check(command)
-    assert argv[0] in ("zfs", sys.executable)
+    assert argv[:3] == [sys.executable, "-m", "snapferry"]
 
 
 @pytest.mark.parametrize(
@@ -38,11 +38,18 @@ def test_allowed(command: str) -> None:
         ("snapferry receive -s tank/other", "outside --allow"),
         ("snapferry receive -s tank/backupx", "outside --allow"),
         ("snapferry send -I other/fs@a tank/backup/fs@c", "outside --allow"),
-        ("zfs destroy -r tank/backup", "zfs destroy is not allowed"),
-        ("zfs set mountpoint=/etc tank/backup/fs", "zfs set mountpoint=/etc is not allowed"),
-        ("zfs get all tank", "outside --allow"),
-        ("zfs get all other/secret tank/backup/fs", "outside --allow"),
-        ("zfs get -H guid", "must name a dataset"),
+        # No raw zfs or zpool reaches the host: sync asks `snapferry status` and runs snapferry verbs.
+        ("zfs destroy -r tank/backup", "zfs is not allowed"),
+        ("zfs rollback -R tank/backup/fs@a", "zfs is not allowed"),
+        ("zfs get -H -p -o value type tank/backup/fs", "zfs is not allowed"),
+        ("zfs set atime=off tank/backup/fs", "zfs is not allowed"),
+        ("zpool get -H -o value feature@extensible_dataset tank", "zpool is not allowed"),
+        ("snapferry receive -s -o mountpoint=/etc tank/backup/fs", "receive -o mountpoint is not allowed"),
+        ("snapferry status --json tank", "outside --allow"),
+        ("snapferry rollback -r other/fs@a", "outside --allow"),
+        ("snapferry snapshot other/fs@a", "outside --allow"),
+        ("snapferry sync tank/backup/fs other/fs", "snapferry sync is not allowed"),
+        ("snapferry receive -s --no-such-flag tank/backup/fs", "cannot parse"),
         ("snapferry receive --zf /bin/sh tank/backup/fs", "--zfs is not allowed"),
         ("rm -rf /", "rm is not allowed"),
         ("snapferry demo", "snapferry demo is not allowed"),
@@ -58,8 +65,10 @@ def test_refused(command: str, message: str) -> None:
 def test_read_only_key_cannot_receive_or_roll_back() -> None:
     with pytest.raises(Refused, match="read-only"):
         READ_ONLY.check("snapferry receive -s tank/backup/fs")
-    with pytest.raises(Refused, match="zfs rollback is not allowed"):
-        READ_ONLY.check("zfs rollback -r tank/backup/fs@a")
+    with pytest.raises(Refused, match="read-only: rollback is not allowed"):
+        READ_ONLY.check("snapferry rollback -r tank/backup/fs@a")
+    with pytest.raises(Refused, match="read-only: snapshot is not allowed"):
+        READ_ONLY.check("snapferry snapshot tank/backup/fs@b")
     assert READ_ONLY.check("snapferry send tank/backup/fs@a")[-1] == "tank/backup/fs@a"
 
 

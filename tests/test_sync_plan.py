@@ -6,9 +6,9 @@ import pytest
 
 from snapferry.errors import Refused
 from snapferry.sync.driver import SyncOptions
-from snapferry.sync.plan import Rollback, Step, next_step
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Snapshot
+from snapferry.zfs.plan import Rollback, Step, next_step
 
 
 def snaps(dataset: str, spec: str) -> list[Snapshot]:
@@ -68,7 +68,7 @@ def test_empty_source_is_refused() -> None:
 
 
 def test_dry_run_plan_lists_every_step() -> None:
-    from snapferry.sync.plan import plan_all
+    from snapferry.zfs.plan import plan_all
 
     token = ResumeToken("dst/fs", 2, 1, 99, 4, 5000, 312, "0" * 16)
     steps = plan_all(SRC, snaps("dst/fs", "a:1"), token, no_stream=False, force=False)
@@ -89,6 +89,7 @@ def test_dry_run_plan_lists_every_step() -> None:
 
 
 def test_the_sending_side_reports_progress_only_when_the_sync_shows_it() -> None:
-    """A quiet sync (cron) spares the sending side its events and the size estimate behind the ETA."""
+    """A quiet sync (cron) spares the sending side its events and the size estimate behind the ETA
+    (-q); it still reports a failure as an `error` event (--json)."""
     assert SyncOptions(compress="zstd:3").wire() == ["--json", "--compress", "zstd:3"]
-    assert SyncOptions(compress="zstd:3", progress=False).wire() == ["-q", "--compress", "zstd:3"]
+    assert SyncOptions(compress="zstd:3", progress=False).wire() == ["--json", "-q", "--compress", "zstd:3"]

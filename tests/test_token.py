@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapferry.errors import Refused, SnapferryError
-from snapferry.zfs.codec.token import TOKEN_PREFIX, MalformedToken, ResumeToken
+from snapferry.errors import MalformedToken, Refused, SnapferryError
+from snapferry.zfs.codec.token import TOKEN_PREFIX, ResumeToken
 from tests.shared_data import OPENZFS_DATA
 from tests.zfs_testbed import snapferry
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapferry.errors import SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
+from snapferry.errors import SnapferryError, StreamFormatError, StreamIntegrityError, StreamTruncated, TransferInterrupted
 from snapferry.zfs.codec.fletcher import Fletcher4
 from snapferry.zfs.codec.records import (
     BEGIN_MAGIC,
@@ -29,7 +29,7 @@ from snapferry.zfs.codec.records import (
     RecordType,
     end_checksum,
 )
-from snapferry.zfs.codec.stream import StampedWriter, StreamReader, StreamTruncated
+from snapferry.zfs.codec.stream import StampedWriter, StreamReader
 from tests.shared_data import OPENZFS_DATA
 
 DATA = OPENZFS_DATA

@@ -36,6 +36,10 @@ class OutOfSpace(TransferInterrupted):
     """The destination ran out of space; resumable once space is freed or the quota raised."""
 
 
+class ReceiverGone(TransferInterrupted):
+    """The receiving side closed the stream: its own failure says why."""
+
+
 class StreamTruncated(TransferInterrupted):
     """The input ended before the stream's END record."""
 
@@ -71,6 +75,10 @@ class PartialReceiveInTheWay(Refused):
 
 class MalformedToken(Refused):
     """The token text is damaged or not a snapferry (or OpenZFS) token."""
+
+
+class MalformedOpenZfsToken(MalformedToken):
+    """An OpenZFS receive_resume_token that is damaged, incomplete or of an unknown version."""
 
 
 class MalformedBtrfsToken(MalformedToken):

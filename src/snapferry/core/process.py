@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from snapferry.core.streamio import Buffer, write_all
-from snapferry.errors import CommandFailed, SnapferryError, TransferInterrupted
+from snapferry.errors import CommandFailed, ReceiverGone, SnapferryError, TransferInterrupted
 
 # Linux pipes hold 64 KiB, less than one 128 KiB record: with bigger pipes snapferry and zfs
 # overlap instead of taking turns (measured in docs/BENCHMARKS.md).
@@ -140,7 +140,7 @@ class SendProcess:
                 raise failure from None
             raise
         except BrokenPipeError:
-            raise TransferInterrupted(f"the receiving side closed the stream after {bytes_read()} bytes") from None
+            raise ReceiverGone(f"the receiving side closed the stream after {bytes_read()} bytes") from None
         finally:
             self.stop()
 

@@ -1,4 +1,4 @@
-"""Running a sync: plan a step, pipe snapferry send into snapferry receive, retry interruptions with back-off."""
+"""Running a sync: plan a step from both ends' status, pipe snapferry send into snapferry receive, retry with back-off."""
 
 from __future__ import annotations
 
@@ -13,18 +13,11 @@ from typing import Generic, Protocol, TypeVar
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import enlarge_pipe
-from snapferry.errors import Locked, Refused, StreamFormatError, TransferInterrupted
-from snapferry.sync.endpoints import Shell
-from snapferry.sync.plan import Rollback, Step, next_step, plan_all
-from snapferry.zfs.codec.openzfs_token import OpenZfsToken
-from snapferry.zfs.codec.token import ResumeToken
-from snapferry.zfs.engine.command import Snapshot
-from snapferry.zfs.resume.checkpoints import latest_token, read_transfers
-from snapferry.zfs.resume.native import Mode, choose_mode, kernel_token
+from snapferry.errors import ReceiverGone, Refused, SnapferryError, TransferInterrupted, from_event
+from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
+from snapferry.sync.endpoints import Side, error_of
 
 MAX_DELAY = 60.0
-# Exit codes of a snapferry process on either end (through ssh, which adds 255 for its own failures).
-_REFUSED, _BAD_STREAM = 4, 5
 
 
 @dataclass(frozen=True)
@@ -38,14 +31,15 @@ class SyncOptions:
     bwlimit: str | None = None
     buffer: str | None = None
     snapshot_prefix: str | None = None
-    mode: Mode | None = None
+    mode: str | None = None
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
 
     def wire(self) -> list[str]:
-        """The sending side's options for the link."""
-        wire = ["--json" if self.progress else "-q", "--compress", self.compress]
+        """The sending side's options for the link. It always reports in JSON, so that its failure arrives as an
+        `error` event; -q leaves out everything else."""
+        wire = ["--json", *([] if self.progress else ["-q"]), "--compress", self.compress]
         if self.bwlimit:
             wire += ["--bwlimit", self.bwlimit]
         if self.buffer:
@@ -55,14 +49,18 @@ class SyncOptions:
     def receive_checkpoint(self) -> list[str]:
         return ["--checkpoint", self.checkpoint] if self.checkpoint else []
 
+    def policy(self) -> SyncPolicy:
+        return SyncPolicy(no_stream=self.no_stream, force=self.force, mode=self.mode, take_snapshot=self.snapshot_prefix is not None)
 
-class _Side:
-    """One end's stderr, read on a thread: its JSON events go on to the sync's sink, the rest is kept."""
+
+class _Relay:
+    """One end's stderr, read on a thread: its JSON events go on to the sync's sink, its `error` event is kept."""
 
     def __init__(self, proc: subprocess.Popen[bytes], name: str, events: EventSink) -> None:
         self.proc = proc
         self.name = name
-        self.text: list[str] = []
+        self.lines: list[str] = []
+        self.error: SnapferryError | None = None
         self._events = events
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -76,22 +74,28 @@ class _Side:
             except ValueError:
                 event = None
             if isinstance(event, dict) and isinstance(event.get("event"), str):
+                kind = event["event"]
+                if kind == "error":
+                    self.error = from_event(event)
                 # The bar follows the sending side's bytes; a side's own "done" is not the sync's.
-                if event["event"] == "done" or (event["event"] == "progress" and self.name == "receiving"):
-                    continue
-                fields = {k: v for k, v in event.items() if k not in ("event", "time")}
-                self._events(event["event"], side=self.name, **fields)
+                elif kind != "done" and not (kind == "progress" and self.name == "receiving"):
+                    fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+                    self._events(kind, side=self.name, **fields)
             elif line:
-                self.text.append(line)
+                self.lines.append(line)
 
-    def message(self) -> str:
+    def failure(self, rc: int) -> SnapferryError:
+        """What this end failed with: the error it reported, else one from its exit status."""
         self._thread.join()
-        last = self.text[-1] if self.text else f"the {self.name} side exited with status {self.proc.returncode}"
-        return last.removeprefix("snapferry: ")
+        if self.error is not None:
+            return self.error
+        if rc < 0 or not self.lines:
+            return TransferInterrupted(f"the {self.name} side ended with {'signal ' + str(-rc) if rc < 0 else 'status ' + str(rc)}")
+        return error_of(rc, self.lines, f"the {self.name} side")
 
 
 def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> None:
-    """send | receive (the receiving side with --json), with both ends' exit codes turned into one error (or none)."""
+    """send | receive, with the failure of whichever end failed first raised as its own error (or none)."""
     read_end, write_end = os.pipe()
     enlarge_pipe(write_end)
     try:
@@ -100,26 +104,26 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     finally:
         os.close(read_end)
         os.close(write_end)
-    sending, receiving = _Side(sender, "sending", events), _Side(receiver, "receiving", events)
+    sending, receiving = _Relay(sender, "sending", events), _Relay(receiver, "receiving", events)
     receive_rc = receiver.wait()
     stopped_sender = receive_rc != 0 and sender.poll() is None
     if stopped_sender:
         sender.kill()
     send_rc = sender.wait()
-    send_message, receive_message = sending.message(), receiving.message()
     if receive_rc == 0 and send_rc == 0:
         return
     # Find the end that failed first: a receiver that got an empty or cut stream only reports the
     # sender's failure, and a sender whose reader went away only reports the receiver's.
-    sender_first = send_rc != 0 and not stopped_sender and "receiving side closed" not in send_message
-    rc, message = (send_rc, send_message) if sender_first else (receive_rc, receive_message)
-    # The far end's receive of an attempt that ssh gave up on lives on until its own connection times
-    # out, holding the lock: a passing state, retried with back-off.
-    if rc == _REFUSED and Locked.PREFIX not in message:
-        raise Refused(message)
-    if rc == _BAD_STREAM:
-        raise StreamFormatError(message)
-    raise TransferInterrupted(message)
+    send_failure = sending.failure(send_rc) if send_rc != 0 else None
+    receive_failure = receiving.failure(receive_rc) if receive_rc != 0 else None
+    sender_first = send_failure is not None and not stopped_sender and not isinstance(send_failure, ReceiverGone)
+    failure = send_failure if sender_first or receive_failure is None else receive_failure
+    assert failure is not None
+    if failure.retryable and not isinstance(failure, TransferInterrupted):
+        # A lock the far end's receive of an abandoned attempt still holds: it lives on until its own
+        # connection times out. A passing state, retried with back-off.
+        raise TransferInterrupted(str(failure))
+    raise failure
 
 
 class Describable(Protocol):
@@ -132,11 +136,8 @@ StepT = TypeVar("StepT", bound=Describable)
 class SteppedSync(Generic[StepT]):
     """A sync as planned steps, each planned from both ends as they are now, until none is left; retried with back-off."""
 
-    def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
-        self.source = source
-        self.target = target
-        self.options = options
-        self.events = events
+    options: SyncOptions
+    events: EventSink
 
     def _next(self) -> StepT | None:
         raise NotImplementedError
@@ -168,99 +169,71 @@ class SteppedSync(Generic[StepT]):
         return run_with_retries(self._attempt, self.options, self.events)
 
 
-class Sync(SteppedSync[Step | Rollback]):
-    """One dataset from `source` to `target`, until done, refused, or out of retries."""
+class Sync(SteppedSync[SyncStep]):
+    """One file system (or snapshot directory) from `source` to `target`, until done, refused, or out of retries.
 
-    def __init__(self, source: Shell, target: Shell, options: SyncOptions, events: EventSink = ignore_events) -> None:
-        super().__init__(source, target, options, events)
-        self._mode: Mode | None = None
+    Planning costs one `status` call per end: here a call into the backend, over ssh one round trip.
+    """
 
-    def mode(self) -> Mode:
-        """Native only when the target's pool keeps receive state and the source's zfs can send -t."""
-        if self._mode is None:
-            dataset = self.target.endpoint.dataset
-            requested = self.options.mode
-            if requested is None and not self.source.zfs().is_modern(self.source.endpoint.dataset):
-                requested = "pieces"
-            self._mode = choose_mode(self.target.zfs(), dataset, requested)
-            self.events("mode", mode=self._mode)
-        return self._mode
+    def __init__(self, source: Side, target: Side, options: SyncOptions, events: EventSink = ignore_events) -> None:
+        if source.backend.name != target.backend.name:
+            raise SnapferryError("sync goes between two ends of the same kind")
+        self.source = source
+        self.target = target
+        self.options = options
+        self.events = events
+        self.planner = source.backend.planner(options.policy(), source.endpoint.dataset, target.endpoint.dataset)
+        self._target_status: dict[str, object] | None = None
 
-    def _state(self) -> tuple[list[Snapshot], list[Snapshot] | None, ResumeToken | OpenZfsToken | None]:
-        """Both sides as they are now: source snapshots, target snapshots (None: no target), resume token."""
-        dst_zfs = self.target.zfs()
-        source = self.source.zfs().snapshots(self.source.endpoint.dataset)
-        dataset = self.target.endpoint.dataset
-        if not dst_zfs.exists(dataset):
-            return source, None, None
-        snapshots, transfers = read_transfers(dst_zfs, dataset)
-        token = latest_token(transfers)
-        if token is None and (native := kernel_token(dst_zfs, dataset, transfers)):
-            return source, snapshots, OpenZfsToken.decode(native)
-        return source, snapshots, token
-
-    def _next(self) -> Step | Rollback | None:
-        return next_step(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
+    def _next(self) -> SyncStep | None:
+        source = self.source.status()
+        self._target_status = self.target.status()
+        return self.planner.next_step(source, self._target_status)
 
     def _after_steps(self) -> None:
-        """Remove the checkpoints of completed transfers that a busy dataset kept from being destroyed."""
-        dataset = self.target.endpoint.dataset
-        _, transfers = read_transfers(self.target.zfs(), dataset)
-        if any(t.complete and t.pieces() for t in transfers):
-            subprocess.run(self.target.snapferry_argv("receive", "-q", "-A", dataset), capture_output=True, check=False)
+        tidy = self.planner.tidy(self._target_status or {})
+        if tidy is not None:
+            # Only clutter (checkpoints of completed transfers a busy dataset kept): never fails the sync.
+            try:
+                self._run(tidy)
+            except SnapferryError as exc:
+                self.events("warning", message=f"{exc}")
 
     def plan(self) -> list[str]:
         """What a run would do now, without doing it (--dry-run)."""
-        steps = [f"take snapshot {self._new_snapshot_name()}"] if self.options.snapshot_prefix is not None else []
-        if steps:
-            source, target, token = self._state()
-            latest = Snapshot(self._new_snapshot_name(), 0, max((s.createtxg for s in source), default=0) + 1)
-            planned = plan_all([*source, latest], target, token, no_stream=self.options.no_stream, force=self.options.force)
-        else:
-            planned = plan_all(*self._state(), no_stream=self.options.no_stream, force=self.options.force)
-        return steps + [step.describe() for step in planned] or ["nothing: the destination is up to date"]
+        name = self._new_snapshot_name()
+        steps = self.planner.plan_all(self.source.status(), self.target.status(), name)
+        return [step.describe() for step in steps] or ["nothing: the destination is up to date"]
 
-    def _new_snapshot_name(self) -> str:
-        stamp = time.strftime("%Y-%m-%d_%H%M%S", time.gmtime())
-        return f"{self.source.endpoint.dataset}@{self.options.snapshot_prefix}{stamp}"
+    def _new_snapshot_name(self) -> str | None:
+        if self.options.snapshot_prefix is None:
+            return None
+        return f"{self.options.snapshot_prefix}{time.strftime('%Y-%m-%d_%H%M%S', time.gmtime())}"
 
-    def _run(self, step: Step | Rollback) -> None:
-        if isinstance(step, Rollback):
-            self.target.zfs().rollback(step.snapshot)
+    def _run(self, step: SyncStep) -> None:
+        if isinstance(step, Action):
+            (self.source if step.on_source else self.target).run(*step.args)
             return
-        wire = self.options.wire()
-        if step.token is not None:
-            send = self.source.snapferry_argv("send", *wire, "-t", step.token.encode())
-        elif step.base is None:
-            send = self.source.snapferry_argv("send", *wire, step.snapshot)
-        else:
-            send = self.source.snapferry_argv("send", *wire, "-I" if step.intermediates else "-i", step.base, step.snapshot)
-        receive = self.target.snapferry_argv(
-            "receive",
-            "--json",
-            "-s",
-            *self.options.receive_checkpoint(),
-            "--mode",
-            self.mode(),
-            *(["-F"] if self.options.force else []),
-            self.target.endpoint.dataset,
-        )
+        send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args)
+        receive = self.target.shell.snapferry_argv("receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args)
         try:
             run_pipe(send, receive, self.events)
         except Refused as exc:
-            # receive's advice names its own flag; sync's is --force.
-            raise Refused(str(exc).replace("use -F to roll it back", "sync --force rolls it back")) from None
-        if step.base is None and (step.token is None or not step.token.fromguid):
-            # A replica this sync created: with atime off, looking at it cannot count as a change
-            # that would make the next incremental need --force.
-            self.target.zfs().set_property(self.target.endpoint.dataset, "atime", "off")
+            raise Refused(_with_advice(str(exc), step)) from None
 
     def run(self) -> str:
-        if self.options.snapshot_prefix is not None:
-            name = self._new_snapshot_name()
-            self.source.zfs().snapshot(name)
-            self.events("snapshot", name=name)
+        name = self._new_snapshot_name()
+        if name is not None:
+            step = self.planner.snapshot_step(name)
+            self._run(step)
+            self.events("snapshot", name=step.args[-1])
         return super().run()
+
+
+def _with_advice(message: str, step: Transfer) -> str:
+    for said, instead in step.advice:
+        message = message.replace(said, instead)
+    return message
 
 
 def run_with_retries(attempt_once: Callable[[], int], options: SyncOptions, events: EventSink) -> str:

@@ -1,45 +1,47 @@
-"""Where a dataset or btrfs directory lives: here, or over ssh as `[user@]host:pool/fs` or `host:/path`; how to run commands there."""
+"""The ends of a sync: where each lives (`[user@]host:pool/fs`, `host:/path`, or here), its backend, and its status."""
 
 from __future__ import annotations
 
+import json
 import re
-import shlex
-from dataclasses import dataclass
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
 
-from snapferry.btrfs.engine.command import is_btrfs_path
-from snapferry.errors import UsageError
-from snapferry.zfs.engine.command import Zfs
+from snapferry.backends import backend_for
+from snapferry.errors import Refused, SnapferryError, TransferInterrupted, UsageError, from_event
+from snapferry.interface import Backend
+from snapferry.transport.ssh import Shell
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>[^@:/\s]+):(?P<dataset>[^:\s]+)$")
-_LOCAL = re.compile(r"^[A-Za-z0-9][\w.:-]*(/[\w.:-]+)*$")
+_LOCAL_DATASET = re.compile(r"^[A-Za-z0-9][\w.:-]*(/[\w.:-]+)*$")
+_LOCAL_PATH = re.compile(r"^\.{0,2}/|^\.{1,2}$")
+# ssh's own exit status when the connection, not the remote command, failed.
+SSH_FAILED = 255
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    dataset: str
+    dataset: str  # a dataset or a directory, as the host that has it names it
     host: str | None = None
     user: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         remote = _REMOTE.match(text)
-        if is_btrfs_path(text):
+        if _LOCAL_PATH.match(text):
             endpoint = cls(text)
         elif remote and "/" not in remote["host"]:
             endpoint = cls(remote["dataset"], remote["host"], remote["user"])
-        elif _LOCAL.match(text):
+        elif _LOCAL_DATASET.match(text):
             endpoint = cls(text)
         else:
             raise UsageError(f"not a dataset: {text!r} (expected pool/fs or [user@]host:pool/fs, or a btrfs /path or host:/path)")
-        if endpoint.is_btrfs and endpoint.host is not None and not endpoint.dataset.startswith("/"):
-            raise UsageError(f"a remote btrfs directory must be an absolute path: {text}")
-        if "@" in endpoint.dataset and not endpoint.is_btrfs:
-            raise UsageError(f"sync takes a file system, not a snapshot: {text}")
+        endpoint.backend().check_sync_endpoint(endpoint.dataset, remote=endpoint.host is not None)
         return endpoint
 
-    @property
-    def is_btrfs(self) -> bool:
-        return is_btrfs_path(self.dataset)
+    def backend(self) -> Backend:
+        return backend_for(self.dataset)
 
     def __str__(self) -> str:
         if self.host is None:
@@ -47,26 +49,58 @@ class Endpoint:
         return f"{self.user + '@' if self.user else ''}{self.host}:{self.dataset}"
 
 
-@dataclass(frozen=True)
-class Shell:
-    """Runs commands on an endpoint's host: directly, or through `ssh [user@]host 'quoted argv'`."""
+def error_of(rc: int, stderr_lines: list[str], where: str) -> SnapferryError:
+    """The error a snapferry process (maybe through ssh) ended with: its `error` event, else one by its exit status."""
+    for line in reversed(stderr_lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "error":
+            return from_event(event)
+    text = next((line for line in reversed(stderr_lines) if line.strip() and not line.startswith("{")), "")
+    text = text.strip().removeprefix("snapferry: ") or f"exit status {rc}"
+    if rc == SSH_FAILED:
+        return TransferInterrupted(f"cannot reach {where}: {text}")
+    return from_event({"code": rc if rc > 0 else 3, "message": text})
+
+
+@dataclass
+class Side:
+    """One end of a sync: `status` in one call (here: in this process; remote: one ssh round trip), and verbs run there."""
 
     endpoint: Endpoint
-    ssh: tuple[str, ...] = ("ssh",)
-    snapferry: tuple[str, ...] = ("snapferry",)
+    shell: Shell
+    backend: Backend = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backend = self.endpoint.backend()
 
     @property
-    def via(self) -> list[str]:
-        if self.endpoint.host is None:
-            return []
-        target = f"{self.endpoint.user}@{self.endpoint.host}" if self.endpoint.user else self.endpoint.host
-        return [*self.ssh, target]
+    def remote(self) -> bool:
+        return self.endpoint.host is not None
 
-    def argv(self, argv: list[str]) -> list[str]:
-        return [*self.via, shlex.join(argv)] if self.via else argv
+    def status(self) -> dict[str, Any]:
+        if not self.remote:
+            return self.backend.status(self.endpoint.dataset)
+        out = self.run("status", "--json", self.endpoint.dataset)
+        try:
+            answer = json.loads(out)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise Refused(f"cannot read the status of {self.endpoint}: its snapferry answered something else (another version?)")
+        return answer
 
-    def snapferry_argv(self, *args: str) -> list[str]:
-        return self.argv([*self.snapferry, *args])
-
-    def zfs(self) -> Zfs:
-        return Zfs(["zfs"], via=self.via) if self.via else Zfs()
+    def run(self, *args: str) -> bytes:
+        """`snapferry ARGS` at this end; its stdout, or the error it ended with."""
+        argv = self.shell.snapferry_argv(*args)
+        if "--json" not in args:
+            argv = self.shell.snapferry_argv(args[0], "--json", *args[1:])
+        try:
+            done = subprocess.run(argv, capture_output=True, check=False)
+        except FileNotFoundError:
+            raise UsageError(f"cannot run {argv[0]!r}: not found") from None
+        if done.returncode != 0:
+            raise error_of(done.returncode, done.stderr.decode(errors="replace").splitlines(), str(self.endpoint))
+        return done.stdout

@@ -40,6 +40,7 @@ from snapferry.btrfs.resume.checkpoints import (
     start_state,
     transfer_lock,
 )
+from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.readahead import read_ahead
 from snapferry.core.streamio import Prefixed, Readable, read_exact
@@ -62,10 +63,7 @@ _CAPABILITY = b"security.capability"
 
 def resume_hint(receive_root: Path, name: str) -> str:
     where = receive_root / name
-    return (
-        f"resume with: snapferry send -t $(snapferry token {where}) SNAPSHOT | snapferry receive -s {receive_root}; "
-        f"or abort with: snapferry receive -A {where}"
-    )
+    return f"{hints.resume_hint(str(where), str(receive_root), 'SNAPSHOT')}; or abort with: {hints.abort_hint(str(where))}"
 
 
 @cache

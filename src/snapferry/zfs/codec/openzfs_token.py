@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import cast
 
-from snapferry.errors import MalformedToken, NvlistError
+from snapferry.errors import MalformedOpenZfsToken, NvlistError
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 
@@ -42,10 +42,6 @@ _TYPES: dict[str, NvType] = {
 
 # Spelled at module level: inside OpenZfsToken, `object` and `bytes` name its fields.
 Fields = dict[str, object]
-
-
-class MalformedOpenZfsToken(MalformedToken):
-    """An OpenZFS receive_resume_token that is damaged, incomplete or of an unknown version."""
 
 
 def _malformed(reason: str, hint: str = _AGAIN) -> MalformedOpenZfsToken:

@@ -8,7 +8,7 @@ from typing import Literal
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess, SendProcess
 from snapferry.core.streamio import Readable, Sink
-from snapferry.errors import PartialReceiveInTheWay, Refused, SnapferryError, TransferInterrupted
+from snapferry.errors import PartialReceiveInTheWay, ReceiverGone, Refused, SnapferryError, TransferInterrupted
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.stream import read_header
@@ -148,7 +148,7 @@ def send_native_continuation(
             events("progress", bytes=written, offset=token.bytes + written)
         proc.check()
     except BrokenPipeError:
-        raise TransferInterrupted(f"the receiving side closed the stream after {written} bytes") from None
+        raise ReceiverGone(f"the receiving side closed the stream after {written} bytes") from None
     finally:
         proc.stop()
     events("done", bytes=written)

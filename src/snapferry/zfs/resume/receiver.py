@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
 from snapferry.core.streamio import Readable
@@ -27,7 +28,7 @@ MAX_DATASET_NAME = 255
 
 
 def resume_hint(dataset: str) -> str:
-    return f"resume with: snapferry send -t $(snapferry token {dataset}) | snapferry receive -s {dataset}"
+    return hints.resume_hint(dataset, dataset)
 
 
 @dataclass

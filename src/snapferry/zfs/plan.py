@@ -1,10 +1,12 @@
-"""Deciding the next transfer of a sync from both sides' snapshots (pure, no I/O)."""
+"""Planning a ZFS sync from both ends' status: the next transfer or rollback (pure, no I/O)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from snapferry.errors import Refused
+from snapferry.errors import Refused, StreamFormatError
+from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Snapshot
@@ -117,3 +119,85 @@ def plan_all(
         if len(steps) > len(source) + 2:
             break
     return steps
+
+
+def snapshots_of(status: dict[str, Any]) -> list[Snapshot]:
+    return [Snapshot(str(s["name"]), int(s["guid"]), int(s["createtxg"])) for s in status["snapshots"]]
+
+
+def token_of(status: dict[str, Any]) -> ResumeToken | OpenZfsToken | None:
+    text = status.get("token")
+    if not text:
+        return None
+    return OpenZfsToken.decode(text) if text.startswith("1-") else ResumeToken.decode(text)
+
+
+def choose_sync_mode(policy: SyncPolicy, source: dict[str, Any], target: dict[str, Any]) -> str:
+    """Native only when the target's pool keeps receive state, the source's zfs can send -t and no piece transfer is under way."""
+    if policy.mode == "pieces" or (policy.mode is None and not source["can_send_resume"]):
+        return "pieces"
+    if policy.mode == "native":
+        if not target["native_resume"]:
+            pool = target["target"].split("/", 1)[0]
+            raise Refused(
+                f"native resume is not available on pool {pool}: it needs OpenZFS 0.7 or later with the "
+                "extensible_dataset feature; use --mode pieces"
+            )
+        return "native"
+    return "native" if target["native_resume"] and not target["unfinished_pieces"] else "pieces"
+
+
+@dataclass(frozen=True)
+class ZfsSyncPlanner:
+    """A SyncPlanner for one dataset: `next_step` and `plan_all` above, as snapferry commands."""
+
+    policy: SyncPolicy
+    source: str
+    target: str
+
+    def _inputs(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[list[Snapshot], list[Snapshot] | None, Any]:
+        if source.get("backend") != "zfs" or target.get("backend") != "zfs":
+            raise StreamFormatError("sync's two ends are not both ZFS datasets")
+        if not source["exists"]:
+            raise Refused(f"{self.source} does not exist")
+        return snapshots_of(source), (snapshots_of(target) if target["exists"] else None), token_of(target)
+
+    def _as_command(self, step: Step | Rollback, source: dict[str, Any], target: dict[str, Any]) -> SyncStep:
+        if isinstance(step, Rollback):
+            return Action(step.describe(), ("rollback", "-r", step.snapshot))
+        if step.token is not None:
+            send: tuple[str, ...] = ("-t", step.token.encode())
+        elif step.base is None:
+            send = (step.snapshot,)
+        else:
+            send = ("-I" if step.intermediates else "-i", step.base, step.snapshot)
+        receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if self.policy.force else [])]
+        if step.base is None and (step.token is None or not step.token.fromguid):
+            # A replica this sync creates: with atime off, looking at it cannot count as a change
+            # that would make the next incremental need --force.
+            receive += ["-o", "atime=off"]
+        # receive's advice names its own flag; sync's is --force.
+        return Transfer(step.describe(), send, (*receive, self.target), advice=(("use -F to roll it back", "sync --force rolls it back"),))
+
+    def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
+        step = next_step(*self._inputs(source, target), no_stream=self.policy.no_stream, force=self.policy.force)
+        return None if step is None else self._as_command(step, source, target)
+
+    def plan_all(self, source: dict[str, Any], target: dict[str, Any], new_snapshot: str | None = None) -> list[SyncStep]:
+        sent_from, arrived, token = self._inputs(source, target)
+        first: list[SyncStep] = []
+        if new_snapshot is not None:
+            first.append(self.snapshot_step(new_snapshot))
+            sent_from.append(Snapshot(f"{self.source}@{new_snapshot}", 0, max((s.createtxg for s in sent_from), default=0) + 1))
+        steps = plan_all(sent_from, arrived, token, no_stream=self.policy.no_stream, force=self.policy.force)
+        return first + [self._as_command(step, source, target) for step in steps]
+
+    def snapshot_step(self, name: str) -> Action:
+        snapshot = f"{self.source}@{name}"
+        return Action(f"take snapshot {snapshot}", ("snapshot", snapshot), on_source=True)
+
+    def tidy(self, target: dict[str, Any]) -> Action | None:
+        """The checkpoints of completed transfers that a busy dataset kept from being destroyed."""
+        if not target.get("finished_pieces"):
+            return None
+        return Action("remove the checkpoints of completed transfers", ("receive", "-q", "-A", self.target))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -93,8 +94,9 @@ def _cut_twice(console: Console, snapshot: str, receive: list[str], token_of: st
     return total_sent
 
 
-def run_demo(zfs: Zfs, quiet: bool = False) -> int:
+def run_demo(zfs_command: Sequence[str] | None = None, quiet: bool = False) -> int:
     console = Console(stderr=False, quiet=quiet, soft_wrap=True)
+    zfs = Zfs(zfs_command)
     _ensure_zfs(zfs, console)
     workdir = Path(tempfile.mkdtemp(prefix="snapferry-demo-"))
     tag = f"sfdemo{os.getpid()}"

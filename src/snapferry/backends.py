@@ -1,0 +1,21 @@
+"""Which backend an argument means: the one place that knows every filesystem snapferry drives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from snapferry.btrfs.backend import BtrfsBackend
+from snapferry.interface import Backend
+from snapferry.zfs.backend import ZfsBackend
+from snapferry.zfs.engine.command import Zfs
+
+
+def backend_for(*arguments: str | None, zfs_command: Sequence[str] | None = None) -> Backend:
+    """The backend that claims the first argument given (a path, a token, a dataset); ZFS when none does.
+
+    A path (/..., ./...) or a btrfs token (sf1b-...) means btrfs; a pool/fs name, an sf1- or 1- token means ZFS.
+    """
+    given = [a for a in arguments if a]
+    if given and BtrfsBackend.claims(given[0]):
+        return BtrfsBackend()
+    return ZfsBackend(Zfs(zfs_command))

@@ -1,0 +1,71 @@
+"""`snapferry receive`: apply a stream from stdin resumably (-s), or abort an interrupted transfer (-A)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from snapferry.cli import common
+from snapferry.errors import UsageError
+from snapferry.interface import Backend, ReceiveRequest
+
+
+def _property(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"-o takes PROPERTY=VALUE, not {text!r}")
+    return name, value
+
+
+def run(args: argparse.Namespace) -> int:
+    backend = common.backend(args, args.dataset)
+    if args.abort:
+        return _abort(backend, args)
+    request = ReceiveRequest(
+        target=args.dataset,
+        resumable=args.s,
+        checkpoint=args.checkpoint,
+        force=args.F,
+        mode=args.mode,
+        properties=tuple(args.o or ()),
+    )
+    with common.stdin_stream() as source, common.reporter(args, label=args.dataset) as events:
+        done = backend.receive(request, source, events)
+    if not (args.quiet or args.json):
+        print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
+    return 0
+
+
+def _abort(backend: Backend, args: argparse.Namespace) -> int:
+    if args.F or args.mode or args.o:
+        raise UsageError("receive -A takes no -F, -o or --mode")
+    for message in backend.abort(args.dataset):
+        if args.json and not args.quiet:
+            print(json.dumps({"event": "aborted", backend.target_field: args.dataset, "message": message}), file=sys.stderr)
+        elif not (args.quiet or args.json):
+            print(f"snapferry: {message}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
+    recv = sub.add_parser("receive", aliases=["recv"], parents=[common_options], help="apply a stream from stdin, checkpointing as it goes")
+    recv.add_argument("-s", action="store_true", help="resumable: commit a checkpoint every --checkpoint bytes")
+    recv.add_argument("-F", action="store_true", help="roll the destination back to its last snapshot first")
+    recv.add_argument("-A", dest="abort", action="store_true", help="abort an interrupted transfer into DATASET")
+    recv.add_argument(
+        "-o",
+        action="append",
+        type=_property,
+        metavar="PROPERTY=VALUE",
+        help="ZFS: set this property on the dataset once the transfer is complete (repeatable)",
+    )
+    recv.add_argument(
+        "--checkpoint",
+        type=common.parse_size,
+        metavar="SIZE",
+        help="bytes of stream between checkpoints (default 1G for ZFS, 256M for btrfs)",
+    )
+    recv.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    recv.add_argument("dataset", metavar="DATASET|DIR", help="POOL/FS to receive into, or a directory on btrfs (-A: DIR/SUBVOLUME)")
+    recv.set_defaults(func=run)

@@ -1,0 +1,75 @@
+"""`snapferry sync`: replicate a dataset's (or a directory's) snapshots to another, locally or over ssh, resuming until done."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from snapferry.cli import common
+from snapferry.core.lock import dataset_lock
+from snapferry.errors import UsageError
+from snapferry.sync.driver import Sync, SyncOptions
+from snapferry.sync.endpoints import Endpoint, Side
+from snapferry.transport.ssh import Shell
+from snapferry.transport.wire import parse_compression, parse_rate
+
+
+def run(args: argparse.Namespace) -> int:
+    source, target = Endpoint.parse(args.source), Endpoint.parse(args.target)
+    ssh, remote_snapferry = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
+    remote = source.host is not None or target.host is not None
+    compress = args.compress or ("zstd:3" if remote else "none")
+    parse_compression(compress)
+    if args.bwlimit:
+        parse_rate(args.bwlimit)
+    if source.backend().name != target.backend().name:
+        raise UsageError("sync goes from ZFS to ZFS or from btrfs to btrfs: give two datasets or two directories")
+    reporter = common.reporter(args, label=str(target))
+    options = SyncOptions(
+        no_stream=args.no_stream,
+        force=args.force,
+        retries=args.retries,
+        deadline=args.deadline,
+        checkpoint=args.checkpoint,
+        compress=compress,
+        bwlimit=args.bwlimit,
+        buffer=args.buffer,
+        snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
+        mode=args.mode,
+        progress=reporter.mode != "quiet",
+    )
+    with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
+        sides = [Side(end, Shell(end.host, end.user, ssh, remote_snapferry)) for end in (source, target)]
+        sync = Sync(sides[0], sides[1], options, events)
+        if args.dry_run:
+            for line in sync.plan():
+                print(line)
+            return 0
+        result = sync.run()
+    if not (args.quiet or args.json):
+        print(f"snapferry: {target}: {result}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
+    sync = sub.add_parser("sync", parents=[common_options], help="replicate a dataset's snapshots, resuming until done")
+    sync.add_argument("--no-stream", action="store_true", help="send only the newest snapshot, not every one between")
+    sync.add_argument("--force", action="store_true", help="roll back a diverged destination (destroys its newer snapshots)")
+    sync.add_argument("--retries", type=int, default=5, metavar="N", help="retries after interruptions (default 5)")
+    sync.add_argument("--deadline", type=float, metavar="SECONDS", help="stop retrying after this long")
+    sync.add_argument("--ssh", default="ssh", metavar="CMD", help="ssh command for remote ends (default: ssh)")
+    sync.add_argument("--remote-snapferry", default="snapferry", metavar="CMD", help="snapferry on the remote host")
+    sync.add_argument("--checkpoint", type=common.size_text, metavar="SIZE", help="as for receive -s (default 1G for ZFS, 256M for btrfs)")
+    sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
+    sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
+    sync.add_argument("--buffer", type=common.size_text, metavar="SIZE", help="memory buffer on the sending side (like mbuffer), e.g. 256M")
+    sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
+    sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    sync.add_argument(
+        "source", metavar="SRC", help="pool/fs or [user@]host:pool/fs; btrfs: a directory of read-only snapshots, /path or host:/path"
+    )
+    sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs; btrfs: the directory to receive into")
+    sync.set_defaults(func=run)

@@ -1,0 +1,173 @@
+"""The seam where a filesystem plugs in: the operations every verb needs, and the sync steps a backend plans."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from snapferry.core.events import EventSink
+from snapferry.core.streamio import Readable, Sink
+
+
+def everything(name: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """What `snapferry send` was asked for. Each backend takes its own fields and refuses the others' with a UsageError."""
+
+    snapshot: str | None = None  # POOL/FS@SNAP (ZFS) or the path of a read-only snapshot (btrfs)
+    token: str | None = None  # send -t: continue the interrupted transfer this token describes
+    base: str | None = None  # ZFS -i/-I
+    intermediates: bool = False  # ZFS -I
+    flags: tuple[str, ...] = ()  # ZFS -L -e -c -w
+    parent: str | None = None  # btrfs -p
+    clones: tuple[str, ...] = ()  # btrfs -c CLONE_SRC
+    proto: int | None = None  # btrfs --proto
+    compressed_data: bool = False  # btrfs --compressed-data
+    estimate: bool = True  # work out the stream's size for an ETA (not with -q: nobody sees it)
+    # For a restricted ssh key (serve --allow): which datasets a token's snapshot may be looked up in.
+    visible: Callable[[str], bool] = everything
+
+
+@dataclass(frozen=True)
+class ReceiveRequest:
+    """What `snapferry receive` was asked for."""
+
+    target: str  # POOL/FS, or the btrfs directory to receive into
+    resumable: bool = True  # -s
+    checkpoint: int | None = None  # bytes between checkpoints; None: the backend's default
+    force: bool = False  # ZFS -F
+    mode: str | None = None  # ZFS --mode native|pieces
+    # -o PROP=VALUE (ZFS): set on the dataset once the transfer is complete.
+    properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A sync step: `snapferry send SEND_ARGS | snapferry receive RECEIVE_ARGS` (the wire's options are sync's)."""
+
+    description: str
+    send_args: tuple[str, ...]
+    receive_args: tuple[str, ...]
+    # (what the receiving side says, what sync should say instead): its advice names receive's flags, not sync's.
+    advice: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
+class Action:
+    """A sync step on one end alone: `snapferry ARGS` (a rollback for --force, a clean-up, sync --snapshot's snapshot)."""
+
+    description: str
+    args: tuple[str, ...]
+    on_source: bool = False  # else on the destination
+
+    def describe(self) -> str:
+        return self.description
+
+
+SyncStep = Transfer | Action
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """The choices of `snapferry sync` that shape its plan."""
+
+    no_stream: bool = False
+    force: bool = False
+    mode: str | None = None
+    take_snapshot: bool = False  # --snapshot
+
+
+class SyncPlanner(Protocol):
+    """Plans a sync from both ends' `status` (pure: the same statuses give the same plan)."""
+
+    def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
+        """The next step, or None when the target is up to date; Refused when it cannot be brought up to date."""
+        ...
+
+    def plan_all(self, source: dict[str, Any], target: dict[str, Any], new_snapshot: str | None = None) -> list[SyncStep]:
+        """Every step a run would take from here (--dry-run), after taking `new_snapshot` on the source if given."""
+        ...
+
+    def snapshot_step(self, name: str) -> Action:
+        """sync --snapshot: the step that takes a snapshot called `name` of the source; UsageError where there is none."""
+        ...
+
+    def tidy(self, target: dict[str, Any]) -> Action | None:
+        """Clean-up on the destination once it is up to date, if any is due."""
+        ...
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot as sync compares them: by identity (a ZFS guid, a btrfs UUID), oldest first by `order`."""
+
+    name: str
+    identity: str
+    order: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One filesystem behind snapferry's verbs. A new filesystem is one package with one class like this."""
+
+    name: str  # "zfs", "btrfs": in `status` answers and messages
+    target_field: str  # what JSON events call a target: "dataset", "path"
+
+    def send(self, request: SendRequest, sink: Sink, events: EventSink) -> int:
+        """A snapshot's stream (or, with request.token, the rest of an interrupted one) into sink; the bytes written."""
+        ...
+
+    def estimate_size(self, request: SendRequest) -> int | None:
+        """About how many bytes send(request) writes, for the ETA; None when it cannot tell."""
+        ...
+
+    def receive(self, request: ReceiveRequest, source: Readable, events: EventSink) -> list[str]:
+        """Apply the streams on source, resumably with request.resumable; the names of what was received."""
+        ...
+
+    def token(self, target: str, mode: str | None = None) -> str:
+        """The resume token of the interrupted transfer into target; NothingToDo (with the reason) when there is none."""
+        ...
+
+    def describe_token(self, token: str, as_json: bool) -> str:
+        """A token's fields, for `token --decode`."""
+        ...
+
+    def abort(self, target: str) -> list[str]:
+        """Remove the interrupted transfer into target (only what snapferry created); what was done, or NothingToDo."""
+        ...
+
+    def status(self, target: str) -> dict[str, Any]:
+        """Everything sync plans from, in one JSON-able answer (`snapshots`, `token`, `native_resume`, `modified` ...)."""
+        ...
+
+    def snapshots(self, target: str) -> list[SnapshotInfo]:
+        """The target's snapshots, oldest first."""
+        ...
+
+    def rollback(self, snapshot: str, destroy_later: bool) -> str:
+        """Roll a file system back to one of its snapshots (sync --force); what was done."""
+        ...
+
+    def rollback_casualties(self, snapshot: str) -> list[str]:
+        """Every dataset or snapshot rollback(snapshot) would destroy, for serve to check against --allow."""
+        ...
+
+    def take_snapshot(self, snapshot: str) -> None:
+        """`snapferry snapshot`, for sync --snapshot: take this snapshot."""
+        ...
+
+    def check_sync_endpoint(self, name: str, remote: bool) -> None:
+        """UsageError when `name` cannot be one end of a sync (a snapshot, not a file system; a relative remote path)."""
+        ...
+
+    def planner(self, policy: SyncPolicy, source: str, target: str) -> SyncPlanner:
+        """The sync planner from source to target (names as each end knows them)."""
+        ...

@@ -1,0 +1,260 @@
+"""ZFS behind the Backend interface: the piece chain and native mode picked per transfer, and the facts sync plans from."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from snapferry.core.events import EventSink
+from snapferry.core.lock import dataset_lock
+from snapferry.core.streamio import Prefixed, Readable, Sink
+from snapferry.errors import NothingToDo, Refused, SnapferryError, UsageError
+from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, SyncPolicy
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
+from snapferry.zfs.codec.records import Begin
+from snapferry.zfs.codec.stream import read_header
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.engine.command import Zfs
+from snapferry.zfs.plan import ZfsSyncPlanner
+from snapferry.zfs.resume.checkpoints import find_transfers, latest_token, read_transfers
+from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
+from snapferry.zfs.resume.receiver import PieceReceiver
+from snapferry.zfs.resume.sender import send_continuation, send_snapshot
+
+# Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
+# 40-110 ms on zfs-fuse, about 5 % of a raw transfer at 1 GiB per piece, and an interruption
+# re-sends at most 1 GiB.
+DEFAULT_CHECKPOINT = 1 << 30
+_UNLIMITED = 1 << 62
+_PROPERTY = re.compile(r"^[a-z][a-z0-9_.:]*$")
+
+
+def is_openzfs_token(text: str) -> bool:
+    return text.strip().startswith("1-")
+
+
+def _mode(text: str | None) -> Mode | None:
+    for mode in MODES:
+        if text == mode:
+            return mode
+    if text is not None:
+        raise UsageError(f"--mode {text}: choose one of {', '.join(MODES)}")
+    return None
+
+
+class ZfsBackend:
+    """Every ZFS: pieces (snapferry's checkpoint snapshots) anywhere, native (`zfs receive -s`) where both ends can."""
+
+    name = "zfs"
+    target_field = "dataset"
+
+    def __init__(self, zfs: Zfs | None = None) -> None:
+        self.zfs = zfs or Zfs()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, request: SendRequest, sink: Sink, events: EventSink) -> int:
+        if request.parent or request.clones or request.proto is not None or request.compressed_data:
+            raise UsageError("-p, -c PATH, --proto and --compressed-data are btrfs send's: give a snapshot path (/...)")
+        if request.token:
+            return self._send_rest(request, sink, events)
+        snapshot = request.snapshot
+        if not snapshot or "@" not in snapshot:
+            raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
+        estimate = self.estimate_size(request) if request.estimate else None
+        return send_snapshot(
+            self.zfs,
+            snapshot,
+            sink,
+            base=self._base(request),
+            intermediates=request.intermediates,
+            events=events,
+            estimate=estimate,
+            flags=request.flags,
+        )
+
+    def _send_rest(self, request: SendRequest, sink: Sink, events: EventSink) -> int:
+        assert request.token is not None
+        if request.snapshot or request.base:
+            raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
+        if is_openzfs_token(request.token):
+            return send_native_continuation(self.zfs, request.token, sink, flags=request.flags, events=events, visible=request.visible)
+        if request.flags:
+            raise UsageError("send -t takes -L/-e/-c/-w from the token (the interrupted stream's own flags): drop them")
+        return send_continuation(self.zfs, ResumeToken.decode(request.token), sink, events=events, visible=request.visible)
+
+    @staticmethod
+    def _base(request: SendRequest) -> str | None:
+        base = request.base
+        if base and base.startswith("@") and request.snapshot:
+            return request.snapshot.partition("@")[0] + base
+        return base
+
+    def estimate_size(self, request: SendRequest) -> int | None:
+        """OpenZFS says it (`zfs send -nP`); on zfs-fuse, which cannot, a full stream carries about the
+        snapshot's logical size and an incremental gets no estimate."""
+        snapshot, base = request.snapshot, self._base(request)
+        if not snapshot:
+            return None
+        incremental = [("-I" if request.intermediates else "-i"), base] if base else []
+        try:
+            dry_run = self.zfs.run(f"cannot estimate the size of {snapshot}", "send", "-nP", *request.flags, *incremental, snapshot)
+            sizes = [line.split()[1] for line in dry_run.splitlines() if line.startswith("size")]
+            return int(sizes[-1])
+        except (SnapferryError, IndexError, ValueError):
+            pass
+        if base:
+            return None
+        try:
+            props = self.zfs.get_properties(snapshot, "referenced", "compressratio")[snapshot]
+            return int(int(props["referenced"]) * float(props["compressratio"].rstrip("x")))
+        except (SnapferryError, KeyError, ValueError):
+            return None
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def receive(self, request: ReceiveRequest, source: Readable, events: EventSink) -> list[str]:
+        dataset = request.target
+        for name, _ in request.properties:
+            if not _PROPERTY.match(name):
+                raise UsageError(f"-o {name}=...: not a ZFS property name")
+        with dataset_lock(dataset, "receive"):
+            header = read_header(source)
+            sender_can_resume = Begin.decode(header, supported_only=False).sender_can_resume
+            mode = choose_mode(self.zfs, dataset, _mode(request.mode), sender_can_resume=sender_can_resume)
+            events("mode", mode=mode)
+            stream = Prefixed(header, source)
+            if mode == "native":
+                done = receive_native(self.zfs, dataset, stream, resumable=request.resumable, force=request.force, events=events)
+            else:
+                size = (request.checkpoint or DEFAULT_CHECKPOINT) if request.resumable else _UNLIMITED
+                modern = self.zfs.is_modern(dataset)
+                receiver = PieceReceiver(self.zfs, dataset, checkpoint_size=size, force=request.force, events=events, modern_zfs=modern)
+                done = receiver.receive(stream)
+            for name, value in request.properties:
+                self.zfs.set_property(dataset, name, value)
+        return done
+
+    # --- the destination's state --------------------------------------------------------------
+
+    def token(self, target: str, mode: str | None = None) -> str:
+        _, transfers = read_transfers(self.zfs, target)
+        token = latest_token(transfers)
+        if token is not None:
+            return token.encode()
+        if mode != "pieces" and (native := kernel_token(self.zfs, target, transfers)):
+            return native
+        if any(not t.complete for t in transfers):
+            reason = "its interrupted transfer committed no checkpoint; send the stream again"
+        elif transfers:
+            reason = "its transfer is complete; nothing to resume"
+        else:
+            reason = "it has no interrupted snapferry transfer"
+        raise NothingToDo(f"no resume token for {target}: {reason}")
+
+    def describe_token(self, token: str, as_json: bool) -> str:
+        if not is_openzfs_token(token):
+            return json.dumps(ResumeToken.decode(token).describe(), indent=2) + "\n"
+        if as_json:
+            return json.dumps(OpenZfsToken.decode(token).as_json(), indent=2) + "\n"
+        return OpenZfsToken.decode(token).describe()
+
+    def abort(self, target: str) -> list[str]:
+        with dataset_lock(target, "abort"):
+            snapshots, transfers = read_transfers(self.zfs, target)
+            native = abort_native(self.zfs, target)
+            messages = [native] if native else []
+            for transfer in transfers:
+                if transfer.complete:
+                    remove_finished_pieces(self.zfs, transfer)
+                    messages.append(f"removed {len(transfer.pieces())} leftover checkpoint(s) of a completed transfer")
+                else:
+                    messages.append(discard_transfer(self.zfs, transfer, snapshots))
+                    snapshots, _ = read_transfers(self.zfs, target)
+        if not messages:
+            raise NothingToDo(f"{target} has no interrupted snapferry transfer to abort")
+        return messages
+
+    def snapshots(self, target: str) -> list[SnapshotInfo]:
+        return [SnapshotInfo(s.name, str(s.guid), s.createtxg) for s in self.zfs.snapshots(target)]
+
+    def status(self, target: str) -> dict[str, Any]:
+        """Snapshots (by guid, in creation order), the unfinished transfer's token, and what the pool can do."""
+        if "@" in target:
+            raise UsageError(f"status takes a file system, not a snapshot: {target}")
+        zfs = self.zfs
+        exists = zfs.exists(target)
+        snapshots = zfs.snapshots(target) if exists else []
+        transfers = find_transfers(snapshots, target)
+        token = latest_token(transfers)
+        text = token.encode() if token is not None else (kernel_token(zfs, target, transfers) if exists else None)
+        modern = zfs.is_modern(target)
+        return {
+            "backend": self.name,
+            "target": target,
+            "exists": exists,
+            "snapshots": [{"name": s.name, "guid": s.guid, "createtxg": s.createtxg} for s in snapshots],
+            "token": text,
+            "unfinished_pieces": any(not t.complete for t in transfers),
+            "finished_pieces": any(t.complete and t.pieces() for t in transfers),
+            "can_send_resume": modern,
+            "native_resume": modern and zfs.native_resume(target),
+            "modified": self._modified(target) if exists and modern else None,
+        }
+
+    def _modified(self, dataset: str) -> bool | None:
+        """Whether anything was written since the last snapshot (`written`; OpenZFS only, zfs-fuse cannot tell)."""
+        try:
+            written = self.zfs.get_properties(dataset, "written")[dataset]["written"]
+            return int(written) > 0
+        except (SnapferryError, KeyError, ValueError):
+            return None
+
+    # --- sync's other actions -----------------------------------------------------------------
+
+    def _later_snapshots(self, snapshot: str) -> list[str]:
+        dataset, _, name = snapshot.partition("@")
+        if not name or not dataset:
+            raise UsageError(f"rollback needs a snapshot: POOL/FS@SNAP, not {snapshot}")
+        snapshots = self.zfs.snapshots(dataset)
+        at = next((s for s in snapshots if s.name == snapshot), None)
+        if at is None:
+            raise Refused(f"no snapshot {snapshot}")
+        return [s.name for s in snapshots if s.createtxg > at.createtxg]
+
+    def _clones_of(self, snapshots: list[str]) -> list[str]:
+        if not snapshots:
+            return []
+        out = self.zfs.run(f"cannot read the clones of {snapshots[0]}", "get", "-H", "-o", "value", "clones", *snapshots)
+        return [clone for line in out.splitlines() for clone in line.strip().split(",") if clone and clone != "-"]
+
+    def rollback_casualties(self, snapshot: str) -> list[str]:
+        later = self._later_snapshots(snapshot)
+        return later + self._clones_of(later)
+
+    def rollback(self, snapshot: str, destroy_later: bool) -> str:
+        later = self._later_snapshots(snapshot)
+        if later and not destroy_later:
+            raise Refused(f"{snapshot} is not the most recent snapshot (after it: {', '.join(later)}); -r destroys those")
+        clones = self._clones_of(later)
+        if clones:
+            raise Refused(
+                f"refused to roll back to {snapshot}: later snapshots have clones ({', '.join(clones)}), "
+                "which snapferry never destroys; promote or destroy them first"
+            )
+        self.zfs.rollback(snapshot)
+        return f"rolled {snapshot.partition('@')[0]} back to {snapshot}" + (f", destroying {', '.join(later)}" if later else "")
+
+    def take_snapshot(self, snapshot: str) -> None:
+        if "@" not in snapshot:
+            raise UsageError(f"not a snapshot name: {snapshot} (POOL/FS@NAME)")
+        self.zfs.snapshot(snapshot)
+
+    def check_sync_endpoint(self, name: str, remote: bool) -> None:
+        if "@" in name:
+            raise UsageError(f"sync takes a file system, not a snapshot: {name}")
+
+    def planner(self, policy: SyncPolicy, source: str, target: str) -> ZfsSyncPlanner:
+        return ZfsSyncPlanner(policy, source, target)
