@@ -21,7 +21,7 @@ After each fault the transfer is resumed with `snapferry send -t $(snapferry tok
 whole stream again when there is no token); the next fault hits that resume's stream.
 
 Scenario `sync`: `snapferry sync SRC root@127.0.0.1:DST` through a real sshd on a free loopback port,
-reached through a TCP proxy (bench/_faultproxy.py). Each fault fires when the N-th byte of the
+reached through a TCP proxy (snapferry_testkit.faultproxy). Each fault fires when the N-th byte of the
 stream's connection reaches the proxy, with that connection paused meanwhile:
 
   ssh_kill       the ssh client carrying the stream is SIGKILLed
@@ -79,9 +79,10 @@ from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner  # noqa: E402
 from _chaos_common import Iteration, log  # noqa: E402
 from _chaos_sync import SyncRunner  # noqa: E402
 from _chaos_zfs import Runner, make_pool  # noqa: E402
-from _faultproxy import FaultProxy  # noqa: E402
-from tests import zfs_testbed as tb  # noqa: E402
-from tests.sshd_server import SshServer, start_sshd  # noqa: E402
+
+from snapferry_testkit import zfs_testbed as tb  # noqa: E402
+from snapferry_testkit.faultproxy import FaultProxy  # noqa: E402
+from snapferry_testkit.sshd_server import SshServer, start_sshd  # noqa: E402
 
 LOCAL_KINDS = ("cut", "sigkill", "corrupt", "daemon", "quota", "snapdestroy")
 SYNC_KINDS = (

@@ -17,7 +17,7 @@ import pytest
 
 from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError
 from snapferry.errors import StreamFormatError
-from tests.btrfs_testbed import NS, SETUP_HINT, assert_same_tree, encoded_extents, fs_flags, mkfs, run, subvol
+from snapferry_testkit.btrfs_testbed import NS, SETUP_HINT, assert_same_tree, encoded_extents, fs_flags, mkfs, run, subvol
 
 # A file capability (vfs_cap_data revision 2, effective, CAP_NET_RAW permitted): chown clears it, receive restores it.
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)

@@ -19,7 +19,7 @@ from snapferry.btrfs.codec.stream import encode_command, stream_header
 from snapferry.btrfs.engine import ioctl as ioc
 from snapferry.btrfs.engine.apply import BtrfsApplier, BtrfsApplyError, UnsafeStream
 from snapferry.errors import OutOfSpace, StreamFormatError
-from tests.btrfs_testbed import NS, SETUP_HINT, encoded_extents, fs_flags, mkfs, run, segments
+from snapferry_testkit.btrfs_testbed import NS, SETUP_HINT, encoded_extents, fs_flags, mkfs, run, segments
 
 
 @dataclass

@@ -18,8 +18,8 @@ from snapferry.btrfs.codec.stream import CMD_HEADER_SIZE, CONTINUATION_SIZE, STR
 from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size
 from snapferry.cli.main import _split_c, build_parser
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
-from tests.zfs_testbed import SNAPFERRY
+from snapferry_testkit.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
+from snapferry_testkit.zfs_testbed import SNAPFERRY
 
 MIB = 1 << 20
 

@@ -34,7 +34,7 @@ from snapferry.btrfs.resume.checkpoints import (
 )
 from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver, StreamChanged
 from snapferry.errors import Refused, TransferInterrupted
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
+from snapferry_testkit.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
 
 CHECKPOINT = 64 << 10
 

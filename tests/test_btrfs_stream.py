@@ -34,7 +34,7 @@ from snapferry.btrfs.codec.stream import (
 )
 from snapferry.errors import StreamFormatError, StreamIntegrityError, TransferInterrupted
 from snapferry.zfs.codec.stream import StreamTruncated
-from tests.btrfs_testbed import SETUP_HINT, mkfs, run
+from snapferry_testkit.btrfs_testbed import SETUP_HINT, mkfs, run
 
 ALLOWED = (StreamFormatError, TransferInterrupted)
 

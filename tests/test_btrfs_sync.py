@@ -18,9 +18,9 @@ import pytest
 from snapferry.btrfs.engine.command import Subvolume
 from snapferry.errors import Refused
 from snapferry.sync.btrfs_sync import BtrfsStep, Listing, next_btrfs_step
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
+from snapferry_testkit.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
+from snapferry_testkit.zfs_testbed import SNAPFERRY
 from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401
-from tests.zfs_testbed import SNAPFERRY
 
 MIB = 1 << 20
 REMOTE = "root@127.0.0.1"

@@ -17,7 +17,7 @@ from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import FEATURE_RAW, HEADER_SIZE, Begin, chained_begin_payload
 from snapferry.zfs.codec.stream import Prefixed, StreamTruncated, read_header
 from snapferry.zfs.engine.command import PartialReceiveInTheWay, Snapshot, classify_failure
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 
 def _raw_begin(fromguid: int = 0) -> Begin:

@@ -18,7 +18,7 @@ from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvlistError, NvPair, NvType
 from snapferry.zfs.codec.openzfs_token import MalformedOpenZfsToken, OpenZfsToken, decode, describe, encode, to_nvlist
 from snapferry.zfs.codec.token import MalformedToken
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 TOKENS = sorted(OPENZFS_DATA.glob("zfs-*/*.token"))
 DECODED = sorted(OPENZFS_DATA.glob("zfs-*/*.token.decoded.txt"))

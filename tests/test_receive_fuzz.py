@@ -19,8 +19,8 @@ import pytest
 from fuzz.btrfs_targets import recrc
 
 from snapferry.btrfs.resume.checkpoints import STATE_DIR
-from tests import zfs_testbed as tb
-from tests.btrfs_testbed import SETUP_HINT, change_tree, describe, fill_tree, mkfs, run
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.btrfs_testbed import SETUP_HINT, change_tree, describe, fill_tree, mkfs, run
 
 MUTANTS = int(os.environ.get("SNAPFERRY_RECEIVE_FUZZ", "0"))
 EXIT_CODES = {0, 3, 4, 5, 6}

@@ -26,13 +26,13 @@ if __name__ == "__main__":
 sys.path.insert(0, str(HERE))
 
 from fuzz.targets import Split, resize, serialize, split_stream  # noqa: E402
-from tests.shared_data import OPENZFS_DATA  # noqa: E402
 
 from snapferry.zfs.codec import nvlist  # noqa: E402
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType  # noqa: E402
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken, to_nvlist  # noqa: E402
 from snapferry.zfs.codec.records import COMPOUNDSTREAM, FEATURE_DEDUP, HEADER_SIZE, RecordType, record_type  # noqa: E402
 from snapferry.zfs.codec.token import ResumeToken  # noqa: E402
+from snapferry_testkit.shared_data import OPENZFS_DATA  # noqa: E402
 
 SOURCE = OPENZFS_DATA / "zfs-2.3.2" / "incr_s1_s2.stream"
 
