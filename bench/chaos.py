@@ -69,20 +69,16 @@ from pathlib import Path
 
 import pytest  # the test beds report failures with pytest.fail
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+# bench/ is sys.path[0] when this runs as a script, so its _chaos_* siblings import as they are.
+from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner
+from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner
+from _chaos_common import Iteration, log
+from _chaos_sync import SyncRunner
+from _chaos_zfs import Runner, make_pool
 
-from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
-from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner  # noqa: E402
-from _chaos_common import Iteration, log  # noqa: E402
-from _chaos_sync import SyncRunner  # noqa: E402
-from _chaos_zfs import Runner, make_pool  # noqa: E402
-
-from snapferry_testkit import zfs_testbed as tb  # noqa: E402
-from snapferry_testkit.faultproxy import FaultProxy  # noqa: E402
-from snapferry_testkit.sshd_server import SshServer, start_sshd  # noqa: E402
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.faultproxy import FaultProxy
+from snapferry_testkit.sshd_server import SshServer, start_sshd
 
 LOCAL_KINDS = ("cut", "sigkill", "corrupt", "daemon", "quota", "snapdestroy")
 SYNC_KINDS = (
