@@ -69,7 +69,7 @@ from pathlib import Path
 
 import pytest  # the test beds report failures with pytest.fail
 
-# bench/ is sys.path[0] when this runs as a script, so its _chaos_* siblings import as they are.
+# Run as a script, bench/ is first on the import path: its _chaos_* siblings need no path edit.
 from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner
 from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner
 from _chaos_common import Iteration, log
