@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from _chaos_common import Iteration, last_line, log, record_attempt, run_sf, size_bytes
-from _feeder import Feeder, faults_then_resumes
-from tests import btrfs_testbed as bt
-from tests import zfs_testbed as tb
+
+from snapferry_testkit import btrfs_testbed as bt
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.feeder import Feeder, faults_then_resumes
 
 BTRFS_KINDS = ("cut", "sigkill", "corrupt", "remount", "snapdestroy")
 STATE = ".snapferry"

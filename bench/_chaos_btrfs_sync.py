@@ -16,9 +16,10 @@ from _chaos_btrfs import BtrfsRunner, abort_and_check, remove
 from _chaos_common import Iteration, run_sf
 from _chaos_sync import SyncRunner, remote_receives
 from _chaos_zfs import final_snap, stale_refusal
-from _faultproxy import FaultProxy
-from tests import btrfs_testbed as bt
-from tests.sshd_server import SshServer
+
+from snapferry_testkit import btrfs_testbed as bt
+from snapferry_testkit.faultproxy import FaultProxy
+from snapferry_testkit.sshd_server import SshServer
 
 BTRFS_SYNC_KINDS = ("ssh_kill", "sender_kill", "receiver_kill", "sync_kill", "link_cut", "link_stall", "link_corrupt", "snapdestroy")
 

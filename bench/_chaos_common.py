@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 
 MiB = 1 << 20
 TIMEOUT = 300

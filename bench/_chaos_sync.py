@@ -24,10 +24,11 @@ from _chaos_zfs import (
     setup_source,
     stale_refusal,
 )
-from _faultproxy import FaultProxy, Trigger
-from _feeder import EXTRA_ATTEMPTS
-from tests import zfs_testbed as tb
-from tests.sshd_server import SshServer, remote_snapferry
+
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.faultproxy import FaultProxy, Trigger
+from snapferry_testkit.feeder import EXTRA_ATTEMPTS
+from snapferry_testkit.sshd_server import SshServer, remote_snapferry
 
 SYNC_TIMEOUT = 240
 SYNC_RETRIES = 10

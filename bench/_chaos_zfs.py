@@ -9,8 +9,9 @@ import signal
 from pathlib import Path
 
 from _chaos_common import Iteration, MiB, last_line, log, record_attempt, run_sf, size_bytes
-from _feeder import Feeder, faults_then_resumes
-from tests import zfs_testbed as tb
+
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.feeder import Feeder, faults_then_resumes
 
 
 def make_pool(base: Path, role: str) -> tb.Pool:

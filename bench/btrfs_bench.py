@@ -34,9 +34,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _zfsbench import MiB, log, median, run_pipeline, snapferry_argv  # noqa: E402
+from _zfsbench import MiB, log, median, run_pipeline, snapferry_argv
 
 
 def sh(*argv: str | Path) -> str:

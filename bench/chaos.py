@@ -21,7 +21,7 @@ After each fault the transfer is resumed with `snapferry send -t $(snapferry tok
 whole stream again when there is no token); the next fault hits that resume's stream.
 
 Scenario `sync`: `snapferry sync SRC root@127.0.0.1:DST` through a real sshd on a free loopback port,
-reached through a TCP proxy (bench/_faultproxy.py). Each fault fires when the N-th byte of the
+reached through a TCP proxy (snapferry_testkit.faultproxy). Each fault fires when the N-th byte of the
 stream's connection reaches the proxy, with that connection paused meanwhile:
 
   ssh_kill       the ssh client carrying the stream is SIGKILLed
@@ -69,19 +69,16 @@ from pathlib import Path
 
 import pytest  # the test beds report failures with pytest.fail
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+# Run as a script, bench/ is first on the import path: its _chaos_* siblings need no path edit.
+from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner
+from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner
+from _chaos_common import Iteration, log
+from _chaos_sync import SyncRunner
+from _chaos_zfs import Runner, make_pool
 
-from _chaos_btrfs import BTRFS_KINDS, BtrfsRunner  # noqa: E402
-from _chaos_btrfs_sync import BTRFS_SYNC_KINDS, BtrfsSyncRunner  # noqa: E402
-from _chaos_common import Iteration, log  # noqa: E402
-from _chaos_sync import SyncRunner  # noqa: E402
-from _chaos_zfs import Runner, make_pool  # noqa: E402
-from _faultproxy import FaultProxy  # noqa: E402
-from tests import zfs_testbed as tb  # noqa: E402
-from tests.sshd_server import SshServer, start_sshd  # noqa: E402
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.faultproxy import FaultProxy
+from snapferry_testkit.sshd_server import SshServer, start_sshd
 
 LOCAL_KINDS = ("cut", "sigkill", "corrupt", "daemon", "quota", "snapdestroy")
 SYNC_KINDS = (

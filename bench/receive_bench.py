@@ -30,9 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _zfsbench import (  # noqa: E402
+from _zfsbench import (
     GiB,
     MiB,
     PipelineResult,

@@ -28,9 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _zfsbench import (  # noqa: E402
+from _zfsbench import (
     GiB,
     MiB,
     ScratchPools,
@@ -45,8 +43,8 @@ from _zfsbench import (  # noqa: E402
     zfs_get,
 )
 
-from snapferry.core.process import write_all  # noqa: E402
-from snapferry.zfs.codec.token import ResumeToken  # noqa: E402
+from snapferry.core.process import write_all
+from snapferry.zfs.codec.token import ResumeToken
 
 
 def parse_size(text: str) -> int:

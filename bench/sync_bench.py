@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _zfsbench import MiB, ScratchPools, destroy, fill_random, install_sigterm_cleanup, log, median, run, run_pipeline
 
-from _zfsbench import MiB, ScratchPools, destroy, fill_random, install_sigterm_cleanup, log, median, run, run_pipeline  # noqa: E402
-from tests.sshd_server import remote_snapferry, start_sshd  # noqa: E402
+from snapferry_testkit.sshd_server import remote_snapferry, start_sshd
 
 
 def fill_text(directory: str, total_mib: int) -> None:

@@ -1,8 +1,11 @@
 """Coverage-guided fuzzing of snapferry's parsers with atheris, or a hypothesis-driven loop where atheris is missing.
 
-    python3 fuzz/fuzz_parsers.py --all --runs 100000            # every target, one after another
-    python3 fuzz/fuzz_parsers.py --target nvlist --runs 20000 --seed 7
-    python3 fuzz/fuzz_parsers.py --target stream --replay fuzz/crashes/stream-*.bin
+    python3 -m fuzz.fuzz_parsers --all --runs 100000            # every target, one after another
+    python3 -m fuzz.fuzz_parsers --target nvlist --runs 20000 --seed 7
+    python3 -m fuzz.fuzz_parsers --target stream --replay fuzz/crashes/stream-*.bin
+
+Run from the repository root (the `fuzz` package is imported from there); snapferry is the installed
+one (`pip install -e .`), or another checkout's with PYTHONPATH=src.
 
 Every input must end in a parse that passes the target's oracles or in one of its allowed exceptions
 with a one-line message, within --timeout seconds; the peak RSS may grow by at most --rss-bound-mb
@@ -32,8 +35,8 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parents[1]
 CRASHES = ROOT / "fuzz" / "crashes"
 MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
-# This checkout's code, not an installed copy; `tests` too, for the fixture location.
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+# Children and the re-exec run the module, not the file: as a script, `fuzz` would not be importable.
+SELF = [sys.executable, "-m", "fuzz.fuzz_parsers"]
 
 atheris: ModuleType | None
 try:
@@ -254,7 +257,7 @@ def fuzz_all(args: argparse.Namespace, names: list[str]) -> int:
             while pending and len(running) < args.jobs:
                 name = pending.pop(0)
                 out = Path(tmp) / f"{name}.json"
-                command = [sys.executable, __file__, "--target", name, "--runs", str(args.runs), "--seed", str(args.seed)]
+                command = [*SELF, "--target", name, "--runs", str(args.runs), "--seed", str(args.seed)]
                 command += ["--json-out", str(out), "--timeout", str(args.timeout), "--rss-bound-mb", str(args.rss_bound_mb)]
                 command += ["--rss-limit-mb", str(args.rss_limit_mb)]
                 command += (["--max-len", str(args.max_len)] if args.max_len else []) + (["--keep-going"] if args.keep_going else [])
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         # and keeps later ones in a fragmenting heap: peak RSS then creeps with nothing held, and the bound
         # would measure the allocator. Fixed at glibc's initial 128 KiB, big buffers go back when freed.
         env = {**os.environ, MMAP_THRESHOLD: str(128 << 10)}
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)], env)
+        os.execve(sys.executable, [*SELF, *(sys.argv[1:] if argv is None else argv)], env)
     if args.list:
         for name, target in _load_targets().TARGETS.items():
             print(f"{name:16} {target.covers}")
@@ -323,4 +326,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if not __package__:
+        sys.exit("run it from the repository root as `python3 -m fuzz.fuzz_parsers`: it imports the fuzz package")
     sys.exit(main())

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import zstandard
-from tests.shared_data import OPENZFS_DATA
 
 from fuzz import btrfs_targets as btrfs
 from fuzz.contract import OK, Errors, attempt, check, outcome
@@ -48,6 +47,7 @@ from snapferry.zfs.codec.records import (
 )
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.token import ResumeToken
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

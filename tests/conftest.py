@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 
 # The real sshd on 127.0.0.1 that the sync and serve tests log in to.
 pytest_plugins = ["tests.sshd"]

@@ -1,4 +1,4 @@
-"""The pytest fixtures around tests/sshd_server.py: one real OpenSSH server per session.
+"""The pytest fixtures around snapferry_testkit.sshd_server: one real OpenSSH server per session.
 
 Use it from a test module either as a plugin, `pytest_plugins = ["tests.sshd"]`, or by importing the
 fixtures, `from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401`. Both
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import sshd_server as server_module
-from tests.sshd_server import SshdError, SshServer
+from snapferry_testkit import sshd_server as server_module
+from snapferry_testkit.sshd_server import SshdError, SshServer
 
 __all__ = ["SshServer", "remote_snapferry", "ssh_command", "sshd_server"]
 

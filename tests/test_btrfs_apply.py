@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import struct
@@ -17,7 +16,18 @@ import pytest
 
 from snapferry.btrfs.engine.apply import BtrfsApplier
 from snapferry.errors import BtrfsApplyError, StreamFormatError
-from tests.btrfs_testbed import NS, SETUP_HINT, assert_same_tree, encoded_extents, fs_flags, mkfs, run, subvol
+from snapferry_testkit.btrfs_testbed import (
+    NS,
+    assert_same_tree,
+    encoded_extents,
+    fs_flags,
+    mkfs,
+    require_btrfs,
+    run,
+    snapshot_pair,
+    stock_sends,
+    subvol,
+)
 
 # A file capability (vfs_cap_data revision 2, effective, CAP_NET_RAW permitted): chown clears it, receive restores it.
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
@@ -116,35 +126,19 @@ class Sources:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sources]:
-    if os.geteuid() != 0 or shutil.which("btrfs") is None or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("apply")
     with ExitStack() as stack:
         mnt = mkfs(stack, base, "source", "relatime").mnt
-        run("btrfs", "-q", "subvolume", "create", mnt / "src")
-        _populate(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
-        _change(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
+        snapshot_pair(mnt / "src", mnt / "snap1", mnt / "snap2", _populate, _change)
         # Only extents written while compression is on are compressed.
         run("mount", "-o", "remount,compress=zstd", mnt)
-        run("btrfs", "-q", "subvolume", "create", mnt / "csrc")
-        _compressible(mnt / "csrc", False)
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "csrc", mnt / "csnap1")
-        _compressible(mnt / "csrc", True)
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "csrc", mnt / "csnap2")
-        sends: dict[str, list[str | Path]] = {
-            "full_v1": [mnt / "snap1"],
-            "incr_v1": ["-p", mnt / "snap1", mnt / "snap2"],
-            "full_v2": ["--proto", "2", mnt / "snap1"],
-            "incr_v2": ["--proto", "2", "-p", mnt / "snap1", mnt / "snap2"],
+        snapshot_pair(mnt / "csrc", mnt / "csnap1", mnt / "csnap2", lambda p: _compressible(p, False), lambda p: _compressible(p, True))
+        compressed: dict[str, list[str | Path]] = {
             "full_c": ["--compressed-data", mnt / "csnap1"],
             "incr_c": ["--compressed-data", "-p", mnt / "csnap1", mnt / "csnap2"],
         }
-        streams = {}
-        for name, args in sends.items():
-            run("btrfs", "-q", "send", "-f", base / name, *args)
-            streams[name] = base / name
+        streams = stock_sends(base, mnt / "snap1", mnt / "snap2", compressed)
         snaps = {n: mnt / n for n in ("snap1", "snap2", "csnap1", "csnap2")}
         yield Sources(base, streams, snaps)
 

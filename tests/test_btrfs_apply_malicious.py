@@ -19,7 +19,7 @@ from snapferry.btrfs.codec.stream import encode_command, stream_header
 from snapferry.btrfs.engine import ioctl as ioc
 from snapferry.btrfs.engine.apply import BtrfsApplier
 from snapferry.errors import BtrfsApplyError, OutOfSpace, StreamFormatError, UnsafeStream
-from tests.btrfs_testbed import NS, SETUP_HINT, encoded_extents, fs_flags, mkfs, run, segments
+from snapferry_testkit.btrfs_testbed import NS, encoded_extents, fs_flags, mkfs, require_btrfs, run, segments
 
 
 @dataclass
@@ -31,8 +31,7 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def evil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evil]:
-    if os.geteuid() != 0:
-        pytest.fail(f"not root; {SETUP_HINT}")
+    require_btrfs()
     with ExitStack() as stack:
         mnt = mkfs(stack, tmp_path_factory.mktemp("evil"), "evil").mnt
         (mnt / "target").mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size
 from snapferry.cli.main import build_parser
 from snapferry.cli.send_cmd import split_c
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
-from tests.zfs_testbed import SNAPFERRY
+from snapferry_testkit.btrfs_testbed import assert_same_tree, change_tree, fill_tree, mkfs, require_btrfs, run, snapshot_pair, subvol
+from snapferry_testkit.zfs_testbed import SNAPFERRY
 
 MIB = 1 << 20
 
@@ -62,22 +61,25 @@ class Bed:
         return root
 
 
+def _fill_with_bulk(live: Path) -> None:
+    fill_tree(live)
+    (live / "bulk").write_bytes(os.urandom(5 * MIB))
+
+
+def _change_with_bulk(live: Path) -> None:
+    change_tree(live)
+    with open(live / "bulk", "r+b") as f:
+        f.write(os.urandom(3 * MIB))
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("btrfs_cli")
     with ExitStack() as stack:
         src = mkfs(stack, base, "source").mnt
-        run("btrfs", "-q", "subvolume", "create", src / "src")
-        fill_tree(src / "src")
-        (src / "src" / "bulk").write_bytes(os.urandom(5 * MIB))
         (src / "snaps").mkdir()
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "src", src / "snaps" / "snap1")
-        change_tree(src / "src")
-        with open(src / "src" / "bulk", "r+b") as f:
-            f.write(os.urandom(3 * MIB))
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "src", src / "snaps" / "snap2")
+        snapshot_pair(src / "src", src / "snaps" / "snap1", src / "snaps" / "snap2", _fill_with_bulk, _change_with_bulk)
         stock = mkfs(stack, base, "stock").mnt
         run("btrfs", "receive", "-q", "-f", _file(base, "full", sent(src / "snaps" / "snap1")), stock)
         run("btrfs", "receive", "-q", "-f", _file(base, "incr", sent("-p", src / "snaps" / "snap1", src / "snaps" / "snap2")), stock)

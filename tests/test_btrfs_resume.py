@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +33,17 @@ from snapferry.btrfs.resume.checkpoints import (
 )
 from snapferry.btrfs.resume.receiver import BtrfsCheckpointReceiver
 from snapferry.errors import Refused, StreamChanged, TransferInterrupted
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, describe, fill_tree, mkfs, run, subvol, unmount
+from snapferry_testkit.btrfs_testbed import (
+    assert_same_tree,
+    describe,
+    mkfs,
+    require_btrfs,
+    run,
+    snapshot_pair,
+    stock_sends,
+    subvol,
+    unmount,
+)
 
 CHECKPOINT = 64 << 10
 
@@ -51,26 +60,12 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    if os.geteuid() != 0 or shutil.which("btrfs") is None or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("resume")
     with ExitStack() as stack:
         mnt = mkfs(stack, base, "source").mnt
-        run("btrfs", "-q", "subvolume", "create", mnt / "src")
-        fill_tree(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
-        change_tree(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
-        sends: dict[str, list[str | Path]] = {
-            "full_v1": [mnt / "snap1"],
-            "incr_v1": ["-p", mnt / "snap1", mnt / "snap2"],
-            "full_v2": ["--proto", "2", mnt / "snap1"],
-            "incr_v2": ["--proto", "2", "-p", mnt / "snap1", mnt / "snap2"],
-        }
-        streams = {}
-        for name, args in sends.items():
-            run("btrfs", "-q", "send", "-f", base / name, *args)
-            streams[name] = (base / name).read_bytes()
+        snapshot_pair(mnt / "src", mnt / "snap1", mnt / "snap2")
+        streams = {name: path.read_bytes() for name, path in stock_sends(base, mnt / "snap1", mnt / "snap2").items()}
         stock = mkfs(stack, base, "stock").mnt
         for v in ("v1", "v2"):
             (stock / v).mkdir()

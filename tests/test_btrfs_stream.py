@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -32,7 +31,7 @@ from snapferry.btrfs.codec.stream import (
     stream_header,
 )
 from snapferry.errors import BtrfsStreamTruncated, StreamFormatError, StreamIntegrityError, StreamTruncated, TransferInterrupted
-from tests.btrfs_testbed import SETUP_HINT, mkfs, run
+from snapferry_testkit.btrfs_testbed import mkfs, require_btrfs, run, snapshot, snapshot_pair, stock_sends
 
 ALLOWED = (StreamFormatError, TransferInterrupted)
 
@@ -71,33 +70,21 @@ def _change(src: Path) -> None:
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]:
     """Streams from a real btrfs, made once: name -> bytes."""
-    if shutil.which("btrfs") is None or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"btrfs-progs is not installed; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("btrfs")
     with ExitStack() as stack:
         mnt = mkfs(stack, base, "mnt", "relatime").mnt
-        run("btrfs", "-q", "subvolume", "create", mnt / "src")
-        _populate(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap1")
-        _change(mnt / "src")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "src", mnt / "snap2")
+        snapshot_pair(mnt / "src", mnt / "snap1", mnt / "snap2", _populate, _change)
         # Only extents written while compression is on are compressed, so ENCODED_WRITE needs a fresh subvolume.
         run("mount", "-o", "remount,compress=zstd", mnt)
         run("btrfs", "-q", "subvolume", "create", mnt / "csrc")
         (mnt / "csrc" / "text").write_text("snapferry compressible line\n" * 40000)
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "csrc", mnt / "csnap")
-        sends: dict[str, list[str | Path]] = {
-            "full_v1": ["send", mnt / "snap1"],
-            "incr_v1": ["send", "-p", mnt / "snap1", mnt / "snap2"],
-            "full_v2": ["send", "--proto", "2", mnt / "snap1"],
-            "incr_v2": ["send", "--proto", "2", "-p", mnt / "snap1", mnt / "snap2"],
-            "compressed_v2": ["send", "--compressed-data", mnt / "csnap"],
-            "nodata_v1": ["send", "--no-data", mnt / "snap1"],
+        snapshot(mnt / "csrc", mnt / "csnap")
+        extra: dict[str, list[str | Path]] = {
+            "compressed_v2": ["--compressed-data", mnt / "csnap"],
+            "nodata_v1": ["--no-data", mnt / "snap1"],
         }
-        streams = {}
-        for name, args in sends.items():
-            run("btrfs", "-q", *args[:1], "-f", base / name, *args[1:])
-            streams[name] = (base / name).read_bytes()
+        streams = {name: path.read_bytes() for name, path in stock_sends(base, mnt / "snap1", mnt / "snap2", extra).items()}
     yield streams
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +17,18 @@ import pytest
 from snapferry.btrfs.engine.command import Subvolume
 from snapferry.btrfs.plan import BtrfsStep, Listing, next_btrfs_step
 from snapferry.errors import Refused
-from tests.btrfs_testbed import SETUP_HINT, assert_same_tree, change_tree, fill_tree, mkfs, run, subvol
+from snapferry_testkit.btrfs_testbed import (
+    assert_same_tree,
+    fill_tree,
+    mkfs,
+    require_btrfs,
+    run,
+    snapshot,
+    snapshot_pair,
+    subvol,
+)
+from snapferry_testkit.zfs_testbed import SNAPFERRY
 from tests.sshd import remote_snapferry, ssh_command, sshd_server  # noqa: F401
-from tests.zfs_testbed import SNAPFERRY
 
 MIB = 1 << 20
 REMOTE = "root@127.0.0.1"
@@ -33,8 +41,7 @@ class Bed:
     target: Path  # a btrfs to receive into
 
     def snapshot(self, name: str) -> Path:
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", self.live, self.snaps / name)
-        return self.snaps / name
+        return snapshot(self.live, self.snaps / name)
 
     def fresh_target(self, name: str) -> Path:
         path = self.target / name
@@ -42,21 +49,20 @@ class Bed:
         return path
 
 
+def _fill_with_bulk(live: Path) -> None:
+    fill_tree(live)
+    (live / "bulk").write_bytes(os.urandom(6 * MIB))
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("btrfs_sync")
     with ExitStack() as stack:
         src = mkfs(stack, base, "source").mnt
-        run("btrfs", "-q", "subvolume", "create", src / "live")
         (src / "snaps").mkdir()
         bed = Bed(src / "live", src / "snaps", mkfs(stack, base, "target").mnt)
-        fill_tree(bed.live)
-        (bed.live / "bulk").write_bytes(os.urandom(6 * MIB))
-        bed.snapshot("day1")
-        change_tree(bed.live)
-        bed.snapshot("day2")
+        snapshot_pair(bed.live, bed.snaps / "day1", bed.snaps / "day2", _fill_with_bulk)
         (bed.live / "day3").write_bytes(os.urandom(2 * MIB))
         bed.snapshot("day3")
         yield bed

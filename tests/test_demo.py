@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 
 
 def test_demo_transfers_cuts_resumes_and_verifies(zfs_daemon: None) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapferry.zfs.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_reference
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 # Internal slice size of BlockSum.of, in 32-bit words (4 MiB of input). Duplicated on purpose so
 # that a change of the constant does not silently shrink the "bigger than one slice" tests.

@@ -1,6 +1,6 @@
 """Short fuzzing of every parser for CI: arbitrary and damaged inputs end in a correct parse or an allowed one-line error.
 
-The long, coverage-guided runs are `python3 fuzz/fuzz_parsers.py --all` (docs/FUZZING.md); these use the
+The long, coverage-guided runs are `python3 -m fuzz.fuzz_parsers --all` (docs/FUZZING.md); these use the
 same targets and oracles (fuzz/targets.py) with hypothesis, a few thousand inputs in all.
 """
 
@@ -171,7 +171,8 @@ def test_fuzz_runner_runs_a_target() -> None:
     """The runner's fallback loop end to end, briefly (the atheris one is what docs/FUZZING.md reports)."""
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, str(root / "fuzz" / "fuzz_parsers.py"), "--target", "nvlist", "--runs", "200", "--hypothesis"],
+        [sys.executable, "-m", "fuzz.fuzz_parsers", "--target", "nvlist", "--runs", "200", "--hypothesis"],
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=120,

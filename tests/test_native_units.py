@@ -18,7 +18,7 @@ from snapferry.zfs.codec.records import FEATURE_RAW, HEADER_SIZE, Begin, chained
 from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.engine.command import Snapshot, classify_failure
 from snapferry.zfs.plan import Step, next_step
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 
 def _raw_begin(fromguid: int = 0) -> Begin:

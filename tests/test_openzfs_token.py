@@ -17,7 +17,7 @@ from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError,
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvPair, NvType
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken, decode, describe, encode, to_nvlist
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 TOKENS = sorted(OPENZFS_DATA.glob("zfs-*/*.token"))
 DECODED = sorted(OPENZFS_DATA.glob("zfs-*/*.token.decoded.txt"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 from tests.openzfs_vm import VERSIONS, run_in_vm
 
 pytestmark = [pytest.mark.openzfs_vm, pytest.mark.timeout(3600)]

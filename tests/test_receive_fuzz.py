@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -19,8 +18,8 @@ import pytest
 from fuzz.btrfs_targets import recrc
 
 from snapferry.btrfs.resume.checkpoints import STATE_DIR
-from tests import zfs_testbed as tb
-from tests.btrfs_testbed import SETUP_HINT, change_tree, describe, fill_tree, mkfs, run
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.btrfs_testbed import describe, mkfs, require_btrfs, run, snapshot_pair
 
 MUTANTS = int(os.environ.get("SNAPFERRY_RECEIVE_FUZZ", "0"))
 EXIT_CODES = {0, 3, 4, 5, 6}
@@ -72,17 +71,12 @@ class BtrfsBed:
 
 @pytest.fixture(scope="module")
 def btrfs_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BtrfsBed]:
-    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
-        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
+    require_btrfs()
     base = tmp_path_factory.mktemp("receive_fuzz")
     with ExitStack() as stack:
         src = mkfs(stack, base, "src").mnt
         dst = mkfs(stack, base, "dst").mnt
-        run("btrfs", "-q", "subvolume", "create", src / "live")
-        fill_tree(src / "live")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "live", src / "s1")
-        change_tree(src / "live")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "live", src / "s2")
+        snapshot_pair(src / "live", src / "s1", src / "s2")
         root = dst / "root"
         root.mkdir()
         run("btrfs", "receive", "-q", root, input=subprocess.run(["btrfs", "send", "-q", str(src / "s1")], capture_output=True).stdout)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import zfs_testbed as tb
-from tests.sshd import SshServer
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.sshd_server import SshServer
 
 
 def restricted_key(server: SshServer, name: str, serve_args: str) -> str:

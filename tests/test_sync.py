@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 
 if TYPE_CHECKING:
-    from tests.sshd import SshServer
+    from snapferry_testkit.sshd_server import SshServer
 
 # sshd_server, ssh_command and remote_snapferry: tests/sshd.py, a plugin registered in conftest.py.
 

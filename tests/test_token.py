@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from snapferry.errors import MalformedToken, Refused, SnapferryError
 from snapferry.zfs.codec.token import TOKEN_PREFIX, ResumeToken
-from tests.shared_data import OPENZFS_DATA
-from tests.zfs_testbed import snapferry
+from snapferry_testkit.shared_data import OPENZFS_DATA
+from snapferry_testkit.zfs_testbed import snapferry
 
 DATA = OPENZFS_DATA
 OPENZFS_TOKENS = sorted(DATA.glob("zfs-*/*.token"))

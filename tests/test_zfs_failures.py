@@ -11,7 +11,7 @@ import time
 import pytest
 
 from snapferry.zfs.codec.records import HEADER_SIZE
-from tests import zfs_testbed as tb
+from snapferry_testkit import zfs_testbed as tb
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from snapferry.zfs.codec.records import (
     end_checksum,
 )
 from snapferry.zfs.codec.stream import StampedWriter, StreamReader
-from tests.shared_data import OPENZFS_DATA
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 DATA = OPENZFS_DATA
 VERSIONS = ("zfs-2.3.2", "zfs-2.1.11")

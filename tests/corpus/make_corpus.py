@@ -1,4 +1,4 @@
-"""Regenerates the damaged-input corpus beside it, deterministically: `python3 tests/corpus/make_corpus.py`.
+"""Regenerates the damaged-input corpus beside it, deterministically: `python3 -m tests.corpus.make_corpus` (from the root).
 
 Each file is one malicious or damaged input; expected.json says which parser must refuse it, with
 which exception and a regex its one-line message matches. The ZFS streams are cut from the OpenZFS
@@ -12,28 +12,21 @@ import base64
 import io
 import json
 import struct
-import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zstandard
+from fuzz.targets import Split, resize, serialize, split_stream
+
+from snapferry.zfs.codec import nvlist
+from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken, to_nvlist
+from snapferry.zfs.codec.records import COMPOUNDSTREAM, FEATURE_DEDUP, HEADER_SIZE, RecordType, record_type
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry_testkit.shared_data import OPENZFS_DATA
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-if __name__ == "__main__":
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-sys.path.insert(0, str(HERE))
-
-from fuzz.targets import Split, resize, serialize, split_stream  # noqa: E402
-from tests.shared_data import OPENZFS_DATA  # noqa: E402
-
-from snapferry.zfs.codec import nvlist  # noqa: E402
-from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType  # noqa: E402
-from snapferry.zfs.codec.openzfs_token import OpenZfsToken, to_nvlist  # noqa: E402
-from snapferry.zfs.codec.records import COMPOUNDSTREAM, FEATURE_DEDUP, HEADER_SIZE, RecordType, record_type  # noqa: E402
-from snapferry.zfs.codec.token import ResumeToken  # noqa: E402
-
 SOURCE = OPENZFS_DATA / "zfs-2.3.2" / "incr_s1_s2.stream"
 
 
@@ -550,7 +543,7 @@ def chained_cases() -> list[Case]:
 
 
 def build() -> list[Case]:
-    from btrfs_cases import btrfs_cases  # beside this file
+    from tests.corpus.btrfs_cases import btrfs_cases
 
     return [*stream_cases(), *token_cases(), *nvlist_cases(), *chained_cases(), *btrfs_cases(Case)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.zfs_testbed import manifest, mountpoint, sh, snapshot, write_tree
+from snapferry_testkit.zfs_testbed import manifest, mountpoint, sh, snapshot, write_tree
 
 _counter = itertools.count()
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.openzfs.conftest import encrypted_source, unlocked_manifest
-from tests.zfs_testbed import (
+from snapferry_testkit.zfs_testbed import (
     change_tree,
     exists,
     guid,
@@ -21,6 +20,7 @@ from tests.zfs_testbed import (
     snapshot_names,
     write_tree,
 )
+from tests.openzfs.conftest import encrypted_source, unlocked_manifest
 
 
 def _source(pool: str, seed: int = 1, megabytes: int = 4) -> dict[str, object]:

@@ -11,9 +11,7 @@ import pytest
 
 from snapferry.zfs.codec.records import HEADER_SIZE, RecordType
 from snapferry.zfs.codec.stream import StreamReader
-from tests.openzfs.conftest import encrypted_source, unlocked_manifest
-from tests.openzfs.test_native import modes_chosen
-from tests.zfs_testbed import (
+from snapferry_testkit.zfs_testbed import (
     change_tree,
     guid,
     manifest,
@@ -26,6 +24,8 @@ from tests.zfs_testbed import (
     snapshot_names,
     write_tree,
 )
+from tests.openzfs.conftest import encrypted_source, unlocked_manifest
+from tests.openzfs.test_native import modes_chosen
 
 # Carried into the VM by tests/test_openzfs_vm.py: streams made by zfs-fuse (pool v23) on the host.
 V23_DIR = Path(os.environ.get("SNAPFERRY_V23_STREAMS", "v23"))

@@ -1,11 +1,13 @@
-"""Real btrfs for the applier tests: loop-mounted filesystems and a tree description to compare receives by."""
+"""Real btrfs for the tests and chaos runs: loop-mounted filesystems, snapshotted source trees, a tree description to compare by."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,12 @@ from snapferry.btrfs.engine import ioctl as ioc
 
 SETUP_HINT = "the btrfs tests need root, btrfs-progs and loop devices (scripts/setup.sh installs btrfs-progs)"
 NS = 1_000_000_000
+
+
+def require_btrfs() -> None:
+    """Fail, not skip, the calling fixture where btrfs cannot be made: a host meant to run these tests must not pass them unrun."""
+    if os.geteuid() != 0 or shutil.which("btrfs") is None or shutil.which("mkfs.btrfs") is None:
+        pytest.fail(f"not root or btrfs-progs missing; {SETUP_HINT}")
 
 
 def run(*args: str | Path, input: bytes | None = None) -> str:
@@ -159,3 +167,35 @@ def change_tree(src: Path) -> None:
     for i in range(10, 25):
         (src / "dir" / f"f{i}").unlink()
     (src / "new").write_bytes(os.urandom(300_000))
+
+
+def snapshot(live: Path, snap: Path) -> Path:
+    """A read-only snapshot of subvolume `live` at `snap`."""
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", live, snap)
+    return snap
+
+
+def snapshot_pair(
+    live: Path, first: Path, second: Path, fill: Callable[[Path], None] = fill_tree, change: Callable[[Path], None] = change_tree
+) -> None:
+    """The source of a full and an incremental stream: subvolume `live` made and filled, snapshotted as `first`, changed, as `second`."""
+    run("btrfs", "-q", "subvolume", "create", live)
+    fill(live)
+    snapshot(live, first)
+    change(live)
+    snapshot(live, second)
+
+
+def stock_sends(base: Path, first: Path, second: Path, extra: Mapping[str, Sequence[str | Path]] | None = None) -> dict[str, Path]:
+    """`btrfs send` into files in `base`, by name: full_v1, incr_v1, full_v2, incr_v2 (`first`, then first -> second,
+    in protocols 1 and 2), then `extra` (name -> the send's arguments)."""
+    sends: dict[str, Sequence[str | Path]] = {
+        "full_v1": [first],
+        "incr_v1": ["-p", first, second],
+        "full_v2": ["--proto", "2", first],
+        "incr_v2": ["--proto", "2", "-p", first, second],
+        **(extra or {}),
+    }
+    for name, args in sends.items():
+        run("btrfs", "-q", "send", "-f", base / name, *args)
+    return {name: base / name for name in sends}
