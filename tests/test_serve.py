@@ -66,3 +66,45 @@ def test_read_only_key_cannot_receive(bed: tb.Bed, sshd_server: SshServer, sourc
     assert result.returncode == 4, result.stderr
     assert "read-only" in result.stderr
     assert not tb.exists(f"{bed.dst.name}/allowed/ro")
+
+
+def _as_key(ssh: str, command: str) -> subprocess.CompletedProcess[str]:
+    """Run `command` as the restricted key's holder would ask for it (SSH_ORIGINAL_COMMAND)."""
+    return subprocess.run([*shlex.split(ssh), "root@127.0.0.1", command], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_restricted_key_cannot_roll_back_raw_or_outside_or_over_a_clone_outside(bed: tb.Bed, sshd_server: SshServer) -> None:
+    """No raw zfs reaches the host (zfs rollback -R destroys clones wherever they are), and snapferry rollback
+    is refused when anything it would destroy, clones included, is outside --allow. Nothing changes."""
+    allowed = f"{bed.dst.name}/allowed"
+    tb.sh("zfs", "create", "-p", allowed)
+    ssh = restricted_key(sshd_server, "writer_key", f"--allow {allowed}")
+    fs, outside = f"{allowed}/rb", f"{bed.dst.name}/rb_outside"
+    tb.sh("zfs", "create", fs)
+    tb.sh("zfs", "create", outside)
+    for snap in ("a", "b"):
+        tb.snapshot(f"{fs}@{snap}")
+        tb.snapshot(f"{outside}@{snap}")
+    clone = f"{bed.dst.name}/rb_clone"
+    tb.sh("zfs", "clone", f"{fs}@b", clone)
+    before = (tb.snapshot_names(fs), tb.snapshot_names(outside))
+
+    raw = _as_key(ssh, f"zfs rollback -R {fs}@a")
+    assert raw.returncode == 4 and "snapferry: serve: zfs is not allowed for this key" in raw.stderr
+    elsewhere = _as_key(ssh, f"snapferry rollback -r {outside}@a")
+    assert elsewhere.returncode == 4 and f"dataset {outside} is outside --allow" in elsewhere.stderr
+    over_clone = _as_key(ssh, f"snapferry rollback --json -r {fs}@a")
+    assert over_clone.returncode == 4 and f"dataset {clone} is outside --allow" in over_clone.stderr
+    assert '"event": "error", "class": "Refused", "code": 4' in over_clone.stderr  # what sync reads
+    assert (tb.snapshot_names(fs), tb.snapshot_names(outside)) == before and tb.exists(clone)
+
+    # Even unrestricted, snapferry rollback never destroys a clone: zfs rollback -r would refuse anyway, this says why.
+    local = tb.snapferry("rollback", "-r", f"{fs}@a")
+    assert local.returncode == 4 and f"later snapshots have clones ({clone})" in local.stderr
+    plain = f"{allowed}/rb_plain"
+    tb.sh("zfs", "create", plain)
+    for snap in ("a", "b"):
+        tb.snapshot(f"{plain}@{snap}")
+    done = _as_key(ssh, f"snapferry rollback -r {plain}@a")
+    assert done.returncode == 0, done.stderr
+    assert tb.snapshot_names(plain) == ["a"] and tb.snapshot_names(fs) == before[0]

@@ -13,7 +13,7 @@ from typing import Generic, Protocol, TypeVar
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import enlarge_pipe
-from snapferry.errors import ReceiverGone, Refused, SnapferryError, TransferInterrupted, from_event
+from snapferry.errors import ReceiverGone, Refused, SnapferryError, StreamFormatError, TransferInterrupted, UsageError, from_event
 from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
 from snapferry.sync.endpoints import Side, error_of
 
@@ -119,11 +119,11 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     sender_first = send_failure is not None and not stopped_sender and not isinstance(send_failure, ReceiverGone)
     failure = send_failure if sender_first or receive_failure is None else receive_failure
     assert failure is not None
-    if failure.retryable and not isinstance(failure, TransferInterrupted):
-        # A lock the far end's receive of an abandoned attempt still holds: it lives on until its own
-        # connection times out. A passing state, retried with back-off.
-        raise TransferInterrupted(str(failure))
-    raise failure
+    if isinstance(failure, (Refused, StreamFormatError, UsageError)) and not failure.retryable:
+        raise failure
+    # Anything else is retried with back-off: a lock that the far end's receive of an abandoned attempt
+    # still holds (until its own connection times out), a dropped link, a zfs command that failed this time.
+    raise failure if isinstance(failure, TransferInterrupted) else TransferInterrupted(str(failure))
 
 
 class Describable(Protocol):

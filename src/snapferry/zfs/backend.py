@@ -225,10 +225,13 @@ class ZfsBackend:
         return [s.name for s in snapshots if s.createtxg > at.createtxg]
 
     def _clones_of(self, snapshots: list[str]) -> list[str]:
+        """The file systems and volumes cloned from these snapshots (by `origin`: pool v23 has no `clones` property)."""
         if not snapshots:
             return []
-        out = self.zfs.run(f"cannot read the clones of {snapshots[0]}", "get", "-H", "-o", "value", "clones", *snapshots)
-        return [clone for line in out.splitlines() for clone in line.strip().split(",") if clone and clone != "-"]
+        pool = snapshots[0].split("/", 1)[0].partition("@")[0]
+        out = self.zfs.run(f"cannot read the clones of {snapshots[0]}", "get", "-H", "-r", "-o", "name,value", "origin", pool)
+        wanted = set(snapshots)
+        return [name for name, _, origin in (line.partition("\t") for line in out.splitlines()) if origin.strip() in wanted]
 
     def rollback_casualties(self, snapshot: str) -> list[str]:
         later = self._later_snapshots(snapshot)
