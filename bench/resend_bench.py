@@ -43,7 +43,7 @@ from _zfsbench import (
     zfs_get,
 )
 
-from snapferry.core.process import write_all
+from snapferry.core.streamio import write_all
 from snapferry.zfs.codec.token import ResumeToken
 
 

@@ -8,7 +8,9 @@ datasets are sent: incompressible random data and compressible text. Variants, i
   sync-none  snapferry sync --compress none SRC root@127.0.0.1:DST/x
   sync-zstd  snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x   (the default for remote)
 
-Prints the median wall time and the ratio raw_time / time (target >= 0.9).
+Prints the median wall time and the ratio raw_time / time (target >= 0.9). Then the cost of planning
+alone: `sync` of a destination that is already up to date, its median wall time and the number of ssh
+connections it opens (counted by a wrapper around ssh).
 
     sudo python3 bench/sync_bench.py --size-mib 512 --json bench/results/sync.json
 """
@@ -36,6 +38,25 @@ def fill_text(directory: str, total_mib: int) -> None:
         lines = (f"{time.time():.0f} host{rng.randrange(50)} {' '.join(rng.choices(words, k=12))}\n" for _ in range(300_000))
         with open(Path(directory) / f"log{index}.txt", "w") as out:
             out.writelines(lines)
+
+
+def planning_cost(snapferry: list[str], ssh: str, source: str, target: str, tmp: Path, rounds: int = 5) -> dict[str, float]:
+    """A sync with nothing to send: what planning costs (its wall time, and the ssh connections it opens)."""
+    calls = tmp / "ssh-calls"
+    wrapper = tmp / "counting-ssh"
+    wrapper.write_text(f"#!/bin/sh\necho x >> {shlex.quote(str(calls))}\nexec {ssh} \"$@\"\n")
+    wrapper.chmod(0o755)
+    argv = [*snapferry, "sync", "-q", "--ssh", str(wrapper), "--remote-snapferry", remote_snapferry(), source, target]
+    walls = []
+    for _ in range(rounds):
+        calls.write_text("")
+        result = run_pipeline([argv])
+        if not result.ok:
+            raise RuntimeError(f"up-to-date sync failed: {[s.stderr for s in result.stages]}")
+        walls.append(result.wall)
+    connections = len(calls.read_text().split())
+    log(f"up-to-date sync: {median(walls):.2f} s, {connections} ssh connection(s)")
+    return {"median_s": median(walls), "ssh_connections": connections}
 
 
 def main() -> int:
@@ -82,12 +103,16 @@ def main() -> int:
                 raw = median(times["raw"])
                 for name, values in times.items():
                     results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
+            results["up-to-date"] = planning_cost(snapferry, server.command, f"{src}/text", f"root@127.0.0.1:{dst}/text", Path(tmp))
         finally:
             server.stop()
     print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}")
     print(f"{'variant':24s} {'median s':>9s} {'raw/x':>7s}")
     for name, row in results.items():
-        print(f"{name:24s} {row['median_s']:9.2f} {row['ratio']:7.2f}")
+        if "ratio" in row:
+            print(f"{name:24s} {row['median_s']:9.2f} {row['ratio']:7.2f}")
+        else:
+            print(f"{name:24s} {row['median_s']:9.2f}   ({row['ssh_connections']:.0f} ssh connections)")
     if args.json:
         Path(args.json).write_text(json.dumps({"size_mib": args.size_mib, "results": results}, indent=2))
     return 0

@@ -16,7 +16,7 @@ from snapferry.btrfs.resume.checkpoints import transfer_lock
 from snapferry.cli.progress import Reporter
 from snapferry.core.events import ignore_events
 from snapferry.core.lock import dataset_lock
-from snapferry.errors import Locked, Refused, TransferInterrupted
+from snapferry.errors import Locked, Refused, TransferInterrupted, as_event
 from snapferry.sync.driver import SteppedSync, SyncOptions, run_pipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +78,10 @@ def _reads_then_fails(message: str, code: int) -> list[str]:
 
 
 def _refusal_while_locked(lock: Callable[[], AbstractContextManager[None]]) -> str:
-    """What a second taker of the lock is told (the real message, as the far end prints it)."""
+    """What a second taker of the lock is told, as the far end prints it with --json: its error event, then its line."""
     with lock(), pytest.raises(Locked) as refused, lock():
         pass
-    return f"snapferry: {refused.value}"
+    return f"{json.dumps({'event': 'error', **as_event(refused.value)})}\nsnapferry: {refused.value}"
 
 
 def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_lock(tmp_path: Path) -> None:
@@ -89,7 +89,8 @@ def test_sync_backs_off_while_the_receive_of_a_stalled_attempt_still_holds_the_l
     sync retried, and the receive of the stalled attempt, still alive at the far end, held the
     destination's lock: the whole sync ended with exit 4 instead of retrying once it was gone.
     The same for btrfs (chaos --seed 2026 --only 5 --scenarios btrfs_sync --max-mib 8): its
-    transfer lock said it in other words, which sync took for a refusal."""
+    transfer lock said it in other words, which sync took for a refusal. Now the far end names the
+    error's class (Locked) in its `error` event, and sync reads no message text."""
     zfs_locked = _refusal_while_locked(lambda: dataset_lock("tank/fs", "receive"))
     btrfs_locked = _refusal_while_locked(lambda: transfer_lock(tmp_path, "snap1"))
     for locked, what in ((zfs_locked, "tank/fs"), (btrfs_locked, "snap1")):

@@ -14,7 +14,7 @@ def _summary(status: dict[str, Any]) -> str:
     lines = [f"{status['target']} ({status['backend']})"]
     snapshots = status.get("snapshots", status.get("subvolumes", []))
     lines.append(f"  snapshots: {len(snapshots)}" + (f", newest {snapshots[-1]['name']}" if snapshots else ""))
-    if status["backend"] == "zfs" and not status["exists"]:
+    if status.get("exists") is False:
         lines.append("  does not exist")
     unfinished = status.get("unfinished") or ({"": status["token"]} if status.get("token") else {})
     for name, token in unfinished.items():
