@@ -16,7 +16,7 @@ from snapferry.core.process import enlarge_pipe
 from snapferry.core.streamio import Readable
 from snapferry.errors import UsageError
 from snapferry.interface import Backend
-from snapferry.transport.wire import WireSink, open_wire, parse_compression, parse_rate
+from snapferry.transport.wire import LazyWire, WireSink, parse_compression, parse_rate
 
 MODES = ("native", "pieces")
 MODE_HELP = (
@@ -75,4 +75,4 @@ def stdin_stream() -> Iterator[Readable]:
         raise UsageError("receive reads a stream from standard input: pipe one in")
     enlarge_pipe(sys.stdin.fileno())
     with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
-        yield open_wire(source)
+        yield LazyWire(source)

@@ -255,3 +255,17 @@ def open_wire(source: io.BufferedReader[io.FileIO]) -> Readable:
     if source.peek(4)[:4] == ZSTD_MAGIC:
         return _Decompressing(source)
     return source
+
+
+class LazyWire:
+    """open_wire on the first read: nothing waits for input before its reader needs it (a receive takes its
+    destination's lock first, so that a second receive is refused at once, not once data arrives)."""
+
+    def __init__(self, source: io.BufferedReader[io.FileIO]) -> None:
+        self._source = source
+        self._stream: Readable | None = None
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        if self._stream is None:
+            self._stream = open_wire(self._source)
+        return self._stream.readinto(buffer)
