@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 from types import FrameType
 
 from snapferry.cli import (
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"snapferry {version('snapferry')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     options = common.common_options()
     for verb in _VERBS:
