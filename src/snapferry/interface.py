@@ -54,6 +54,7 @@ class Transfer:
     receive_args: tuple[str, ...]
     # (what the receiving side says, what sync should say instead): its advice names receive's flags, not sync's.
     advice: tuple[tuple[str, str], ...] = ()
+    resumes: bool = False  # it continues an interrupted transfer (send -t)
 
     def describe(self) -> str:
         return self.description
@@ -102,6 +103,38 @@ class SyncPlanner(Protocol):
     def tidy(self, target: dict[str, Any]) -> Action | None:
         """Clean-up on the destination once it is up to date, if any is due."""
         ...
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A snapshot (or checkpoint) and when it was taken (unix seconds; 0 where the filesystem cannot say)."""
+
+    name: str
+    created: int
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """An interrupted transfer on a destination, as `status` and `check` show it."""
+
+    snapshot: str  # what it receives
+    token_kind: str  # "sf1" (pieces), "1" (OpenZFS native), "sf1b" (btrfs); "" before the first checkpoint
+    bytes_done: int | None  # of the stream, committed
+    checkpoints: int | None
+    last_progress: int  # when the last checkpoint was committed (unix seconds; 0: unknown)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A target as a person (and `check`) sees it; with a source, how far behind it is."""
+
+    target: str
+    exists: bool
+    newest: Moment | None
+    unfinished: tuple[Unfinished, ...]
+    held: int  # snapshots with a user hold
+    source_newest: Moment | None = None
+    common: Moment | None = None  # the newest snapshot both have, by the source's name and creation time
 
 
 @dataclass(frozen=True)
@@ -166,6 +199,10 @@ class Backend(Protocol):
 
     def check_sync_endpoint(self, name: str, remote: bool) -> None:
         """UsageError when `name` cannot be one end of a sync (a snapshot, not a file system; a relative remote path)."""
+        ...
+
+    def summarize(self, target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
+        """A status answer (and, given one, its source's) as a Summary (pure)."""
         ...
 
     def planner(self, policy: SyncPolicy, source: str, target: str) -> SyncPlanner:

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from snapferry.btrfs.engine.command import is_btrfs_path, subvolumes_in
-from snapferry.btrfs.plan import BtrfsSyncPlanner
-from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, STATE_DIR, BtrfsToken, abort, btrfs_token, read_state
+from snapferry.btrfs.plan import BtrfsSyncPlanner, summarize
+from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, STATE_DIR, BtrfsToken, abort, btrfs_token, read_state, subvol_info_at
 from snapferry.btrfs.resume.receiver import DEFAULT_CHECKPOINT_SIZE, BtrfsCheckpointReceiver
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size, send_btrfs, send_btrfs_continuation
 from snapferry.core.events import EventSink
 from snapferry.core.streamio import Readable, Sink
 from snapferry.errors import NothingToDo, UsageError
-from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, SyncPolicy
+from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 
 _UNLIMITED = 1 << 62
 
@@ -115,18 +115,29 @@ class BtrfsBackend:
         """The directory's subvolumes (oldest first) and its unfinished transfers (name -> token, None before a checkpoint)."""
         directory = Path(target)
         unfinished: dict[str, str | None] = {}
+        progress: dict[str, dict[str, int]] = {}
         for entry in sorted((directory / STATE_DIR).glob("*")):
             state = read_state(directory, entry.name)
             if state is not None and state.identity is not None:
-                unfinished[entry.name] = btrfs_token(directory, entry.name) if state.last is not None else None
+                last = state.last
+                unfinished[entry.name] = btrfs_token(directory, entry.name) if last is not None else None
+                progress[entry.name] = {
+                    "offset": last.offset if last is not None else 0,
+                    "checkpoints": last.seq if last is not None else 0,
+                    "last_progress": subvol_info_at(state.directory / last.name).otime if last is not None else 0,
+                }
         return {
             "backend": self.name,
             "target": target,
             "subvolumes": [s.as_json() for s in subvolumes_in(directory)],
             "unfinished": unfinished,
+            "progress": progress,
             "native_resume": False,
             "modified": None,
         }
+
+    def summarize(self, target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
+        return summarize(target, source)
 
     # --- sync's other actions -----------------------------------------------------------------
 

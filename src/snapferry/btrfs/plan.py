@@ -9,7 +9,7 @@ from uuid import UUID
 
 from snapferry.btrfs.engine.command import Subvolume
 from snapferry.errors import Refused, UsageError
-from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
+from snapferry.interface import Action, Moment, Summary, SyncPolicy, SyncStep, Transfer, Unfinished
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,35 @@ def listing_of(status: dict[str, Any]) -> Listing:
     return Listing(subvolumes, unfinished)
 
 
+def summarize(target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
+    """A receive directory's status as a person reads it; with its source's, the newest snapshot it has received."""
+    listing = listing_of(target)
+    snapshots = [s for s in listing.subvolumes if s.readonly]
+    sent_from = [s for s in listing_of(source).subvolumes if s.readonly] if source is not None else []
+    received = {s.received_uuid for s in snapshots}
+    common = next((s for s in reversed(sent_from) if s.uuid in received), None)
+    progress = target.get("progress", {})
+    unfinished = tuple(
+        Unfinished(
+            name,
+            "sf1b" if token else "",
+            progress.get(name, {}).get("offset"),
+            progress.get(name, {}).get("checkpoints"),
+            int(progress.get(name, {}).get("last_progress") or 0),
+        )
+        for name, token in listing.unfinished.items()
+    )
+    return Summary(
+        target=str(target["target"]),
+        exists=True,
+        newest=Moment(snapshots[-1].name, snapshots[-1].otime) if snapshots else None,
+        unfinished=unfinished,
+        held=0,
+        source_newest=Moment(sent_from[-1].name, sent_from[-1].otime) if sent_from else None,
+        common=Moment(common.name, common.otime) if common is not None else None,
+    )
+
+
 @dataclass(frozen=True)
 class BtrfsSyncPlanner:
     """A SyncPlanner for the snapshots of one directory into another: next_btrfs_step as snapferry commands."""
@@ -91,7 +120,7 @@ class BtrfsSyncPlanner:
             send = ("-t", step.token)
         elif step.parent is not None:
             send = ("-p", str(directory / step.parent))
-        return Transfer(step.describe(), (*send, str(directory / step.snapshot)), (self.target,))
+        return Transfer(step.describe(), (*send, str(directory / step.snapshot)), (self.target,), resumes=step.token is not None)
 
     def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
         step = next_btrfs_step(listing_of(source).subvolumes, listing_of(target), no_stream=self.policy.no_stream)

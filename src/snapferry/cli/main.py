@@ -11,6 +11,7 @@ from importlib.metadata import version
 from types import FrameType
 
 from snapferry.cli import (
+    check_cmd,
     common,
     demo_cmd,
     receive_cmd,
@@ -33,7 +34,7 @@ EXIT_CODES = """exit codes:
   6  a zfs or btrfs command failed
 """
 
-_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, sync_cmd, serve_cmd, rollback_cmd, demo_cmd)
+_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,8 @@ class Policy:
         args = _parse(words)
         if args.zfs is not None:
             raise Refused("serve: --zfs is not allowed for this key")
+        if getattr(args, "ssh", "ssh") != "ssh" or getattr(args, "remote_snapferry", "snapferry") != "snapferry":
+            raise Refused("serve: --ssh and --remote-snapferry are not allowed for this key")
         for name in _targets(args):
             self._check_dataset(name)
         for name, _ in getattr(args, "o", None) or ():
@@ -109,7 +111,8 @@ def _parse(words: list[str]) -> argparse.Namespace:
 
 def _targets(args: argparse.Namespace) -> list[str]:
     """Every dataset, snapshot or path the parsed command names."""
-    names = [getattr(args, key, None) for key in ("snapshot", "dataset", "directory", "parent", "i", "I")]
+    names = [getattr(args, key, None) for key in ("snapshot", "dataset", "directory", "parent", "i", "I", "source")]
+    names += getattr(args, "targets", None) or []
     if not getattr(args, "decode", False):
         names.append(getattr(args, "target", None))
     names += [c for c in getattr(args, "c", None) or [] if c]

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
+import time
+from pathlib import Path
 
 from snapferry.cli import common
+from snapferry.cli.status_cmd import age, size
 from snapferry.core.lock import dataset_lock
-from snapferry.errors import UsageError
+from snapferry.errors import SnapferryError, UsageError
 from snapferry.sync.driver import Sync, SyncOptions
 from snapferry.sync.endpoints import Endpoint, Side
+from snapferry.sync.metrics import write_metrics
 from snapferry.transport.ssh import Shell
 from snapferry.transport.wire import parse_compression, parse_rate
 
@@ -39,17 +44,61 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         progress=reporter.mode != "quiet",
     )
-    with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
-        sides = [Side(end, Shell(end.host, end.user, ssh, remote_snapferry)) for end in (source, target)]
-        sync = Sync(sides[0], sides[1], options, events)
-        if args.dry_run:
-            for line in sync.plan():
-                print(line)
-            return 0
-        result = sync.run()
-    if not (args.quiet or args.json):
-        print(f"snapferry: {target}: {result}", file=sys.stderr)
+    started = time.time()
+    exit_code, outcome = 1, "failed"
+    sync: Sync | None = None
+    try:
+        with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
+            sides = [Side(end, Shell(end.host, end.user, ssh, remote_snapferry)) for end in (source, target)]
+            sync = Sync(sides[0], sides[1], options, events)
+            if args.dry_run:
+                for line in sync.plan():
+                    print(line)
+                exit_code = 0
+                return 0
+            outcome = sync.run()
+        exit_code = 0
+    except SnapferryError as exc:
+        exit_code, outcome = exc.exit_code, f"failed (exit {exc.exit_code})"
+        raise
+    except KeyboardInterrupt:
+        exit_code, outcome = 3, "interrupted (exit 3)"
+        raise
+    finally:
+        if sync is not None and not args.dry_run:
+            _report(args, sync, source, target, started, exit_code, outcome)
     return 0
+
+
+def _report(args: argparse.Namespace, sync: Sync, source: Endpoint, target: Endpoint, started: float, exit_code: int, outcome: str) -> None:
+    """The run's one summary line (kept by journald from the systemd unit) and, with --metrics-file, its metrics."""
+    stats, duration = sync.stats, time.time() - started
+    lag: float | None = None
+    if stats.source_status is not None and stats.target_status is not None:
+        with contextlib.suppress(SnapferryError, KeyError, ValueError, TypeError):
+            common = sync.target.backend.summarize(stats.target_status, stats.source_status).common
+            lag = time.time() - common.created if common is not None and common.created else None
+    # A failure's one line is its error (printed by main); a success gets the summary.
+    if exit_code == 0 and not (args.quiet or args.json):
+        behind = f", newest common snapshot {age(lag)} old" if lag is not None else ""
+        print(
+            f"snapferry: sync {source} -> {target}: {outcome}; 1 dataset, {size(stats.received_bytes)} received, "
+            f"{stats.resumes} resume(s), {stats.retries} retry(ies), {age(duration)}{behind}",
+            file=sys.stderr,
+        )
+    if args.metrics_file:
+        write_metrics(
+            Path(args.metrics_file),
+            source=str(source),
+            target=str(target),
+            started=started,
+            duration=duration,
+            exit_code=exit_code,
+            received_bytes=stats.received_bytes,
+            resumes=stats.resumes,
+            retries=stats.retries,
+            lag=lag,
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
@@ -68,6 +117,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    sync.add_argument(
+        "--metrics-file", metavar="PATH", help="after the run, write Prometheus metrics there (node_exporter's textfile collector)"
+    )
     sync.add_argument(
         "source", metavar="SRC", help="pool/fs or [user@]host:pool/fs; btrfs: a directory of read-only snapshots, /path or host:/path"
     )

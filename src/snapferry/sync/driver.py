@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import enlarge_pipe
@@ -61,6 +61,7 @@ class _Relay:
         self.name = name
         self.lines: list[str] = []
         self.error: SnapferryError | None = None
+        self.done_bytes = 0  # the stream bytes its `done` events report
         self._events = events
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -77,6 +78,8 @@ class _Relay:
                 kind = event["event"]
                 if kind == "error":
                     self.error = from_event(event)
+                elif kind == "done" and isinstance(event.get("bytes"), int):
+                    self.done_bytes = max(self.done_bytes, event["bytes"])
                 # The bar follows the sending side's bytes; a side's own "done" is not the sync's.
                 elif kind != "done" and not (kind == "progress" and self.name == "receiving"):
                     fields = {k: v for k, v in event.items() if k not in ("event", "time")}
@@ -84,9 +87,13 @@ class _Relay:
             elif line:
                 self.lines.append(line)
 
+    def wait(self) -> None:
+        """Until every line of its stderr is read."""
+        self._thread.join()
+
     def failure(self, rc: int) -> SnapferryError:
         """What this end failed with: the error it reported, else one from its exit status."""
-        self._thread.join()
+        self.wait()
         if self.error is not None:
             return self.error
         if rc < 0 or not self.lines:
@@ -94,8 +101,8 @@ class _Relay:
         return error_of(rc, self.lines, f"the {self.name} side")
 
 
-def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> None:
-    """send | receive, with the failure of whichever end failed first raised as its own error (or none)."""
+def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> int:
+    """send | receive; the stream bytes received, or the failure of whichever end failed first, raised as its own error."""
     read_end, write_end = os.pipe()
     enlarge_pipe(write_end)
     try:
@@ -111,7 +118,8 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
         sender.kill()
     send_rc = sender.wait()
     if receive_rc == 0 and send_rc == 0:
-        return
+        receiving.wait()
+        return receiving.done_bytes
     # Find the end that failed first: a receiver that got an empty or cut stream only reports the
     # sender's failure, and a sender whose reader went away only reports the receiver's.
     send_failure = sending.failure(send_rc) if send_rc != 0 else None
@@ -169,6 +177,17 @@ class SteppedSync(Generic[StepT]):
         return run_with_retries(self._attempt, self.options, self.events)
 
 
+@dataclass
+class SyncStats:
+    """What a sync run did, for its summary line and its metrics."""
+
+    received_bytes: int = 0
+    resumes: int = 0
+    retries: int = 0
+    source_status: dict[str, Any] | None = None
+    target_status: dict[str, Any] | None = None
+
+
 class Sync(SteppedSync[SyncStep]):
     """One file system (or snapshot directory) from `source` to `target`, until done, refused, or out of retries.
 
@@ -181,17 +200,25 @@ class Sync(SteppedSync[SyncStep]):
         self.source = source
         self.target = target
         self.options = options
-        self.events = events
+        self.stats = SyncStats()
+        self.events = self._counting(events)
         self.planner = source.backend.planner(options.policy(), source.endpoint.dataset, target.endpoint.dataset)
-        self._target_status: dict[str, object] | None = None
+
+    def _counting(self, events: EventSink) -> EventSink:
+        def count(event: str, **fields: Any) -> None:
+            if event == "retry":
+                self.stats.retries += 1
+            events(event, **fields)
+
+        return count
 
     def _next(self) -> SyncStep | None:
-        source = self.source.status()
-        self._target_status = self.target.status()
-        return self.planner.next_step(source, self._target_status)
+        self.stats.source_status = self.source.status()
+        self.stats.target_status = self.target.status()
+        return self.planner.next_step(self.stats.source_status, self.stats.target_status)
 
     def _after_steps(self) -> None:
-        tidy = self.planner.tidy(self._target_status or {})
+        tidy = self.planner.tidy(self.stats.target_status or {})
         if tidy is not None:
             # Only clutter (checkpoints of completed transfers a busy dataset kept): never fails the sync.
             try:
@@ -216,8 +243,9 @@ class Sync(SteppedSync[SyncStep]):
             return
         send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args)
         receive = self.target.shell.snapferry_argv("receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args)
+        self.stats.resumes += step.resumes
         try:
-            run_pipe(send, receive, self.events)
+            self.stats.received_bytes += run_pipe(send, receive, self.events)
         except Refused as exc:
             raise Refused(_with_advice(str(exc), step)) from None
 

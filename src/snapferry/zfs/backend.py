@@ -10,14 +10,14 @@ from snapferry.core.events import EventSink
 from snapferry.core.lock import dataset_lock
 from snapferry.core.streamio import Prefixed, Readable, Sink
 from snapferry.errors import NothingToDo, Refused, SnapferryError, UsageError
-from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, SyncPolicy
+from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Zfs
-from snapferry.zfs.plan import ZfsSyncPlanner
-from snapferry.zfs.resume.checkpoints import find_transfers, latest_token, read_transfers
+from snapferry.zfs.plan import ZfsSyncPlanner, summarize
+from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, latest_token, read_transfers
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.zfs.resume.receiver import PieceReceiver
@@ -195,14 +195,56 @@ class ZfsBackend:
             "backend": self.name,
             "target": target,
             "exists": exists,
-            "snapshots": [{"name": s.name, "guid": s.guid, "createtxg": s.createtxg} for s in snapshots],
+            "snapshots": [
+                {"name": s.name, "guid": s.guid, "createtxg": s.createtxg, "creation": s.creation, "userrefs": s.userrefs}
+                for s in snapshots
+            ],
             "token": text,
+            "unfinished": self._unfinished(transfers, None if token is not None else text),
             "unfinished_pieces": any(not t.complete for t in transfers),
             "finished_pieces": any(t.complete and t.pieces() for t in transfers),
             "can_send_resume": modern,
             "native_resume": modern and zfs.native_resume(target),
             "modified": self._modified(target) if exists and modern else None,
         }
+
+    @staticmethod
+    def _unfinished(transfers: list[Transfer], native: str | None) -> list[dict[str, Any]]:
+        """What is interrupted here: piece transfers (with their last checkpoint) and the kernel's partial receive."""
+        found: list[dict[str, Any]] = []
+        for transfer in transfers:
+            if transfer.complete:
+                continue
+            last = transfer.last
+            found.append(
+                {
+                    "toguid": transfer.toguid,
+                    "toname": None,
+                    "kind": "sf1" if last is not None else "",
+                    "bytes": last.end if last is not None else 0,
+                    "checkpoints": len(transfer.checkpoints),
+                    "last_progress": last.snapshot.creation if last is not None else 0,
+                }
+            )
+        if native:
+            try:
+                decoded = OpenZfsToken.decode(native)
+            except SnapferryError:
+                return found
+            found.append(
+                {
+                    "toguid": decoded.toguid,
+                    "toname": decoded.toname,
+                    "kind": "1",
+                    "bytes": decoded.bytes,
+                    "checkpoints": None,
+                    "last_progress": 0,
+                }
+            )
+        return found
+
+    def summarize(self, target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
+        return summarize(target, source)
 
     def _modified(self, dataset: str) -> bool | None:
         """Whether anything was written since the last snapshot (`written`; OpenZFS only, zfs-fuse cannot tell)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapferry.errors import Refused, StreamFormatError
-from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
+from snapferry.interface import Action, Moment, Summary, SyncPolicy, SyncStep, Transfer, Unfinished
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Snapshot
@@ -122,7 +122,35 @@ def plan_all(
 
 
 def snapshots_of(status: dict[str, Any]) -> list[Snapshot]:
-    return [Snapshot(str(s["name"]), int(s["guid"]), int(s["createtxg"])) for s in status["snapshots"]]
+    return [
+        Snapshot(str(s["name"]), int(s["guid"]), int(s["createtxg"]), int(s.get("creation", 0)), int(s.get("userrefs", 0)))
+        for s in status["snapshots"]
+    ]
+
+
+def summarize(target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
+    """A dataset's status as a person reads it; with its source's, the newest snapshot both have (by guid)."""
+    every = snapshots_of(target)
+    snapshots = [s for s in every if not is_piece(s)]
+    sent_from = [s for s in snapshots_of(source) if not is_piece(s)] if source is not None else []
+    by_guid = {s.guid: s for s in sent_from}
+    unfinished = []
+    for item in target.get("unfinished", []):
+        sent = by_guid.get(int(item["toguid"]))
+        name = item.get("toname") or (sent.name if sent is not None else f"the snapshot with guid {int(item['toguid']):#x}")
+        unfinished.append(
+            Unfinished(name, str(item["kind"]), item.get("bytes"), item.get("checkpoints"), int(item.get("last_progress") or 0))
+        )
+    common = next((by_guid[s.guid] for s in reversed(snapshots) if s.guid in by_guid), None)
+    return Summary(
+        target=str(target["target"]),
+        exists=bool(target["exists"]),
+        newest=Moment(snapshots[-1].name, snapshots[-1].creation) if snapshots else None,
+        unfinished=tuple(unfinished),
+        held=sum(1 for s in every if s.userrefs),
+        source_newest=Moment(sent_from[-1].name, sent_from[-1].creation) if sent_from else None,
+        common=Moment(common.name, common.creation) if common is not None else None,
+    )
 
 
 def token_of(status: dict[str, Any]) -> ResumeToken | OpenZfsToken | None:
@@ -177,7 +205,13 @@ class ZfsSyncPlanner:
             # that would make the next incremental need --force.
             receive += ["-o", "atime=off"]
         # receive's advice names its own flag; sync's is --force.
-        return Transfer(step.describe(), send, (*receive, self.target), advice=(("use -F to roll it back", "sync --force rolls it back"),))
+        return Transfer(
+            step.describe(),
+            send,
+            (*receive, self.target),
+            advice=(("use -F to roll it back", "sync --force rolls it back"),),
+            resumes=step.token is not None,
+        )
 
     def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
         step = next_step(*self._inputs(source, target), no_stream=self.policy.no_stream, force=self.policy.force)

@@ -29,6 +29,7 @@ class Subvolume:
     ctransid: int
     otransid: int
     readonly: bool
+    otime: int = 0  # when it was created, unix seconds
 
     @property
     def name(self) -> str:
@@ -43,6 +44,7 @@ class Subvolume:
             "ctransid": self.ctransid,
             "otransid": self.otransid,
             "readonly": self.readonly,
+            "otime": self.otime,
         }
 
     @classmethod
@@ -67,6 +69,7 @@ class Subvolume:
             number("ctransid"),
             number("otransid"),
             data["readonly"] is True,
+            int(data.get("otime") or 0),  # type: ignore[call-overload]
         )
 
 
@@ -77,7 +80,7 @@ def is_btrfs_path(text: str) -> bool:
 
 def _from_fd(path: Path, fd: int) -> Subvolume:
     info = ioc.subvol_info(fd)
-    return Subvolume(path, info.uuid, info.received_uuid, info.parent_uuid, info.ctransid, info.otransid, info.readonly)
+    return Subvolume(path, info.uuid, info.received_uuid, info.parent_uuid, info.ctransid, info.otransid, info.readonly, info.otime)
 
 
 def subvolume_at(path: Path) -> Subvolume:

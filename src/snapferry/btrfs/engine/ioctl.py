@@ -93,6 +93,7 @@ class SubvolInfo:
     flags: int
     parent_uuid: UUID  # the subvolume this one is a snapshot of
     otransid: int  # the transaction that created it: orders snapshots
+    otime: int = 0  # when it was created, unix seconds
 
     @property
     def readonly(self) -> bool:
@@ -106,7 +107,10 @@ def subvol_info(fd: int) -> SubvolInfo:
     f = _SUBVOL_INFO.unpack(buf)
     treeid, flags, uuid, parent, received = f[0], f[5], f[6], f[7], f[8]
     ctransid, otransid, stransid, rtransid = f[9], f[10], f[11], f[12]
-    return SubvolInfo(treeid, UUID(bytes=uuid), UUID(bytes=received), ctransid, stransid, rtransid, flags, UUID(bytes=parent), otransid)
+    otime = f[15]  # after ctime's seconds and nanoseconds
+    return SubvolInfo(
+        treeid, UUID(bytes=uuid), UUID(bytes=received), ctransid, stransid, rtransid, flags, UUID(bytes=parent), otransid, otime
+    )
 
 
 def set_received_subvol(fd: int, uuid: UUID, stransid: int) -> int:

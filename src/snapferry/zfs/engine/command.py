@@ -73,6 +73,8 @@ class Snapshot:
     name: str
     guid: int
     createtxg: int
+    creation: int = 0  # unix seconds
+    userrefs: int = 0  # user holds (zfs hold)
 
     @property
     def dataset(self) -> str:
@@ -81,6 +83,10 @@ class Snapshot:
     @property
     def short_name(self) -> str:
         return self.name.partition("@")[2]
+
+
+def _number(text: str | None) -> int:
+    return int(text) if text and text.isdigit() else 0
 
 
 class Zfs:
@@ -129,9 +135,9 @@ class Zfs:
 
     def snapshots(self, dataset: str) -> list[Snapshot]:
         """The snapshots of one dataset, oldest first."""
-        table = self.get_properties(dataset, "guid", "createtxg", recursive_depth=1)
+        table = self.get_properties(dataset, "guid", "createtxg", "creation", "userrefs", recursive_depth=1)
         snaps = [
-            Snapshot(name, int(props["guid"]), int(props["createtxg"]))
+            Snapshot(name, int(props["guid"]), int(props["createtxg"]), _number(props.get("creation")), _number(props.get("userrefs")))
             for name, props in table.items()
             if name.startswith(dataset + "@") and "guid" in props and "createtxg" in props
         ]
