@@ -54,8 +54,10 @@ def parse_size(text: str) -> int:
     return int(text[:-1] if unit else text) << (10 * unit)
 
 
-def variants(src_snap: str, dst: str, checkpoints: list[str], sf: list[str]) -> list[tuple[str, str, list[list[str]]]]:
-    """(label, target dataset, pipeline stages)."""
+def variants(
+    src_snap: str, dst: str, checkpoints: list[str], sf: list[str], baseline: list[str] | None = None
+) -> list[tuple[str, str, list[list[str]]]]:
+    """(label, target dataset, pipeline stages); with a baseline, its sf-<C> and sf2 runs too (label@base)."""
     out = [
         ("raw", f"{dst}/raw", [["zfs", "send", src_snap], ["zfs", "receive", f"{dst}/raw"]]),
         ("cat", f"{dst}/cat", [["zfs", "send", src_snap], ["cat"], ["zfs", "receive", f"{dst}/cat"]]),
@@ -64,6 +66,10 @@ def variants(src_snap: str, dst: str, checkpoints: list[str], sf: list[str]) -> 
         target = f"{dst}/sf{c.lower()}"
         out.append((f"sf-{c}", target, [["zfs", "send", src_snap], [*sf, "receive", "-q", "-s", "--checkpoint", c, target]]))
     out.append(("sf2", f"{dst}/sf2", [[*sf, "send", "-q", src_snap], [*sf, "receive", "-q", "-s", f"{dst}/sf2"]]))
+    if baseline is not None:
+        for label, target, stages in list(out[2:]):
+            swapped = [[*baseline, *stage[len(sf) :]] if stage[: len(sf)] == sf else stage for stage in stages]
+            out.append((f"{label}@base", f"{target}base", [[f"{a}base" if a == target else a for a in s] for s in swapped]))
     return out
 
 
@@ -194,6 +200,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also run each sf-<C> receive once under cProfile")
     ap.add_argument("--workdir", default="/var/tmp", help="where the sparse pool files go")
     ap.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    ap.add_argument(
+        "--baseline",
+        metavar="SRC_DIR",
+        help="also run the snapferry variants with the code in SRC_DIR (a checkout's src/, e.g. a git worktree of an older commit)",
+    )
     args = ap.parse_args()
     install_sigterm_cleanup()
 
@@ -223,7 +234,8 @@ def main() -> int:
         report["stream_bytes"] = stream
         log(f"stream {stream} bytes")
 
-        plan = variants(f"{src}/d@s", dst, checkpoints, sf)
+        baseline = ["env", f"PYTHONPATH={Path(args.baseline).resolve()}", *sf] if args.baseline else None
+        plan = variants(f"{src}/d@s", dst, checkpoints, sf, baseline)
         runs = timed_rounds(plan, args.repeat, stream, src_guid, "s", args.warmup)
         raw_median = median([r["wall_s"] for r in runs["raw"]])
         rows = [summarize(label, runs[label], stream, raw_median) for label, _, _ in plan]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from snapferry.core.events import EventSink
@@ -144,7 +144,6 @@ class SnapshotInfo:
     name: str
     identity: str
     order: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):

@@ -94,9 +94,8 @@ class Side:
 
     def run(self, *args: str) -> bytes:
         """`snapferry ARGS` at this end; its stdout, or the error it ended with."""
-        argv = self.shell.snapferry_argv(*args)
-        if "--json" not in args:
-            argv = self.shell.snapferry_argv(args[0], "--json", *args[1:])
+        # With --json its failure arrives as an `error` event, its class named.
+        argv = self.shell.snapferry_argv(*args) if "--json" in args else self.shell.snapferry_argv(args[0], "--json", *args[1:])
         try:
             done = subprocess.run(argv, capture_output=True, check=False)
         except FileNotFoundError:

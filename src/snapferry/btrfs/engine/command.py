@@ -69,7 +69,7 @@ class Subvolume:
             number("ctransid"),
             number("otransid"),
             data["readonly"] is True,
-            int(data.get("otime") or 0),  # type: ignore[call-overload]
+            number("otime") if "otime" in data else 0,
         )
 
 
