@@ -12,7 +12,7 @@ def test_warnings_and_discards_reach_a_person_without_a_terminal(capsys: pytest.
         events("stream", toname="tank/x@a", offset=0)
         events("progress", bytes=5)
         events("warning", message="cannot mount 'tank/x'; mount it with: zfs mount tank/x")
-        events("discard", reason="uncommitted piece", dataset="tank/x")
+        events("discard", reason="uncommitted piece", dataset="tank/x", target="tank/x")
         events("done", bytes=5)
     assert capsys.readouterr().err.splitlines() == [
         "snapferry: warning: cannot mount 'tank/x'; mount it with: zfs mount tank/x",
@@ -23,5 +23,5 @@ def test_warnings_and_discards_reach_a_person_without_a_terminal(capsys: pytest.
 def test_quiet_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     with Reporter("quiet") as events:
         events("warning", message="cannot mount")
-        events("discard", reason="uncommitted piece", dataset="tank/x")
+        events("discard", reason="uncommitted piece", dataset="tank/x", target="tank/x")
     assert capsys.readouterr().err == ""

@@ -18,7 +18,7 @@ def _notice(event: str, fields: dict[str, Any]) -> str:
     """A warning or a discard as the one line a person reads."""
     if event == "warning":
         return f"snapferry: warning: {fields.get('message', '')}"
-    where = fields.get("dataset") or fields.get("subvolume") or "the destination"
+    where = fields.get("target") or "the destination"
     what = fields.get("reason", "unfinished transfer")
     return f"snapferry: {where}: discarded the {what}; it holds no checkpoint, so this transfer starts from the beginning"
 

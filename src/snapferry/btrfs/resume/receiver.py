@@ -231,7 +231,7 @@ class BtrfsCheckpointReceiver:
                     self._skip_to(commands, resume_from, name)
                 elif os.path.lexists(state.partial):
                     destroy_subvolume(state.partial)  # no checkpoint yet: start over
-                    self.events("discard", subvolume=name, reason="partial subvolume with no checkpoint")
+                    self.events("discard", subvolume=name, target=str(state.partial), reason="partial subvolume with no checkpoint")
                 start_state(self.receive_root, name, identity)
                 source_path = state.directory / resume_from.name if resume_from is not None else None
                 if resume_from is not None and os.path.lexists(state.partial):

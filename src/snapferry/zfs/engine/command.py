@@ -29,7 +29,6 @@ _MODIFIED = re.compile(r"has been modified\s+since most recent snapshot", re.I)
 _BUSY = re.compile(r"dataset is busy|pool or dataset is busy", re.I)
 _NOT_MATCHING = re.compile(r"does not match incremental source|most recent snapshot of .* does not", re.I)
 _BUSY_RETRIES = 10
-_SERVE_REFUSED = re.compile(r"^snapferry: serve: ", re.M)
 # OpenZFS's words for the kernel's saved receive state ("zfs receive -s") being in the way.
 _PARTIAL_STATE = re.compile(r"contains partially-complete state|/%recv", re.I)
 _RESUMABLE_SAVED = re.compile(r"Partially received snapshot is saved", re.I)
@@ -44,8 +43,6 @@ def _first_line(text: str) -> str:
 def classify_failure(action: str, stderr: str) -> Exception:
     """Turn a failed zfs command's stderr into the error a user can act on."""
     message = " ".join(stderr.split()) or "(no message)"
-    if _SERVE_REFUSED.search(stderr):
-        return Refused(last_line(stderr).removeprefix("snapferry: "))
     if _OUT_OF_SPACE.search(stderr):
         return OutOfSpace(f"{action}: destination is out of space ({message}); free space or raise the quota, then resume")
     if _RESUMABLE_SAVED.search(stderr):
@@ -90,18 +87,14 @@ def _number(text: str | None) -> int:
 
 
 class Zfs:
-    """The `zfs` command of one host; `via` (such as `ssh user@host`) runs it on another."""
+    """The `zfs` command of this host (sync reaches other hosts through snapferry verbs, never raw zfs)."""
 
-    def __init__(self, command: Sequence[str] | None = None, via: Sequence[str] = ()) -> None:
+    def __init__(self, command: Sequence[str] | None = None) -> None:
         if command is None:
             command = shlex.split(os.environ.get(ZFS_ENV, "zfs"))
         self.command = list(command)
-        self.via = list(via)
 
     def argv(self, *args: str) -> list[str]:
-        if self.via:
-            # ssh hands the remote shell one string: quote every word of it.
-            return [*self.via, shlex.join([*self.command, *args])]
         return [*self.command, *args]
 
     def run(self, action: str, *args: str) -> str:
@@ -191,7 +184,7 @@ class Zfs:
     def zpool_argv(self, *args: str) -> list[str]:
         """`zpool` beside the zfs command in use (a --zfs path names its directory)."""
         zpool = [*self.command[:-1], os.path.join(os.path.dirname(self.command[-1]), "zpool")]
-        return [*self.via, shlex.join([*zpool, *args])] if self.via else [*zpool, *args]
+        return [*zpool, *args]
 
     def is_modern(self, dataset: str) -> bool:
         """Whether this host's zfs (for dataset's pool) is OpenZFS 0.7 or later: it knows the

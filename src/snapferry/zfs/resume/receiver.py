@@ -165,7 +165,7 @@ class PieceReceiver:
         for transfer in unfinished:
             if not transfer.checkpoints:
                 # A piece committed but never named as a checkpoint holds no resumable position.
-                self.events("discard", reason="uncommitted piece", dataset=self.dataset)
+                self.events("discard", reason="uncommitted piece", dataset=self.dataset, target=self.dataset)
                 discard_transfer(self.zfs, transfer, snapshots)
                 snapshots, _ = read_transfers(self.zfs, self.dataset)
                 continue
