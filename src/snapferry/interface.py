@@ -9,6 +9,13 @@ from typing import Any, Protocol
 from snapferry.core.events import EventSink
 from snapferry.core.streamio import Readable, Sink
 
+# sync's user holds on what it sends: this prefix and the destination they are kept for.
+HOLD_PREFIX = "snapferry:"
+
+
+def hold_tag(destination: str) -> str:
+    return f"{HOLD_PREFIX}{destination}"
+
 
 def everything(name: str) -> bool:
     return True
@@ -46,6 +53,18 @@ class ReceiveRequest:
 
 
 @dataclass(frozen=True)
+class Action:
+    """A sync step on one end alone: `snapferry ARGS` (a rollback for --force, a clean-up, sync --snapshot's snapshot)."""
+
+    description: str
+    args: tuple[str, ...]
+    on_source: bool = False  # else on the destination
+
+    def describe(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
 class Transfer:
     """A sync step: `snapferry send SEND_ARGS | snapferry receive RECEIVE_ARGS` (the wire's options are sync's)."""
 
@@ -55,18 +74,10 @@ class Transfer:
     # (what the receiving side says, what sync should say instead): its advice names receive's flags, not sync's.
     advice: tuple[tuple[str, str], ...] = ()
     resumes: bool = False  # it continues an interrupted transfer (send -t)
-
-    def describe(self) -> str:
-        return self.description
-
-
-@dataclass(frozen=True)
-class Action:
-    """A sync step on one end alone: `snapferry ARGS` (a rollback for --force, a clean-up, sync --snapshot's snapshot)."""
-
-    description: str
-    args: tuple[str, ...]
-    on_source: bool = False  # else on the destination
+    # Run before the pipe (holds on what it sends) and after it succeeded (their release); a failure of
+    # one is a warning, not the step's: they protect the transfer, they are not it.
+    before: tuple[Action, ...] = ()
+    after: tuple[Action, ...] = ()
 
     def describe(self) -> str:
         return self.description
@@ -83,6 +94,8 @@ class SyncPolicy:
     force: bool = False
     mode: str | None = None
     take_snapshot: bool = False  # --snapshot
+    # The user hold sync puts on what it sends, until the destination has it (None: --no-hold).
+    hold_tag: str | None = None
 
 
 class SyncPlanner(Protocol):
@@ -100,8 +113,8 @@ class SyncPlanner(Protocol):
         """sync --snapshot: the step that takes a snapshot called `name` of the source; UsageError where there is none."""
         ...
 
-    def tidy(self, target: dict[str, Any]) -> Action | None:
-        """Clean-up on the destination once it is up to date, if any is due."""
+    def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:
+        """Clean-up once the target is up to date: leftovers on the destination, holds on the source no longer needed."""
         ...
 
 
@@ -194,6 +207,18 @@ class Backend(Protocol):
 
     def take_snapshot(self, snapshot: str) -> None:
         """`snapferry snapshot`, for sync --snapshot: take this snapshot."""
+        ...
+
+    def hold(self, tag: str, snapshots: list[str]) -> None:
+        """`snapferry hold`: a user hold `tag` on each snapshot (already held by it: nothing to do)."""
+        ...
+
+    def release(self, tag: str, snapshots: list[str]) -> list[str]:
+        """`snapferry release`: take hold `tag` off each snapshot that has it; the snapshots it was taken off."""
+        ...
+
+    def holds(self, target: str) -> list[tuple[str, str | None]]:
+        """`snapferry holds`: (snapshot, tag) of every user hold in target; tag None where the filesystem cannot name it."""
         ...
 
     def check_sync_endpoint(self, name: str, remote: bool) -> None:

@@ -147,6 +147,15 @@ class BtrfsBackend:
     def rollback(self, snapshot: str, destroy_later: bool) -> str:
         raise UsageError("rollback is for ZFS datasets; btrfs sync never rolls back")
 
+    def hold(self, tag: str, snapshots: list[str]) -> None:
+        raise UsageError("btrfs has no snapshot holds (user holds are ZFS's)")
+
+    def release(self, tag: str, snapshots: list[str]) -> list[str]:
+        raise UsageError("btrfs has no snapshot holds (user holds are ZFS's)")
+
+    def holds(self, target: str) -> list[tuple[str, str | None]]:
+        return []
+
     def take_snapshot(self, snapshot: str) -> None:
         raise UsageError("take btrfs snapshots with: btrfs subvolume snapshot -r SUBVOLUME SNAPSHOT")
 

@@ -144,5 +144,5 @@ class BtrfsSyncPlanner:
     def snapshot_step(self, name: str) -> Action:
         raise UsageError("sync --snapshot is for ZFS; take btrfs snapshots with btrfs subvolume snapshot -r")
 
-    def tidy(self, target: dict[str, Any]) -> Action | None:
-        return None
+    def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:
+        return []

@@ -14,6 +14,7 @@ from snapferry.cli import (
     check_cmd,
     common,
     demo_cmd,
+    holds_cmd,
     receive_cmd,
     rollback_cmd,
     send_cmd,
@@ -34,7 +35,7 @@ EXIT_CODES = """exit codes:
   6  a zfs or btrfs command failed
 """
 
-_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, demo_cmd)
+_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, holds_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

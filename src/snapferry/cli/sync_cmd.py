@@ -13,6 +13,7 @@ from snapferry.cli import common
 from snapferry.cli.status_cmd import age, size
 from snapferry.core.lock import dataset_lock
 from snapferry.errors import SnapferryError, UsageError
+from snapferry.interface import hold_tag
 from snapferry.sync.driver import Sync, SyncOptions
 from snapferry.sync.endpoints import Endpoint, Side
 from snapferry.sync.metrics import write_metrics
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         buffer=args.buffer,
         snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
         mode=args.mode,
+        hold_tag=None if args.no_hold else hold_tag(str(target)),
         progress=reporter.mode != "quiet",
     )
     started = time.time()
@@ -117,6 +119,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    sync.add_argument(
+        "--no-hold", action="store_true", help="ZFS: do not hold the snapshots being sent (holds keep a pruner from destroying them)"
+    )
     sync.add_argument(
         "--metrics-file", metavar="PATH", help="after the run, write Prometheus metrics there (node_exporter's textfile collector)"
     )

@@ -32,6 +32,7 @@ class SyncOptions:
     buffer: str | None = None
     snapshot_prefix: str | None = None
     mode: str | None = None
+    hold_tag: str | None = None  # see SyncPolicy
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
@@ -50,7 +51,13 @@ class SyncOptions:
         return ["--checkpoint", self.checkpoint] if self.checkpoint else []
 
     def policy(self) -> SyncPolicy:
-        return SyncPolicy(no_stream=self.no_stream, force=self.force, mode=self.mode, take_snapshot=self.snapshot_prefix is not None)
+        return SyncPolicy(
+            no_stream=self.no_stream,
+            force=self.force,
+            mode=self.mode,
+            take_snapshot=self.snapshot_prefix is not None,
+            hold_tag=self.hold_tag,
+        )
 
 
 class _Relay:
@@ -218,13 +225,15 @@ class Sync(SteppedSync[SyncStep]):
         return self.planner.next_step(self.stats.source_status, self.stats.target_status)
 
     def _after_steps(self) -> None:
-        tidy = self.planner.tidy(self.stats.target_status or {})
-        if tidy is not None:
-            # Only clutter (checkpoints of completed transfers a busy dataset kept): never fails the sync.
+        # Only clutter (checkpoints of completed transfers a busy dataset kept, holds no longer needed): never fails the sync.
+        self._run_quietly(self.planner.tidy(self.stats.source_status or {}, self.stats.target_status or {}))
+
+    def _run_quietly(self, actions: tuple[Action, ...] | list[Action]) -> None:
+        for action in actions:
             try:
-                self._run(tidy)
+                self._run(action)
             except SnapferryError as exc:
-                self.events("warning", message=f"{exc}")
+                self.events("warning", message=f"{action.describe()}: {exc}")
 
     def plan(self) -> list[str]:
         """What a run would do now, without doing it (--dry-run)."""
@@ -244,10 +253,12 @@ class Sync(SteppedSync[SyncStep]):
         send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args)
         receive = self.target.shell.snapferry_argv("receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args)
         self.stats.resumes += step.resumes
+        self._run_quietly(step.before)
         try:
             self.stats.received_bytes += run_pipe(send, receive, self.events)
         except Refused as exc:
             raise Refused(_with_advice(str(exc), step)) from None
+        self._run_quietly(step.after)
 
     def run(self) -> str:
         name = self._new_snapshot_name()

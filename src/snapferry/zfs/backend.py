@@ -9,8 +9,8 @@ from typing import Any
 from snapferry.core.events import EventSink
 from snapferry.core.lock import dataset_lock
 from snapferry.core.streamio import Prefixed, Readable, Sink
-from snapferry.errors import NothingToDo, Refused, SnapferryError, UsageError
-from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
+from snapferry.errors import DatasetMissing, NothingToDo, Refused, SnapferryError, UsageError
+from snapferry.interface import HOLD_PREFIX, ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.stream import read_header
@@ -291,6 +291,35 @@ class ZfsBackend:
             )
         self.zfs.rollback(snapshot)
         return f"rolled {snapshot.partition('@')[0]} back to {snapshot}" + (f", destroying {', '.join(later)}" if later else "")
+
+    @staticmethod
+    def _check_tag(tag: str) -> None:
+        if not tag.startswith(HOLD_PREFIX) or len(tag) > 255:
+            raise UsageError(f"hold tag {tag!r}: snapferry only places and removes its own holds, tagged {HOLD_PREFIX}...")
+
+    def hold(self, tag: str, snapshots: list[str]) -> None:
+        self._check_tag(tag)
+        for snapshot in snapshots:
+            self.zfs.hold(tag, snapshot)
+
+    def release(self, tag: str, snapshots: list[str]) -> list[str]:
+        self._check_tag(tag)
+        released = []
+        for snapshot in snapshots:
+            try:
+                if self.zfs.release(tag, snapshot):
+                    released.append(snapshot)
+            except DatasetMissing:
+                continue  # destroyed meanwhile: nothing held any more
+        return released
+
+    def holds(self, target: str) -> list[tuple[str, str | None]]:
+        found: list[tuple[str, str | None]] = []
+        for snapshot in self.zfs.snapshots(target):
+            if snapshot.userrefs:
+                tags = self.zfs.hold_tags(snapshot.name)
+                found += [(snapshot.name, tag) for tag in tags] if tags is not None else [(snapshot.name, None)] * snapshot.userrefs
+        return found
 
     def take_snapshot(self, snapshot: str) -> None:
         if "@" not in snapshot:

@@ -204,6 +204,13 @@ class ZfsSyncPlanner:
             # A replica this sync creates: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
             receive += ["-o", "atime=off"]
+        held = self._sent_snapshots(step, source)
+        tag = self.policy.hold_tag
+        before: tuple[Action, ...] = ()
+        after: tuple[Action, ...] = ()
+        if tag is not None and held:
+            before = (Action(f"hold {', '.join(held)} ({tag})", ("hold", tag, *held), on_source=True),)
+            after = (Action(f"release {', '.join(held)} ({tag})", ("release", tag, *held), on_source=True),)
         # receive's advice names its own flag; sync's is --force.
         return Transfer(
             step.describe(),
@@ -211,7 +218,26 @@ class ZfsSyncPlanner:
             (*receive, self.target),
             advice=(("use -F to roll it back", "sync --force rolls it back"),),
             resumes=step.token is not None,
+            before=before,
+            after=after,
         )
+
+    @staticmethod
+    def _sent_snapshots(step: Step, source: dict[str, Any]) -> tuple[str, ...]:
+        """What the step reads on the source: the snapshot(s) it sends and the incremental's base. A pruner that
+        destroyed one meanwhile would make the transfer's token stale, so sync holds them until the step is done."""
+        snapshots = [s for s in snapshots_of(source) if not is_piece(s)]
+        names = [s.name for s in snapshots]
+        if step.token is not None:
+            wanted = {step.token.toguid, step.token.fromguid}
+            return tuple(s.name for s in snapshots if s.guid in wanted)
+        if step.snapshot not in names:
+            return ()  # the one sync --snapshot is about to take (--dry-run)
+        last = names.index(step.snapshot)
+        if step.base is None or step.base not in names:
+            return (step.snapshot,)
+        first = names.index(step.base)
+        return tuple(names[first : last + 1]) if step.intermediates else (step.base, step.snapshot)
 
     def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
         step = next_step(*self._inputs(source, target), no_stream=self.policy.no_stream, force=self.policy.force)
@@ -230,8 +256,13 @@ class ZfsSyncPlanner:
         snapshot = f"{self.source}@{name}"
         return Action(f"take snapshot {snapshot}", ("snapshot", snapshot), on_source=True)
 
-    def tidy(self, target: dict[str, Any]) -> Action | None:
-        """The checkpoints of completed transfers that a busy dataset kept from being destroyed."""
-        if not target.get("finished_pieces"):
-            return None
-        return Action("remove the checkpoints of completed transfers", ("receive", "-q", "-A", self.target))
+    def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:
+        """The checkpoints of completed transfers that a busy dataset kept from being destroyed, and sync's holds
+        on source snapshots that an interrupted, then aborted or superseded, transfer left behind."""
+        actions = []
+        if target.get("finished_pieces"):
+            actions.append(Action("remove the checkpoints of completed transfers", ("receive", "-q", "-A", self.target)))
+        held = [s.name for s in snapshots_of(source) if s.userrefs]
+        if self.policy.hold_tag is not None and held:
+            actions.append(Action(f"release {self.policy.hold_tag} from held snapshots", ("release", self.policy.hold_tag, *held), True))
+        return actions

@@ -32,6 +32,8 @@ _BUSY_RETRIES = 10
 # OpenZFS's words for the kernel's saved receive state ("zfs receive -s") being in the way.
 _PARTIAL_STATE = re.compile(r"contains partially-complete state|/%recv", re.I)
 _RESUMABLE_SAVED = re.compile(r"Partially received snapshot is saved", re.I)
+_TAG_EXISTS = re.compile(r"tag already exists", re.I)
+_NO_SUCH_TAG = re.compile(r"no such tag", re.I)
 _NO_SUCH_PROPERTY = re.compile(r"invalid property|bad property list|unsupported property", re.I)
 
 
@@ -165,6 +167,34 @@ class Zfs:
 
     def snapshot(self, name: str) -> None:
         self.run(f"cannot snapshot {name}", "snapshot", name)
+
+    def hold(self, tag: str, snapshot: str) -> bool:
+        """A user hold; False when the snapshot already has this tag."""
+        try:
+            self.run(f"cannot hold {snapshot}", "hold", tag, snapshot)
+        except ZfsCommandError as exc:
+            if _TAG_EXISTS.search(str(exc)):
+                return False
+            raise
+        return True
+
+    def release(self, tag: str, snapshot: str) -> bool:
+        """Take a user hold off; False when the snapshot has no such tag."""
+        try:
+            self.run(f"cannot release {snapshot}", "release", tag, snapshot)
+        except ZfsCommandError as exc:
+            if _NO_SUCH_TAG.search(str(exc)):
+                return False
+            raise
+        return True
+
+    def hold_tags(self, snapshot: str) -> list[str] | None:
+        """The tags of a snapshot's user holds; None where this zfs cannot list them (zfs-fuse's `zfs holds` is broken)."""
+        try:
+            out = self.run(f"cannot list the holds of {snapshot}", "holds", "-H", snapshot)
+        except ZfsCommandError:
+            return None
+        return [line.split("\t")[1] for line in out.splitlines() if line.count("\t") >= 2]
 
     def rename(self, old: str, new: str) -> None:
         self.run(f"cannot rename {old}", "rename", old, new)
