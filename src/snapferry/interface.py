@@ -96,6 +96,9 @@ class SyncPolicy:
     take_snapshot: bool = False  # --snapshot
     # The user hold sync puts on what it sends, until the destination has it (None: --no-hold).
     hold_tag: str | None = None
+    # Discard changes to the destination's live file system since its last snapshot (receive -F), but
+    # never its snapshots: a parent in a tree changes whenever a child's mountpoint is made in it.
+    discard_changes: bool = False
 
 
 class SyncPlanner(Protocol):
@@ -109,8 +112,8 @@ class SyncPlanner(Protocol):
         """Every step a run would take from here (--dry-run), after taking `new_snapshot` on the source if given."""
         ...
 
-    def snapshot_step(self, name: str) -> Action:
-        """sync --snapshot: the step that takes a snapshot called `name` of the source; UsageError where there is none."""
+    def snapshot_step(self, name: str, recursive: bool = False) -> Action:
+        """sync --snapshot: the step that takes a snapshot called `name` of the source (-r: of its tree, atomically)."""
         ...
 
     def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:
@@ -205,8 +208,12 @@ class Backend(Protocol):
         """Every dataset or snapshot rollback(snapshot) would destroy, for serve to check against --allow."""
         ...
 
-    def take_snapshot(self, snapshot: str) -> None:
-        """`snapferry snapshot`, for sync --snapshot: take this snapshot."""
+    def take_snapshot(self, snapshot: str, recursive: bool = False) -> None:
+        """`snapferry snapshot [-r]`, for sync --snapshot: take this snapshot (of every descendant too, atomically)."""
+        ...
+
+    def descendants(self, target: str) -> list[str]:
+        """sync -r, status -r: target and every file system below it, parents first; [] when it does not exist."""
         ...
 
     def hold(self, tag: str, snapshots: list[str]) -> None:

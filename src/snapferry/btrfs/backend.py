@@ -156,7 +156,10 @@ class BtrfsBackend:
     def holds(self, target: str) -> list[tuple[str, str | None]]:
         return []
 
-    def take_snapshot(self, snapshot: str) -> None:
+    def descendants(self, target: str) -> list[str]:
+        raise UsageError("-r is for ZFS dataset trees; a btrfs sync already sends every read-only snapshot in the directory")
+
+    def take_snapshot(self, snapshot: str, recursive: bool = False) -> None:
         raise UsageError("take btrfs snapshots with: btrfs subvolume snapshot -r SUBVOLUME SNAPSHOT")
 
     def check_sync_endpoint(self, name: str, remote: bool) -> None:

@@ -141,7 +141,7 @@ class BtrfsSyncPlanner:
             model = Listing([*model.subvolumes, arrived], unfinished)
         return steps
 
-    def snapshot_step(self, name: str) -> Action:
+    def snapshot_step(self, name: str, recursive: bool = False) -> Action:
         raise UsageError("sync --snapshot is for ZFS; take btrfs snapshots with btrfs subvolume snapshot -r")
 
     def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:

@@ -16,7 +16,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    common.backend(args, args.snapshot).take_snapshot(args.snapshot)
+    common.backend(args, args.snapshot).take_snapshot(args.snapshot, recursive=args.r)
     return 0
 
 
@@ -28,5 +28,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     rollback.add_argument("snapshot", metavar="POOL/FS@SNAP")
     rollback.set_defaults(func=run_rollback)
     snapshot = sub.add_parser("snapshot", parents=[common_options], help="ZFS: take a snapshot (what sync --snapshot runs)")
+    snapshot.add_argument("-r", action="store_true", help="of every descendant too, atomically (sync -r --snapshot)")
     snapshot.add_argument("snapshot", metavar="POOL/FS@SNAP")
     snapshot.set_defaults(func=run_snapshot)

@@ -70,17 +70,20 @@ def summary_line(summary: Summary, now: float, label: str | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     source = side_of(args.source, args) if args.source else None
-    source_status = source.status() if source is not None else None
     now = time.time()
     for text in args.targets:
-        side = side_of(text, args)
-        status = side.status()
-        if args.json:
-            if source_status is not None:
-                status = {**status, "summary": asdict(side.backend.summarize(status, source_status))}
-            print(json.dumps(status))
-        else:
-            print(summary_line(side.backend.summarize(status, source_status), now, label=text))
+        root = side_of(text, args)
+        for side, status in (root.tree() if args.r else []) or [(root, root.status())]:
+            compared = None
+            if source is not None:
+                # With -r each dataset is compared with the one at the same place below SRC.
+                below = side.endpoint.dataset[len(root.endpoint.dataset) :]
+                compared = (source.child(source.endpoint.dataset + below) if below else source).status()
+            summary = side.backend.summarize(status, compared)
+            if args.json:
+                print(json.dumps({**status, "summary": asdict(summary)} if compared is not None else status))
+            else:
+                print(summary_line(summary, now, label=str(side.endpoint)))
     return 0
 
 
@@ -99,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     status = sub.add_parser(
         "status", parents=[common_options], help="newest snapshots, unfinished transfers and holds (--json: what sync plans from)"
     )
+    status.add_argument("-r", action="store_true", help="ZFS: every dataset below each TARGET too, one line (or JSON object) each")
     status.add_argument("--source", metavar="SRC", help="also compare each TARGET with SRC: its newest snapshot, the newest both have")
     add_remote_options(status)
     status.add_argument("targets", nargs="+", metavar="TARGET", help="DATASET or DIR, here or [user@]host:TARGET")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
 import sys
 import time
@@ -17,6 +16,7 @@ from snapferry.interface import hold_tag
 from snapferry.sync.driver import Sync, SyncOptions
 from snapferry.sync.endpoints import Endpoint, Side
 from snapferry.sync.metrics import write_metrics
+from snapferry.sync.tree import TreeSync
 from snapferry.transport.ssh import Shell
 from snapferry.transport.wire import parse_compression, parse_rate
 
@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         parse_rate(args.bwlimit)
     if source.backend().name != target.backend().name:
         raise UsageError("sync goes from ZFS to ZFS or from btrfs to btrfs: give two datasets or two directories")
+    if not args.r and (args.exclude or args.jobs != 1):
+        raise UsageError("--exclude and --jobs are for sync -r (a tree of datasets)")
     reporter = common.reporter(args, label=str(target))
     options = SyncOptions(
         no_stream=args.no_stream,
@@ -48,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
     )
     started = time.time()
     exit_code, outcome = 1, "failed"
-    sync: Sync | None = None
+    sync: Sync | TreeSync | None = None
     try:
         with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
             sides = [Side(end, Shell(end.host, end.user, ssh, remote_snapferry)) for end in (source, target)]
-            sync = Sync(sides[0], sides[1], options, events)
+            if args.r:
+                sync = TreeSync(sides[0], sides[1], options, events, exclude=args.exclude or [], jobs=args.jobs)
+            else:
+                sync = Sync(sides[0], sides[1], options, events)
             if args.dry_run:
                 for line in sync.plan():
                     print(line)
@@ -72,19 +77,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, sync: Sync, source: Endpoint, target: Endpoint, started: float, exit_code: int, outcome: str) -> None:
+def _report(
+    args: argparse.Namespace, sync: Sync | TreeSync, source: Endpoint, target: Endpoint, started: float, exit_code: int, outcome: str
+) -> None:
     """The run's one summary line (kept by journald from the systemd unit) and, with --metrics-file, its metrics."""
-    stats, duration = sync.stats, time.time() - started
-    lag: float | None = None
-    if stats.source_status is not None and stats.target_status is not None:
-        with contextlib.suppress(SnapferryError, KeyError, ValueError, TypeError):
-            common = sync.target.backend.summarize(stats.target_status, stats.source_status).common
-            lag = time.time() - common.created if common is not None and common.created else None
+    stats, duration, lag = sync.stats, time.time() - started, sync.lag()
     # A failure's one line is its error (printed by main); a success gets the summary.
     if exit_code == 0 and not (args.quiet or args.json):
         behind = f", newest common snapshot {age(lag)} old" if lag is not None else ""
+        datasets = "" if isinstance(sync, TreeSync) else "1 dataset, "
         print(
-            f"snapferry: sync {source} -> {target}: {outcome}; 1 dataset, {size(stats.received_bytes)} received, "
+            f"snapferry: sync {'-r ' if args.r else ''}{source} -> {target}: {outcome}; {datasets}{size(stats.received_bytes)} received, "
             f"{stats.resumes} resume(s), {stats.retries} retry(ies), {age(duration)}{behind}",
             file=sys.stderr,
         )
@@ -118,6 +121,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    sync.add_argument("-r", action="store_true", help="ZFS: every dataset below SRC too, into the same places below DST")
+    sync.add_argument("--exclude", action="append", metavar="REGEX", help="with -r: skip the datasets whose name matches (repeatable)")
+    sync.add_argument("--jobs", type=int, default=1, metavar="N", help="with -r: sync N datasets at a time (default 1)")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
     sync.add_argument(
         "--no-hold", action="store_true", help="ZFS: do not hold the snapshots being sent (holds keep a pruner from destroying them)"

@@ -33,6 +33,7 @@ class SyncOptions:
     snapshot_prefix: str | None = None
     mode: str | None = None
     hold_tag: str | None = None  # see SyncPolicy
+    discard_changes: bool = False  # see SyncPolicy
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
@@ -57,6 +58,7 @@ class SyncOptions:
             mode=self.mode,
             take_snapshot=self.snapshot_prefix is not None,
             hold_tag=self.hold_tag,
+            discard_changes=self.discard_changes,
         )
 
 
@@ -260,12 +262,27 @@ class Sync(SteppedSync[SyncStep]):
             raise Refused(_with_advice(str(exc), step)) from None
         self._run_quietly(step.after)
 
-    def run(self) -> str:
+    def lag(self) -> float | None:
+        """Age of the newest snapshot both ends have, as of the last planning (None: unknown, or none in common)."""
+        stats = self.stats
+        if stats.source_status is None or stats.target_status is None:
+            return None
+        try:
+            common = self.target.backend.summarize(stats.target_status, stats.source_status).common
+        except (SnapferryError, KeyError, ValueError, TypeError):
+            return None
+        return time.time() - common.created if common is not None and common.created else None
+
+    def take_snapshot(self, recursive: bool = False) -> None:
+        """sync --snapshot: a new snapshot of the source (-r: of its whole tree at once)."""
         name = self._new_snapshot_name()
         if name is not None:
-            step = self.planner.snapshot_step(name)
+            step = self.planner.snapshot_step(name, recursive)
             self._run(step)
             self.events("snapshot", name=step.args[-1])
+
+    def run(self) -> str:
+        self.take_snapshot()
         return super().run()
 
 

@@ -92,6 +92,26 @@ class Side:
             raise Refused(f"cannot read the status of {self.endpoint}: its snapferry answered something else (another version?)")
         return answer
 
+    def child(self, dataset: str) -> Side:
+        """Another dataset on the same host, reached the same way."""
+        return Side(Endpoint(dataset, self.endpoint.host, self.endpoint.user), self.shell)
+
+    def tree(self) -> list[tuple[Side, dict[str, Any]]]:
+        """Every dataset at and below this one, parents first, each with its status: one call (over ssh, one round trip)."""
+        if not self.remote:
+            names = self.backend.descendants(self.endpoint.dataset)
+            return [(self.child(name), self.backend.status(name)) for name in names]
+        answers = []
+        for line in self.run("status", "--json", "-r", self.endpoint.dataset).decode(errors="replace").splitlines():
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict) or not isinstance(answer.get("target"), str):
+                raise Refused(f"cannot read the datasets below {self.endpoint}: its snapferry answered something else (another version?)")
+            answers.append((self.child(answer["target"]), answer))
+        return answers
+
     def run(self, *args: str) -> bytes:
         """`snapferry ARGS` at this end; its stdout, or the error it ended with."""
         # With --json its failure arrives as an `error` event, its class named.

@@ -321,10 +321,13 @@ class ZfsBackend:
                 found += [(snapshot.name, tag) for tag in tags] if tags is not None else [(snapshot.name, None)] * snapshot.userrefs
         return found
 
-    def take_snapshot(self, snapshot: str) -> None:
+    def take_snapshot(self, snapshot: str, recursive: bool = False) -> None:
         if "@" not in snapshot:
             raise UsageError(f"not a snapshot name: {snapshot} (POOL/FS@NAME)")
-        self.zfs.snapshot(snapshot)
+        self.zfs.snapshot(snapshot, recursive=recursive)
+
+    def descendants(self, target: str) -> list[str]:
+        return self.zfs.descendants(target)
 
     def check_sync_endpoint(self, name: str, remote: bool) -> None:
         if "@" in name:

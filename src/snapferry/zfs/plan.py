@@ -199,7 +199,8 @@ class ZfsSyncPlanner:
             send = (step.snapshot,)
         else:
             send = ("-I" if step.intermediates else "-i", step.base, step.snapshot)
-        receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if self.policy.force else [])]
+        rollback = self.policy.force or self.policy.discard_changes
+        receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if rollback else [])]
         if step.base is None and (step.token is None or not step.token.fromguid):
             # A replica this sync creates: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
@@ -252,8 +253,10 @@ class ZfsSyncPlanner:
         steps = plan_all(sent_from, arrived, token, no_stream=self.policy.no_stream, force=self.policy.force)
         return first + [self._as_command(step, source, target) for step in steps]
 
-    def snapshot_step(self, name: str) -> Action:
+    def snapshot_step(self, name: str, recursive: bool = False) -> Action:
         snapshot = f"{self.source}@{name}"
+        if recursive:
+            return Action(f"take snapshot {snapshot} of the whole tree", ("snapshot", "-r", snapshot), on_source=True)
         return Action(f"take snapshot {snapshot}", ("snapshot", snapshot), on_source=True)
 
     def tidy(self, source: dict[str, Any], target: dict[str, Any]) -> list[Action]:

@@ -165,8 +165,19 @@ class Zfs:
     def set_property(self, dataset: str, name: str, value: str) -> None:
         self.run(f"cannot set {name} on {dataset}", "set", f"{name}={value}", dataset)
 
-    def snapshot(self, name: str) -> None:
-        self.run(f"cannot snapshot {name}", "snapshot", name)
+    def snapshot(self, name: str, *, recursive: bool = False) -> None:
+        self.run(f"cannot snapshot {name}", "snapshot", *(["-r"] if recursive else []), name)
+
+    def descendants(self, dataset: str) -> list[str]:
+        """dataset and the file systems and volumes below it, parents first; [] when it does not exist."""
+        try:
+            out = self.run(
+                f"cannot list the datasets below {dataset}", "list", "-H", "-r", "-o", "name", "-t", "filesystem,volume", dataset
+            )
+        except DatasetMissing:
+            return []
+        names = [line.strip() for line in out.splitlines() if line.strip()]
+        return sorted((n for n in names if n == dataset or n.startswith(dataset + "/")), key=lambda n: (n.count("/"), n))
 
     def hold(self, tag: str, snapshot: str) -> bool:
         """A user hold; False when the snapshot already has this tag."""

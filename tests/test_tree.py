@@ -1,0 +1,144 @@
+"""sync -r: a tree of real datasets, full then incremental, in parallel or not, interrupted, partly refused, through serve."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+from snapferry_testkit import zfs_testbed as tb
+from snapferry_testkit.sshd_server import SshServer
+from tests.test_serve import restricted_key
+
+CHILDREN = ["a", "a/b", "a/b/c", "a/d", "e", "e/f", "e/f/g", "h", "h/i", "j", "k"]  # with the root, 12 datasets, 3 levels
+
+
+def _sync(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    argv = [*tb.SNAPFERRY, "sync", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+def _tree(bed: tb.Bed, name: str, megabytes: int = 1) -> str:
+    root = bed.dataset(name)
+    tb.sh("zfs", "create", root)
+    for n, child in enumerate(CHILDREN):
+        tb.sh("zfs", "create", *(["-o", "compression=on"] if n % 3 == 0 else []), f"{root}/{child}")
+    for n, dataset in enumerate([root] + [f"{root}/{c}" for c in CHILDREN]):
+        tb.write_tree(tb.mountpoint(dataset) / "data", seed=n, megabytes=megabytes, small_files=5)
+    tb.sh("zfs", "snapshot", "-r", f"{root}@s1")
+    return root
+
+
+def _change(root: str, snapshot: str, seed: int) -> None:
+    for n, dataset in enumerate([root] + [f"{root}/{c}" for c in CHILDREN]):
+        tb.change_tree(tb.mountpoint(dataset) / "data", seed=seed + n)
+    tb.sh("zfs", "snapshot", "-r", f"{root}@{snapshot}")
+
+
+def _guids(root: str) -> dict[str, dict[str, int]]:
+    """Every dataset's snapshots by guid, names relative to the root."""
+    out = tb.sh("zfs", "get", "-H", "-p", "-r", "-o", "name,value", "guid", root).stdout.decode()
+    table: dict[str, dict[str, int]] = {}
+    for line in out.splitlines():
+        name, guid = line.split("\t")
+        if "@" in name and "@snapferry-" not in name:
+            dataset, _, snap = name.partition("@")
+            table.setdefault(dataset[len(root) :], {})[snap] = int(guid)
+    return table
+
+
+def _files(root: str) -> dict[str, dict[str, str]]:
+    tables = {}
+    for child in ["", *(f"/{c}" for c in CHILDREN)]:
+        dataset = root + child
+        if tb.sh("zfs", "get", "-H", "-o", "value", "mounted", dataset).stdout.decode().strip() != "yes":
+            tb.sh("zfs", "mount", dataset)
+        tables[child] = tb.manifest(tb.mountpoint(dataset) / "data")
+    return tables
+
+
+def test_a_tree_full_then_incremental_alone_and_three_at_a_time(bed: tb.Bed) -> None:
+    src = _tree(bed, "tree")
+    one, three = bed.target("tree1"), bed.target("tree3")
+    first = _sync("--jobs", "1", "-r", src, one)
+    assert first.returncode == 0, first.stderr
+    assert f"snapferry: sync -r {src} -> {one}: 12 dataset(s): 12 done, 0 refused, 0 failed;" in first.stderr
+    assert _sync("-q", "--jobs", "3", "-r", src, three).returncode == 0
+    _change(src, "s2", seed=100)
+    _change(src, "s3", seed=200)
+    for dst, jobs in ((one, "1"), (three, "3")):
+        done = _sync("-q", "--jobs", jobs, "-r", src, dst)
+        assert done.returncode == 0, done.stderr
+        assert _guids(dst) == _guids(src)  # every snapshot of every dataset, by guid
+    assert _files(one) == _files(three) == _files(src)
+    again = _sync("-r", src, one)
+    assert again.returncode == 0 and "12 dataset(s): 12 done" in again.stderr and " 0 B received" in again.stderr
+
+
+def test_a_killed_tree_sync_goes_on_where_it_stopped(bed: tb.Bed) -> None:
+    src = _tree(bed, "killedtree", megabytes=2)
+    dst = bed.target("killedtree")
+    argv = [*tb.SNAPFERRY, "sync", "-q", "--checkpoint", "1M", "--bwlimit", "4M", "-r", src, dst]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    # Killed (sync, send and receive at once, as a reboot does) in the middle of the tree, inside a dataset.
+    while not (tb.exists(f"{dst}/a") and tb.piece_names(f"{dst}/a")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the tree sync never reached a checkpoint in its second dataset"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(1)
+    done = _sync("-r", src, dst)
+    assert done.returncode == 0, done.stderr
+    assert "12 dataset(s): 12 done" in done.stderr and " 1 resume(s)" in done.stderr, done.stderr
+    assert _guids(dst) == _guids(src)
+
+
+def test_a_diverged_dataset_is_refused_alone_and_datasets_come_and_go(bed: tb.Bed) -> None:
+    src = _tree(bed, "divtree")
+    dst = bed.target("divtree")
+    assert _sync("-q", "-r", src, dst).returncode == 0
+    _change(src, "s2", seed=300)
+    tb.sh("zfs", "snapshot", f"{dst}/e/f@local")  # only on the destination
+    tb.sh("zfs", "create", f"{src}/new")
+    tb.sh("zfs", "snapshot", f"{src}/new@s2")
+    refused = _sync("-r", src, dst)
+    assert refused.returncode == 4, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert lines[-1].startswith("snapferry: 13 dataset(s): 12 done, 1 refused, 0 failed: ")
+    assert f"{src}/e/f: the destination has diverged" in lines[-1]
+    assert _guids(dst)["/e/f"] == {"s1": _guids(src)["/e/f"]["s1"], "local": _guids(dst)["/e/f"]["local"]}  # kept as it was
+    assert _guids(dst)["/new"] == _guids(src)["/new"] and _guids(dst)["/e/f/g"] == _guids(src)["/e/f/g"]
+
+    excluded = _sync("-r", "--exclude", "/e/f$", "--exclude", "^" + src + "/k$", src, dst)
+    assert excluded.returncode == 0, excluded.stderr
+    assert "11 dataset(s): 11 done" in excluded.stderr
+    tb.sh("zfs", "destroy", "-r", f"{src}/j")
+    gone = _sync("-r", "--exclude", "/e/f$", src, dst)
+    assert gone.returncode == 0, gone.stderr
+    assert f"snapferry: warning: {dst}/j is on the destination but no longer on the source; it is kept" in gone.stderr
+    assert "1 gone from the source (kept on the destination)" in gone.stderr and tb.exists(f"{dst}/j")
+
+
+def test_a_restricted_key_receives_a_tree_below_its_prefix_only(bed: tb.Bed, sshd_server: SshServer) -> None:
+    src = _tree(bed, "servedtree")
+    allowed = bed.target("treeallowed")
+    tb.sh("zfs", "create", allowed)
+    key = restricted_key(sshd_server, "tree_key", f"--allow {allowed}")
+    over = ["--ssh", key, "--remote-snapferry", "snapferry"]
+    done = _sync("-q", *over, "-r", src, f"root@127.0.0.1:{allowed}/fs")
+    assert done.returncode == 0, done.stderr
+    assert _guids(f"{allowed}/fs") == _guids(src)
+    outside = _sync("-q", *over, "-r", src, f"root@127.0.0.1:{bed.target('treeoutside')}")
+    assert outside.returncode == 4 and "outside --allow" in outside.stderr
+    assert not tb.exists(bed.target("treeoutside"))
+    raw = [*shlex.split(key), "root@127.0.0.1", f"zfs destroy -r {allowed}/fs"]
+    shell = subprocess.run(raw, capture_output=True, text=True, timeout=60, check=False)
+    assert shell.returncode == 4 and tb.exists(f"{allowed}/fs")
+
+
+def test_btrfs_has_no_tree_to_sync(tmp_path: object) -> None:
+    refused = _sync("-r", "/mnt/snaps", "/mnt/backup")
+    assert refused.returncode == 2 and "-r is for ZFS dataset trees" in refused.stderr
