@@ -26,7 +26,7 @@ def _tree(bed: tb.Bed, name: str, megabytes: int = 1) -> str:
     for n, child in enumerate(CHILDREN):
         tb.sh("zfs", "create", *(["-o", "compression=on"] if n % 3 == 0 else []), f"{root}/{child}")
     for n, dataset in enumerate([root] + [f"{root}/{c}" for c in CHILDREN]):
-        tb.write_tree(tb.mountpoint(dataset) / "data", seed=n, megabytes=megabytes, small_files=5)
+        tb.write_tree(tb.mountpoint(dataset) / "data", seed=n, megabytes=megabytes)
     tb.sh("zfs", "snapshot", "-r", f"{root}@s1")
     return root
 
