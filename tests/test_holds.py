@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from snapferry.errors import UsageError
 from snapferry.interface import SyncPolicy, Transfer
 from snapferry.zfs.plan import ZfsSyncPlanner
 from snapferry_testkit import zfs_testbed as tb
@@ -139,3 +140,28 @@ def test_a_read_only_key_on_the_source_places_and_releases_the_holds(bed: tb.Bed
     argv = [*shlex.split(key), "root@127.0.0.1", f"snapferry release keep {src}@a"]
     shell = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert shell.returncode != 0 and "snapferry only places and removes its own holds" in shell.stderr
+
+
+def test_encrypted_datasets_are_sent_raw_and_send_flags_reach_zfs_send() -> None:
+    """-w for an encrypted dataset, so the key never needs loading on the destination; --send-flags for every new stream."""
+    source = {**SRC, "encrypted": True, "can_send_resume": True}
+    new = ZfsSyncPlanner(SyncPolicy(send_flags=("-L", "-c")), "src/fs", "dst/fs").next_step(source, _status("dst/fs", []))
+    assert isinstance(new, Transfer) and new.send_args == ("-L", "-c", "-w", "src/fs@a")
+    raw_replica = {**_status("dst/fs", [("a", 1)]), "encrypted": True}
+    incremental = ZfsSyncPlanner(SyncPolicy(), "src/fs", "dst/fs").next_step(source, raw_replica)
+    assert isinstance(incremental, Transfer) and incremental.send_args == ("-w", "-I", "src/fs@a", "src/fs@c")
+    # A replica an older snapferry received decrypted stays so: a raw incremental could not apply to it.
+    decrypted = ZfsSyncPlanner(SyncPolicy(), "src/fs", "dst/fs").next_step(source, _status("dst/fs", [("a", 1)]))
+    assert isinstance(decrypted, Transfer) and decrypted.send_args == ("-I", "src/fs@a", "src/fs@c")
+    with pytest.raises(UsageError, match="has no -L, -e, -c or -w, and no encryption"):
+        ZfsSyncPlanner(SyncPolicy(send_flags=("-w",)), "src/fs", "dst/fs").next_step(SRC, _status("dst/fs", []))
+
+
+def test_zfs_fuse_says_it_has_no_send_flags(bed: tb.Bed) -> None:
+    src = bed.dataset("flags")
+    tb.sh("zfs", "create", src)
+    tb.snapshot(f"{src}@a")
+    refused = _sync("--send-flags", "-L -c", src, bed.target("flags"))
+    assert refused.returncode == 2 and "has no -L, -e, -c or -w, and no encryption" in refused.stderr
+    assert not tb.exists(bed.target("flags"))
+    assert _sync("--send-flags", "-x", src, bed.target("flags")).returncode == 2

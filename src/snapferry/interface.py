@@ -99,6 +99,8 @@ class SyncPolicy:
     # Discard changes to the destination's live file system since its last snapshot (receive -F), but
     # never its snapshots: a parent in a tree changes whenever a child's mountpoint is made in it.
     discard_changes: bool = False
+    # zfs send flags for every new stream (-L -e -c -w); a resume takes its flags from its token.
+    send_flags: tuple[str, ...] = ()
 
 
 class SyncPlanner(Protocol):

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from snapferry_testkit.zfs_testbed import (
+    SNAPFERRY,
     change_tree,
     exists,
     guid,
     manifest,
     mountpoint,
+    piece_names,
     send_bytes,
     sh,
     snapferry,
@@ -240,3 +246,38 @@ def test_pool_without_extensible_dataset_uses_pieces(legacy_pool: str, requested
     assert result.returncode == 0, result.stderr
     assert modes_chosen(result.stderr) == ["pieces"]
     assert manifest(mountpoint(dst)) == src["files1"]
+
+
+def test_an_encrypted_tree_syncs_raw_and_resumes_without_its_key(pool: str, tmp_path: Path) -> None:
+    """sync -r of an encrypted tree sends raw (-w by itself): the replica's keys are never loaded, and a killed
+    sync goes on where it stopped."""
+    key = tmp_path / "key"
+    fs, _, files = encrypted_source(pool, key, seed=61)
+    sh("zfs", "create", f"{fs}/child")
+    write_tree(mountpoint(f"{fs}/child"), seed=62, megabytes=4)
+    sh("zfs", "snapshot", "-r", f"{fs}@s2")
+    dst = f"{pool}/mirror"
+    slow = subprocess.Popen(
+        [*SNAPFERRY, "sync", "-q", "--mode", "pieces", "--bwlimit", "1M", "--checkpoint", "1M", "-r", fs, dst],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    # Killed once the first dataset has a checkpoint (pieces: they are snapshots, visible while it runs).
+    while not (exists(dst) and piece_names(dst)):
+        assert slow.poll() is None and time.monotonic() < deadline, "no checkpoint on the destination"
+        time.sleep(0.2)
+    os.killpg(slow.pid, signal.SIGKILL)
+    slow.wait(timeout=30)
+    done = subprocess.run([*SNAPFERRY, "sync", "-r", fs, dst], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "2 dataset(s): 2 done" in done.stderr and " 1 resume(s)" in done.stderr, done.stderr
+    for dataset in (dst, f"{dst}/child"):
+        assert sh("zfs", "get", "-H", "-o", "value", "keystatus", dataset).stdout.decode().strip() == "unavailable"
+        assert snapshot_names(dataset) == ["s1", "s2"]
+    assert guid(f"{dst}/child@s2") == guid(f"{fs}/child@s2")
+    # Only now, with the key, can anyone read the replica: the same files as the source.
+    parent_files = {k: v for k, v in unlocked_manifest(dst, key).items() if not k.startswith("child/")}
+    assert parent_files == {k: v for k, v in manifest(mountpoint(fs)).items() if not k.startswith("child/")}
+    sh("zfs", "mount", f"{dst}/child")
+    assert manifest(mountpoint(f"{dst}/child")) == manifest(mountpoint(f"{fs}/child"))
+    assert files.items() <= parent_files.items()  # what @s1 held is still there at @s2

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
+        send_flags=_send_flags(args.send_flags),
         progress=reporter.mode != "quiet",
     )
     started = time.time()
@@ -75,6 +76,18 @@ def run(args: argparse.Namespace) -> int:
         if sync is not None and not args.dry_run:
             _report(args, sync, source, target, started, exit_code, outcome)
     return 0
+
+
+_SEND_FLAGS = ("-L", "-e", "-c", "-w")
+
+
+def _send_flags(text: str | None) -> tuple[str, ...]:
+    """--send-flags "-L -e -c": zfs send's flags that keep blocks as they are on disk (OpenZFS)."""
+    flags = tuple(f"-{letter}" for word in shlex.split(text or "") for letter in word.lstrip("-"))
+    unknown = [f for f in flags if f not in _SEND_FLAGS]
+    if unknown:
+        raise UsageError(f"--send-flags takes {' '.join(_SEND_FLAGS)}, not {' '.join(unknown)}")
+    return tuple(dict.fromkeys(flags))
 
 
 def _report(
@@ -125,6 +138,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--exclude", action="append", metavar="REGEX", help="with -r: skip the datasets whose name matches (repeatable)")
     sync.add_argument("--jobs", type=int, default=1, metavar="N", help="with -r: sync N datasets at a time (default 1)")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    sync.add_argument(
+        "--send-flags",
+        metavar='"-L -e -c"',
+        help="ZFS (OpenZFS): zfs send flags for new streams; -w (raw) is added for encrypted datasets by itself",
+    )
     sync.add_argument(
         "--no-hold", action="store_true", help="ZFS: do not hold the snapshots being sent (holds keep a pruner from destroying them)"
     )

@@ -34,6 +34,7 @@ class SyncOptions:
     mode: str | None = None
     hold_tag: str | None = None  # see SyncPolicy
     discard_changes: bool = False  # see SyncPolicy
+    send_flags: tuple[str, ...] = ()  # see SyncPolicy
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
@@ -59,6 +60,7 @@ class SyncOptions:
             take_snapshot=self.snapshot_prefix is not None,
             hold_tag=self.hold_tag,
             discard_changes=self.discard_changes,
+            send_flags=self.send_flags,
         )
 
 

@@ -206,6 +206,7 @@ class ZfsBackend:
             "can_send_resume": modern,
             "native_resume": modern and zfs.native_resume(target),
             "modified": self._modified(target) if exists and modern else None,
+            "encrypted": self._encrypted(target) if exists and modern else False,
         }
 
     @staticmethod
@@ -245,6 +246,13 @@ class ZfsBackend:
 
     def summarize(self, target: dict[str, Any], source: dict[str, Any] | None = None) -> Summary:
         return summarize(target, source)
+
+    def _encrypted(self, dataset: str) -> bool:
+        """Whether OpenZFS encrypts the dataset (zfs-fuse has no encryption)."""
+        try:
+            return self.zfs.get_properties(dataset, "encryption")[dataset]["encryption"] not in ("off", "-")
+        except (SnapferryError, KeyError):
+            return False
 
     def _modified(self, dataset: str) -> bool | None:
         """Whether anything was written since the last snapshot (`written`; OpenZFS only, zfs-fuse cannot tell)."""

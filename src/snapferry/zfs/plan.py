@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from snapferry.errors import Refused, StreamFormatError
+from snapferry.errors import Refused, StreamFormatError, UsageError
 from snapferry.interface import Action, Moment, Summary, SyncPolicy, SyncStep, Transfer, Unfinished
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.token import ResumeToken
@@ -196,9 +196,9 @@ class ZfsSyncPlanner:
         if step.token is not None:
             send: tuple[str, ...] = ("-t", step.token.encode())
         elif step.base is None:
-            send = (step.snapshot,)
+            send = (*self._send_flags(source, target), step.snapshot)
         else:
-            send = ("-I" if step.intermediates else "-i", step.base, step.snapshot)
+            send = (*self._send_flags(source, target), "-I" if step.intermediates else "-i", step.base, step.snapshot)
         rollback = self.policy.force or self.policy.discard_changes
         receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if rollback else [])]
         if step.base is None and (step.token is None or not step.token.fromguid):
@@ -222,6 +222,21 @@ class ZfsSyncPlanner:
             before=before,
             after=after,
         )
+
+    def _send_flags(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[str, ...]:
+        """--send-flags, and -w for an encrypted dataset: its blocks travel as they are and the key never needs
+        to be loaded on the destination (a new replica, or one received raw before; a replica received
+        decrypted by an older snapferry stays so). Only OpenZFS has these flags."""
+        flags = list(self.policy.send_flags)
+        raw_replica = not target.get("exists") or target.get("encrypted")
+        if source.get("encrypted") and raw_replica and "-w" not in flags:
+            flags.append("-w")
+        if flags and not source.get("can_send_resume"):
+            raise UsageError(
+                f"--send-flags {' '.join(flags)}: the zfs of {self.source} (zfs-fuse, or another pool-v28-era ZFS) has no "
+                "-L, -e, -c or -w, and no encryption: sync it without --send-flags"
+            )
+        return tuple(flags)
 
     @staticmethod
     def _sent_snapshots(step: Step, source: dict[str, Any]) -> tuple[str, ...]:
