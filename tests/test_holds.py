@@ -165,3 +165,35 @@ def test_zfs_fuse_says_it_has_no_send_flags(bed: tb.Bed) -> None:
     assert refused.returncode == 2 and "has no -L, -e, -c or -w, and no encryption" in refused.stderr
     assert not tb.exists(bed.target("flags"))
     assert _sync("--send-flags", "-x", src, bed.target("flags")).returncode == 2
+
+
+def _prefixed(dataset: str) -> list[str]:
+    return [name for name in tb.snapshot_names(dataset) if name.startswith("snapferry_")]
+
+
+def test_retention_keeps_the_newest_of_syncs_own_snapshots_and_never_a_held_or_foreign_one(bed: tb.Bed) -> None:
+    src = bed.dataset("kept")
+    tb.sh("zfs", "create", src)
+    tb.write_tree(tb.mountpoint(src), seed=51, megabytes=1)
+    tb.snapshot(f"{src}@manual")  # not sync's: never pruned
+    dst = bed.target("kept")
+    args = ["--snapshot", "--keep-source", "2", "--keep-dest", "3", src, dst]
+    assert _sync(*args).returncode == 0
+    first = _prefixed(src)[0]
+    tb.sh("zfs", "hold", "keep", f"{src}@{first}")  # someone else's hold: that one stays on the source
+    try:
+        for n in range(3):
+            time.sleep(1.1)  # sync's snapshot names have a resolution of one second
+            tb.write_tree(tb.mountpoint(src) / f"more{n}", seed=60 + n, megabytes=1)
+            done = _sync(*args)
+            assert done.returncode == 0, done.stderr
+        on_source, on_target = _prefixed(src), _prefixed(dst)
+        assert len(on_target) == 3 and on_target == sorted(on_target)
+        assert on_source == [first, *on_target[-2:]]  # the newest 2, and the held one
+        assert "manual" in tb.snapshot_names(src) and "manual" in tb.snapshot_names(dst)
+        assert tb.guid(f"{dst}@{on_target[-1]}") == tb.guid(f"{src}@{on_target[-1]}")  # the newest common one is kept on both
+    finally:
+        tb.sh("zfs", "release", "keep", f"{src}@{first}")
+    assert _sync("--keep-dest", "0", src, dst).returncode == 2
+    refused = tb.snapferry("prune", "--prefix", "", "--keep", "1", src)
+    assert refused.returncode == 2 and "only prunes names with a prefix" in refused.stderr

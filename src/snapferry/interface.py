@@ -101,6 +101,10 @@ class SyncPolicy:
     discard_changes: bool = False
     # zfs send flags for every new stream (-L -e -c -w); a resume takes its flags from its token.
     send_flags: tuple[str, ...] = ()
+    # Retention of sync's own snapshots (names starting with `prefix`): how many of the newest each end keeps.
+    prefix: str = "snapferry_"
+    keep_source: int | None = None
+    keep_target: int | None = None
 
 
 class SyncPlanner(Protocol):
@@ -212,6 +216,11 @@ class Backend(Protocol):
 
     def take_snapshot(self, snapshot: str, recursive: bool = False) -> None:
         """`snapferry snapshot [-r]`, for sync --snapshot: take this snapshot (of every descendant too, atomically)."""
+        ...
+
+    def prune(self, target: str, prefix: str, keep: int, protect: list[str]) -> list[str]:
+        """`snapferry prune`: destroy target's snapshots named PREFIX... but the newest `keep`, a held one or one in
+        `protect` (the newest both ends have); what it destroyed."""
         ...
 
     def descendants(self, target: str) -> list[str]:

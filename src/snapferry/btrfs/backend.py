@@ -156,6 +156,9 @@ class BtrfsBackend:
     def holds(self, target: str) -> list[tuple[str, str | None]]:
         return []
 
+    def prune(self, target: str, prefix: str, keep: int, protect: list[str]) -> list[str]:
+        raise UsageError("--keep-source/--keep-dest prune sync's own ZFS snapshots; prune btrfs snapshots with btrbk or by hand")
+
     def descendants(self, target: str) -> list[str]:
         raise UsageError("-r is for ZFS dataset trees; a btrfs sync already sends every read-only snapshot in the directory")
 

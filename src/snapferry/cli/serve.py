@@ -17,7 +17,7 @@ from snapferry.errors import Refused, SnapferryError, as_event
 
 # hold and release only touch snapferry's own holds (tag snapferry:...), which a sending key needs to place.
 _READ_ONLY_VERBS = {"send", "token", "status", "subvolumes", "hold", "release", "holds"}
-_WRITE_VERBS = {"receive", "recv", "rollback", "snapshot"}
+_WRITE_VERBS = {"receive", "recv", "rollback", "snapshot", "prune"}
 # Properties a restricted key may have set on what it receives: none that mounts anything anywhere.
 _RECEIVE_PROPERTIES = {"atime", "readonly"}
 ALLOW_ENV = "SNAPFERRY_SERVE_ALLOW"
@@ -113,6 +113,7 @@ def _parse(words: list[str]) -> argparse.Namespace:
 def _targets(args: argparse.Namespace) -> list[str]:
     """Every dataset, snapshot or path the parsed command names."""
     names = [getattr(args, key, None) for key in ("snapshot", "dataset", "directory", "parent", "i", "I", "source")]
+    names += getattr(args, "protect", None) or []
     names += (getattr(args, "targets", None) or []) + (getattr(args, "snapshots", None) or [])
     if not getattr(args, "decode", False):
         names.append(getattr(args, "target", None))

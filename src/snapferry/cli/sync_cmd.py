@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         compress=compress,
         bwlimit=args.bwlimit,
         buffer=args.buffer,
-        snapshot_prefix=args.snapshot_prefix if args.snapshot else None,
+        take_snapshot=args.snapshot,
+        snapshot_prefix=args.snapshot_prefix,
+        keep_source=args.keep_source,
+        keep_target=args.keep_dest,
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
         send_flags=_send_flags(args.send_flags),
@@ -79,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 _SEND_FLAGS = ("-L", "-e", "-c", "-w")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"keeps at least 1 snapshot: {text!r}")
+    return int(text)
 
 
 def _send_flags(text: str | None) -> tuple[str, ...]:
@@ -133,6 +142,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--buffer", type=common.size_text, metavar="SIZE", help="memory buffer on the sending side (like mbuffer), e.g. 256M")
     sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")
     sync.add_argument("--snapshot-prefix", default="snapferry_", metavar="PREFIX", help="name prefix for --snapshot")
+    sync.add_argument(
+        "--keep-source", type=_at_least_one, metavar="N", help="ZFS: after the sync, keep only the newest N PREFIX... snapshots on SRC"
+    )
+    sync.add_argument("--keep-dest", type=_at_least_one, metavar="N", help="ZFS: the same on DST")
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("-r", action="store_true", help="ZFS: every dataset below SRC too, into the same places below DST")
     sync.add_argument("--exclude", action="append", metavar="REGEX", help="with -r: skip the datasets whose name matches (repeatable)")

@@ -30,11 +30,14 @@ class SyncOptions:
     compress: str = "none"
     bwlimit: str | None = None
     buffer: str | None = None
-    snapshot_prefix: str | None = None
+    take_snapshot: bool = False  # --snapshot
+    snapshot_prefix: str = "snapferry_"  # of the snapshots sync takes, and the only ones it ever prunes
     mode: str | None = None
     hold_tag: str | None = None  # see SyncPolicy
     discard_changes: bool = False  # see SyncPolicy
     send_flags: tuple[str, ...] = ()  # see SyncPolicy
+    keep_source: int | None = None  # see SyncPolicy
+    keep_target: int | None = None
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
@@ -57,10 +60,13 @@ class SyncOptions:
             no_stream=self.no_stream,
             force=self.force,
             mode=self.mode,
-            take_snapshot=self.snapshot_prefix is not None,
+            take_snapshot=self.take_snapshot,
             hold_tag=self.hold_tag,
             discard_changes=self.discard_changes,
             send_flags=self.send_flags,
+            prefix=self.snapshot_prefix,
+            keep_source=self.keep_source,
+            keep_target=self.keep_target,
         )
 
 
@@ -246,7 +252,7 @@ class Sync(SteppedSync[SyncStep]):
         return [step.describe() for step in steps] or ["nothing: the destination is up to date"]
 
     def _new_snapshot_name(self) -> str | None:
-        if self.options.snapshot_prefix is None:
+        if not self.options.take_snapshot:
             return None
         return f"{self.options.snapshot_prefix}{time.strftime('%Y-%m-%d_%H%M%S', time.gmtime())}"
 

@@ -74,7 +74,7 @@ class TreeSync:
         wanted, gone = self.datasets()
         lines = []
         for name in wanted:
-            sync = self._sync(name, replace(self.options, snapshot_prefix=None))
+            sync = self._sync(name, replace(self.options, take_snapshot=False))
             lines += [f"{name}: {line}" for line in sync.plan()]
         return lines + [f"{name}: gone from the source; kept" for name in gone]
 
@@ -90,13 +90,13 @@ class TreeSync:
     def run(self) -> str:
         """Every dataset tried; the summary, or the error naming each dataset not done."""
         result = self.result
-        if self.options.snapshot_prefix is not None:
+        if self.options.take_snapshot:
             # One recursive snapshot: every dataset of the tree at the same moment.
             self._sync(self.source.endpoint.dataset, self.options).take_snapshot(recursive=True)
         wanted, result.gone = self.datasets()
         for name in result.gone:
             self.events("warning", message=f"{name} is on the destination but no longer on the source; it is kept")
-        options = replace(self.options, snapshot_prefix=None)
+        options = replace(self.options, take_snapshot=False)
         levels: dict[int, list[str]] = {}
         for name in wanted:
             levels.setdefault(name.count("/"), []).append(name)

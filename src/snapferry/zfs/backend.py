@@ -17,7 +17,7 @@ from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.plan import ZfsSyncPlanner, summarize
-from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, latest_token, read_transfers
+from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, latest_token, read_transfers
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.zfs.resume.receiver import PieceReceiver
@@ -333,6 +333,18 @@ class ZfsBackend:
         if "@" not in snapshot:
             raise UsageError(f"not a snapshot name: {snapshot} (POOL/FS@NAME)")
         self.zfs.snapshot(snapshot, recursive=recursive)
+
+    def prune(self, target: str, prefix: str, keep: int, protect: list[str]) -> list[str]:
+        if keep < 1 or not prefix:
+            raise UsageError("prune keeps at least 1 snapshot, and only prunes names with a prefix (--prefix)")
+        ours = [s for s in self.zfs.snapshots(target) if s.short_name.startswith(prefix) and not is_piece(s)]
+        destroyed = []
+        for snapshot in ours[: max(len(ours) - keep, 0)]:
+            if snapshot.name in protect or snapshot.userrefs:
+                continue
+            self.zfs.destroy(snapshot.name)
+            destroyed.append(snapshot.name)
+        return destroyed
 
     def descendants(self, target: str) -> list[str]:
         return self.zfs.descendants(target)

@@ -283,4 +283,11 @@ class ZfsSyncPlanner:
         held = [s.name for s in snapshots_of(source) if s.userrefs]
         if self.policy.hold_tag is not None and held:
             actions.append(Action(f"release {self.policy.hold_tag} from held snapshots", ("release", self.policy.hold_tag, *held), True))
+        common = summarize(target, source).common
+        for keep, dataset, on_source in ((self.policy.keep_source, self.source, True), (self.policy.keep_target, self.target, False)):
+            if keep is not None and common is not None:
+                # Never the newest snapshot both ends have: the next incremental starts there.
+                protect = f"{dataset}@{common.name.partition('@')[2]}"
+                args = ("prune", "--prefix", self.policy.prefix, "--keep", str(keep), "--protect", protect, dataset)
+                actions.append(Action(f"keep the newest {keep} {self.policy.prefix}... snapshots of {dataset}", args, on_source))
         return actions
