@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -197,3 +198,33 @@ def test_retention_keeps_the_newest_of_syncs_own_snapshots_and_never_a_held_or_f
     assert _sync("--keep-dest", "0", src, dst).returncode == 2
     refused = tb.snapferry("prune", "--prefix", "", "--keep", "1", src)
     assert refused.returncode == 2 and "only prunes names with a prefix" in refused.stderr
+
+
+def test_on_stale_restart_gives_up_what_the_source_cannot_continue_and_says_what_it_costs(bed: tb.Bed) -> None:
+    src = bed.dataset("stale")
+    tb.sh("zfs", "create", src)
+    tb.write_tree(tb.mountpoint(src), seed=71, megabytes=8)
+    tb.snapshot(f"{src}@a")
+    dst = bed.target("stale")
+    argv = [*tb.SNAPFERRY, "sync", "-q", "--no-hold", "--checkpoint", "1M", "--bwlimit", "2M", src, dst]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(tb.piece_names(dst) if tb.exists(dst) else []) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoints"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    tb.sh("zfs", "destroy", f"{src}@a")  # unheld (--no-hold): the pruner wins
+    tb.snapshot(f"{src}@b")
+
+    committed = json.loads(tb.snapferry("token", "--decode", tb.token(dst)).stdout)["offset"]
+    refused = _sync(src, dst)
+    assert refused.returncode == 4 and "stale token" in refused.stderr, refused.stderr
+    restarted = subprocess.run(
+        [*tb.SNAPFERRY, "sync", "--on-stale", "restart", src, dst], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    warning = [line for line in restarted.stderr.splitlines() if "--on-stale restart:" in line]
+    assert len(warning) == 1 and f"abort the unfinished transfer into {dst}, throwing away " in warning[0], restarted.stderr
+    assert f"throwing away {committed} committed bytes, and send again" in warning[0]
+    assert tb.snapshot_names(dst) == ["b"] and tb.guid(f"{dst}@b") == tb.guid(f"{src}@b")

@@ -54,6 +54,11 @@ class Refused(SnapferryError):
     exit_code = 4
 
 
+class StaleToken(Refused):
+    """The source can no longer make the interrupted stream (its snapshot or base is gone, or the stream changed):
+    only aborting the destination's transfer and sending again helps (sync --on-stale restart does that)."""
+
+
 class Locked(Refused):
     """Another snapferry process holds the dataset or transfer.
 

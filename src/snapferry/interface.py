@@ -78,6 +78,8 @@ class Transfer:
     # one is a warning, not the step's: they protect the transfer, they are not it.
     before: tuple[Action, ...] = ()
     after: tuple[Action, ...] = ()
+    # For a resume: what gives its unfinished transfer up on the destination (sync --on-stale restart).
+    abort: Action | None = None
 
     def describe(self) -> str:
         return self.description

@@ -120,7 +120,11 @@ class BtrfsSyncPlanner:
             send = ("-t", step.token)
         elif step.parent is not None:
             send = ("-p", str(directory / step.parent))
-        return Transfer(step.describe(), (*send, str(directory / step.snapshot)), (self.target,), resumes=step.token is not None)
+        partial = str(PurePosixPath(self.target) / step.snapshot)
+        abort = Action(f"abort the unfinished transfer of {partial}", ("receive", "-q", "-A", partial)) if step.token else None
+        return Transfer(
+            step.describe(), (*send, str(directory / step.snapshot)), (self.target,), resumes=step.token is not None, abort=abort
+        )
 
     def next_step(self, source: dict[str, Any], target: dict[str, Any]) -> SyncStep | None:
         step = next_btrfs_step(listing_of(source).subvolumes, listing_of(target), no_stream=self.policy.no_stream)

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         snapshot_prefix=args.snapshot_prefix,
         keep_source=args.keep_source,
         keep_target=args.keep_dest,
+        restart_on_stale=args.on_stale == "restart",
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
         send_flags=_send_flags(args.send_flags),
@@ -146,6 +147,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         "--keep-source", type=_at_least_one, metavar="N", help="ZFS: after the sync, keep only the newest N PREFIX... snapshots on SRC"
     )
     sync.add_argument("--keep-dest", type=_at_least_one, metavar="N", help="ZFS: the same on DST")
+    sync.add_argument(
+        "--on-stale",
+        choices=("refuse", "restart"),
+        default="refuse",
+        help="when the source can no longer continue an interrupted transfer: refuse (exit 4, the default) or abort it and send again",
+    )
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("-r", action="store_true", help="ZFS: every dataset below SRC too, into the same places below DST")
     sync.add_argument("--exclude", action="append", metavar="REGEX", help="with -r: skip the datasets whose name matches (repeatable)")

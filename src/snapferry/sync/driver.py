@@ -13,7 +13,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import enlarge_pipe
-from snapferry.errors import ReceiverGone, Refused, SnapferryError, StreamFormatError, TransferInterrupted, UsageError, from_event
+from snapferry.errors import (
+    ReceiverGone,
+    Refused,
+    SnapferryError,
+    StaleToken,
+    StreamFormatError,
+    TransferInterrupted,
+    UsageError,
+    from_event,
+)
 from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
 from snapferry.sync.endpoints import Side, error_of
 
@@ -38,6 +47,7 @@ class SyncOptions:
     send_flags: tuple[str, ...] = ()  # see SyncPolicy
     keep_source: int | None = None  # see SyncPolicy
     keep_target: int | None = None
+    restart_on_stale: bool = False  # --on-stale restart: give up a transfer the source can no longer continue
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
     progress: bool = True
@@ -266,9 +276,23 @@ class Sync(SteppedSync[SyncStep]):
         self._run_quietly(step.before)
         try:
             self.stats.received_bytes += run_pipe(send, receive, self.events)
+        except StaleToken as exc:
+            if not (self.options.restart_on_stale and step.abort is not None):
+                raise
+            self._restart(step.abort, exc)
         except Refused as exc:
             raise Refused(_with_advice(str(exc), step)) from None
         self._run_quietly(step.after)
+
+    def _restart(self, abort: Action, stale: StaleToken) -> None:
+        """--on-stale restart: give up the transfer the source can no longer continue, and send it again (retried)."""
+        summary = self.target.backend.summarize(self.stats.target_status or {}) if self.stats.target_status else None
+        lost = sum(item.bytes_done or 0 for item in summary.unfinished) if summary is not None else 0
+        self.events(
+            "warning", message=f"{stale}; --on-stale restart: {abort.describe()}, throwing away {lost} committed bytes, and send again"
+        )
+        self._run(abort)
+        raise TransferInterrupted("restarting the transfer after a stale token (--on-stale restart)")
 
     def lag(self) -> float | None:
         """Age of the newest snapshot both ends have, as of the last planning (None: unknown, or none in common)."""

@@ -221,6 +221,7 @@ class ZfsSyncPlanner:
             resumes=step.token is not None,
             before=before,
             after=after,
+            abort=Action(f"abort the unfinished transfer into {self.target}", ("receive", "-q", "-A", self.target)) if step.token else None,
         )
 
     def _send_flags(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from snapferry.btrfs.resume.checkpoints import NIL, BtrfsToken
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
 from snapferry.core.streamio import Sink
-from snapferry.errors import DatasetMissing, PrefixMismatch, Refused, SnapferryError, StreamFormatError
+from snapferry.errors import DatasetMissing, PrefixMismatch, Refused, SnapferryError, StaleToken, StreamFormatError
 
 _COPY_CHUNK = 1 << 20
 # btrfs send cuts file data into WRITE commands of at most BTRFS_SEND_READ_SIZE bytes; each costs a
@@ -154,7 +154,7 @@ def _check_source(token: BtrfsToken, source: Subvolume) -> None:
     if source.name != token.subvolume:
         raise Refused(f"this token continues the transfer of a snapshot named {token.subvolume}, not {source.path}")
     if source.uuid.hex != token.uuid:
-        raise Refused(
+        raise StaleToken(
             f"stale token: {source.path} is not the snapshot this transfer receives (uuid {source.uuid}, the token's is "
             f"{UUID(token.uuid)}): it was deleted and taken again; {_abort_advice(token)}"
         )
@@ -180,7 +180,9 @@ def _parent_for(token: BtrfsToken, path: Path, given: Path | None) -> Path | Non
     for sibling in subvolumes_in(path.parent):
         if sibling.uuid == parent:
             return sibling.path
-    raise Refused(f"stale token: the parent snapshot of this incremental (uuid {parent}) is not in {path.parent}; give it with -p PARENT")
+    raise StaleToken(
+        f"stale token: the parent snapshot of this incremental (uuid {parent}) is not in {path.parent}; give it with -p PARENT"
+    )
 
 
 def send_btrfs_continuation(
@@ -194,7 +196,7 @@ def send_btrfs_continuation(
     try:
         source = subvolume_at(path)
     except DatasetMissing:
-        raise Refused(f"stale token: {path} no longer exists; {_abort_advice(token)}") from None
+        raise StaleToken(f"stale token: {path} no longer exists; {_abort_advice(token)}") from None
     _check_source(token, source)
     parent = _parent_for(token, path, options.parent)
     options = dataclasses.replace(options, parent=parent)
@@ -203,11 +205,11 @@ def send_btrfs_continuation(
         begin = first.command
         chosen_parent = begin.clone_uuid if begin.kind == Cmd.SNAPSHOT else NIL
         if begin.uuid.hex != token.uuid or begin.ctransid != token.ctransid:
-            raise Refused(
+            raise StaleToken(
                 f"stale token: {path} has changed since the transfer began (transid {begin.ctransid}, the token's is {token.ctransid})"
             )
         if chosen_parent.hex != token.parent:
-            raise Refused(
+            raise StaleToken(
                 f"stale token: btrfs send now makes a stream from parent {chosen_parent}, the interrupted one was from "
                 f"{UUID(token.parent)}: give the same -p and -c as the first time"
             )
@@ -216,7 +218,7 @@ def send_btrfs_continuation(
             for item in skip_applied(commands, token.offset, bytes.fromhex(token.fingerprint)):
                 events("skip", bytes=item.end_offset, total=token.offset)
         except PrefixMismatch:
-            raise Refused(
+            raise StaleToken(
                 f"stale token: the stream btrfs send makes of {path} now differs from the one received up to stream byte "
                 f"{token.offset} (a defrag or balance of the source, or other -c clone sources, change an incremental's "
                 f"commands); {_abort_advice(token)}"

@@ -8,7 +8,7 @@ from typing import Literal
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess, SendProcess
 from snapferry.core.streamio import Readable, Sink
-from snapferry.errors import PartialReceiveInTheWay, ReceiverGone, Refused, SnapferryError, TransferInterrupted
+from snapferry.errors import PartialReceiveInTheWay, ReceiverGone, Refused, SnapferryError, StaleToken, TransferInterrupted
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.stream import read_header
@@ -110,13 +110,13 @@ def check_native_token(zfs: Zfs, token: OpenZfsToken, flags: Sequence[str], visi
     if source is None:
         same_name = next((s for s in snapshots if s.name == token.toname), None)
         if same_name is not None:
-            raise Refused(
+            raise StaleToken(
                 f"stale token: {token.toname} is no longer the same snapshot used in the initial send (guid "
                 f"{same_name.guid:#x} now, {token.toguid:#x} in the token: destroyed and taken again); {discard}"
             )
-        raise Refused(f"stale token: {token.toname} (guid {token.toguid:#x}) used in the initial send no longer exists; {discard}")
+        raise StaleToken(f"stale token: {token.toname} (guid {token.toguid:#x}) used in the initial send no longer exists; {discard}")
     if token.fromguid and _find([s for s in snapshots if s.dataset == source.dataset], token.fromguid) is None:
-        raise Refused(
+        raise StaleToken(
             f"stale token: the incremental source of the interrupted transfer (guid {token.fromguid:#x}) no longer "
             f"exists in {source.dataset}; {discard}"
         )

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
 from snapferry.core.streamio import Sink
-from snapferry.errors import Refused, StreamFormatError
+from snapferry.errors import Refused, StaleToken, StreamFormatError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
 from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.zfs.codec.token import ResumeToken
@@ -107,7 +107,7 @@ def send_continuation(
     snapshots = [s for s in zfs.all_snapshots() if visible(s.dataset)]
     source = _find_by_guid(snapshots, token.toguid)
     if source is None:
-        raise Refused(
+        raise StaleToken(
             f"stale token: the source snapshot (guid {token.toguid}) no longer exists here (destroyed, or replaced "
             f"by one of the same name); discard the partial transfer with: snapferry receive -A {token.dataset}"
         )
@@ -115,14 +115,14 @@ def send_continuation(
     if token.fromguid:
         base = _find_by_guid([s for s in snapshots if s.dataset == source.dataset], token.fromguid)
         if base is None:
-            raise Refused(
+            raise StaleToken(
                 f"stale token: the base snapshot of this incremental (guid {token.fromguid}) no longer exists "
                 f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
             )
     flags = [f"-{letter}" for letter in token.send_flags]
     with _zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
-            raise Refused(f"stale token: zfs send {source.name} produced a stream of other snapshots")
+            raise StaleToken(f"stale token: zfs send {source.name} produced a stream of other snapshots")
         events("stream", toname=begin.toname, offset=token.offset)
         records = reader.records(begin_bytes, len(begin_bytes), token.fingerprint_from)
         writer: StampedWriter | None = None
@@ -135,13 +135,13 @@ def send_continuation(
                     events("skip", bytes=record.end_offset, total=token.offset)
                     continue
                 if record.offset != token.offset:
-                    raise Refused(
+                    raise StaleToken(
                         f"stale token: its checkpoint (stream byte {token.offset}) is not a record boundary of the "
                         f"stream {source.name} produces now, so the source stream changed; discard the partial "
                         f"transfer with: snapferry receive -A {token.dataset}"
                     )
                 if fingerprint_digest(record.fingerprint) != token.fingerprint:
-                    raise Refused(
+                    raise StaleToken(
                         f"stale token: the stream {source.name} produces now differs from the one received up to "
                         f"byte {token.offset} (fingerprint {fingerprint_digest(record.fingerprint)}, token says "
                         f"{token.fingerprint}); discard the partial transfer with: snapferry receive -A {token.dataset}"
@@ -155,7 +155,7 @@ def send_continuation(
                 if begin.is_raw:
                     # The receiver expects the OBJECT_RANGE in effect at the checkpoint first (see receiver).
                     if object_range is None:
-                        raise Refused(f"stale token: the raw stream {source.name} has no OBJECT_RANGE before the checkpoint")
+                        raise StaleToken(f"stale token: the raw stream {source.name} has no OBJECT_RANGE before the checkpoint")
                     writer.record(object_range)
             if record.kind == RecordType.END:
                 writer.end(begin.toguid)
