@@ -23,6 +23,7 @@ from _chaos_zfs import (
     set_quota,
     setup_source,
     stale_refusal,
+    victim_of,
 )
 
 from snapferry_testkit import zfs_testbed as tb
@@ -286,7 +287,8 @@ class SyncRunner:
         return committed(target)
 
     def stale_resume(self, it: Iteration, fs: str, target: str, fault: dict[str, object]) -> None:
-        """The sync was killed after a checkpoint: destroy the source snapshot, expect a refusal, abort."""
+        """The sync was killed after a checkpoint: a pruner's destroy must fail on sync's hold; once the hold is
+        released, destroy the source snapshot, expect a refusal, abort."""
         deadline = time.monotonic() + 60
         while remote_receives(target) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -295,6 +297,17 @@ class SyncRunner:
             fault["counted_as"] = "sync_kill"
             return
         base_guid = tb.guid(f"{fs}@s1") if it.mode == "incremental" else None
+        # A pruner first: sync's hold keeps it from destroying what the interrupted transfer needs.
+        victim = victim_of(it, fs, fault)
+        pruned = tb.sh("zfs", "destroy", victim, check=False)
+        if pruned.returncode == 0 or b"dataset is busy" not in pruned.stderr:
+            it.problems.append(f"{victim} was not held by the interrupted sync (zfs destroy: {pruned.stderr.decode().strip() or 'done'})")
+            return
+        fault["held"] = True
+        # Then an admin lets it go (snapferry holds --release), and the stale token follows.
+        released = run_sf("holds", "--release", "--tag", f"snapferry:{REMOTE}:{target}", fs)
+        if released.returncode != 0:
+            it.problems.append(f"holds --release: exit {released.returncode}: {last_line(released.stderr)}")
         destroy_victim(it, fs, fault)
         it.terminal = True
         run = self.start(it, fs, target)

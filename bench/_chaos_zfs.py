@@ -62,9 +62,13 @@ def quota_margin(fault: dict[str, object], remaining: int) -> int:
     return max(256 * 1024, int((0.05 + 0.75 * float(fault["fraction"])) * remaining))  # type: ignore[arg-type]
 
 
-def destroy_victim(it: Iteration, fs: str, fault: dict[str, object]) -> str:
+def victim_of(it: Iteration, fs: str, fault: dict[str, object]) -> str:
     """snapdestroy: the snapshot being sent, or (incremental, every other time) its base."""
-    victim = f"{fs}@s1" if it.mode == "incremental" and int(fault["mask"]) & 0x55 else f"{fs}@{final_snap(it)}"  # type: ignore[call-overload]
+    return f"{fs}@s1" if it.mode == "incremental" and int(fault["mask"]) & 0x55 else f"{fs}@{final_snap(it)}"  # type: ignore[call-overload]
+
+
+def destroy_victim(it: Iteration, fs: str, fault: dict[str, object]) -> str:
+    victim = victim_of(it, fs, fault)
     tb.sh("zfs", "destroy", victim)
     fault["destroyed"] = victim
     return victim
