@@ -142,3 +142,30 @@ def test_a_restricted_key_receives_a_tree_below_its_prefix_only(bed: tb.Bed, ssh
 def test_btrfs_has_no_tree_to_sync(tmp_path: object) -> None:
     refused = _sync("-r", "/mnt/snaps", "/mnt/backup")
     assert refused.returncode == 2 and "-r is for ZFS dataset trees" in refused.stderr
+
+
+def _local(dataset: str) -> dict[str, str]:
+    out = tb.sh("zfs", "get", "-H", "-p", "-s", "local", "-o", "property,value", "all", dataset).stdout.decode()
+    return dict(line.split("\t", 1) for line in out.splitlines())
+
+
+def test_props_give_each_replica_its_sources_own_properties_but_never_a_mountpoint(bed: tb.Bed) -> None:
+    src = bed.dataset("propped")
+    tb.sh("zfs", "create", "-o", "compression=on", "-o", "recordsize=32768", "-o", "com.example:owner=ops", src)
+    tb.sh("zfs", "create", "-o", "copies=2", "-o", f"mountpoint=/{bed.src.name}-elsewhere", f"{src}/child")
+    for dataset in (src, f"{src}/child"):
+        tb.write_tree(tb.mountpoint(dataset) / "data", seed=5, megabytes=1)
+    tb.sh("zfs", "snapshot", "-r", f"{src}@s1")
+    dst = bed.target("propped")
+    done = _sync("-q", "-r", "--props", "-x", "recordsize", "-o", "checksum=sha256", src, dst)
+    assert done.returncode == 0, done.stderr
+    parent, child = _local(dst), _local(f"{dst}/child")
+    assert parent["compression"] == "on" and parent["com.example:owner"] == "ops" and parent["checksum"] == "sha256"
+    assert "recordsize" not in parent  # -x
+    assert child["copies"] == "2" and "mountpoint" not in child  # below its destination, not over the host's directories
+    assert parent["atime"] == child["atime"] == "off"  # a replica: reading it is no change
+    # A change on the source goes with the next incremental.
+    tb.sh("zfs", "set", "com.example:owner=backup-team", src)
+    tb.sh("zfs", "snapshot", "-r", f"{src}@s2")
+    assert _sync("-q", "-r", "--props", src, dst).returncode == 0
+    assert _local(dst)["com.example:owner"] == "backup-team"

@@ -103,6 +103,11 @@ class SyncPolicy:
     discard_changes: bool = False
     # zfs send flags for every new stream (-L -e -c -w); a resume takes its flags from its token.
     send_flags: tuple[str, ...] = ()
+    # --props: the source's locally set properties go with each transfer (receive -o), less `exclude_props`,
+    # with `set_props` on top.
+    props: bool = False
+    exclude_props: tuple[str, ...] = ()
+    set_props: tuple[tuple[str, str], ...] = ()
     # Retention of sync's own snapshots (names starting with `prefix`): how many of the newest each end keeps.
     prefix: str = "snapferry_"
     keep_source: int | None = None

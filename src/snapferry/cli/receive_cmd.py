@@ -11,7 +11,7 @@ from snapferry.errors import UsageError
 from snapferry.interface import Backend, ReceiveRequest
 
 
-def _property(text: str) -> tuple[str, str]:
+def receive_property(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"-o takes PROPERTY=VALUE, not {text!r}")
@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     recv.add_argument(
         "-o",
         action="append",
-        type=_property,
+        type=receive_property,
         metavar="PROPERTY=VALUE",
         help="ZFS: set this property on the dataset once the transfer is complete (repeatable)",
     )

@@ -18,8 +18,13 @@ from snapferry.errors import Refused, SnapferryError, as_event
 # hold and release only touch snapferry's own holds (tag snapferry:...), which a sending key needs to place.
 _READ_ONLY_VERBS = {"send", "token", "status", "subvolumes", "hold", "release", "holds"}
 _WRITE_VERBS = {"receive", "recv", "rollback", "snapshot", "prune"}
-# Properties a restricted key may have set on what it receives: none that mounts anything anywhere.
-_RECEIVE_PROPERTIES = {"atime", "readonly"}
+# Properties a restricted key may have set on what it receives (sync --props): none that mounts, shares or
+# exposes anything on the host. User properties (with a colon) are only labels.
+_RECEIVE_PROPERTIES = {
+    "atime", "readonly", "compression", "checksum", "copies", "recordsize", "dedup", "xattr", "aclinherit", "aclmode",
+    "acltype", "snapdir", "logbias", "primarycache", "secondarycache", "sync", "dnodesize", "special_small_blocks",
+    "redundant_metadata", "relatime", "quota", "refquota", "reservation", "refreservation", "canmount",
+}  # fmt: skip
 ALLOW_ENV = "SNAPFERRY_SERVE_ALLOW"
 
 
@@ -88,7 +93,7 @@ class Policy:
         for name in _targets(args):
             self._check_dataset(name)
         for name, _ in getattr(args, "o", None) or ():
-            if name not in _RECEIVE_PROPERTIES:
+            if name not in _RECEIVE_PROPERTIES and ":" not in name:
                 raise Refused(f"serve: receive -o {name} is not allowed for this key (only {', '.join(sorted(_RECEIVE_PROPERTIES))})")
         if verb == "rollback":
             # Everything a rollback would destroy must be ours to destroy, clones elsewhere included.

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from snapferry.cli import common
+from snapferry.cli.receive_cmd import receive_property
 from snapferry.cli.status_cmd import age, size
 from snapferry.core.lock import dataset_lock
 from snapferry.errors import SnapferryError, UsageError
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         keep_source=args.keep_source,
         keep_target=args.keep_dest,
         restart_on_stale=args.on_stale == "restart",
+        props=args.props,
+        exclude_props=tuple(args.x or ()),
+        set_props=tuple(args.o or ()),
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
         send_flags=_send_flags(args.send_flags),
@@ -147,6 +151,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         "--keep-source", type=_at_least_one, metavar="N", help="ZFS: after the sync, keep only the newest N PREFIX... snapshots on SRC"
     )
     sync.add_argument("--keep-dest", type=_at_least_one, metavar="N", help="ZFS: the same on DST")
+    sync.add_argument("--props", action="store_true", help="ZFS: give each replica its source's locally set properties")
+    sync.add_argument("-x", action="append", metavar="PROPERTY", help="with --props: not this one (repeatable)")
+    sync.add_argument("-o", action="append", type=receive_property, metavar="PROPERTY=VALUE", help="set this on each replica (repeatable)")
     sync.add_argument(
         "--on-stale",
         choices=("refuse", "restart"),

@@ -47,6 +47,9 @@ class SyncOptions:
     send_flags: tuple[str, ...] = ()  # see SyncPolicy
     keep_source: int | None = None  # see SyncPolicy
     keep_target: int | None = None
+    props: bool = False  # see SyncPolicy
+    exclude_props: tuple[str, ...] = ()
+    set_props: tuple[tuple[str, str], ...] = ()
     restart_on_stale: bool = False  # --on-stale restart: give up a transfer the source can no longer continue
     # Whether the sync shows progress: only then does the sending side report it, and work out the
     # stream's size for the ETA (a btrfs --no-data send, or zfs send -nP).
@@ -77,6 +80,9 @@ class SyncOptions:
             prefix=self.snapshot_prefix,
             keep_source=self.keep_source,
             keep_target=self.keep_target,
+            props=self.props,
+            exclude_props=self.exclude_props,
+            set_props=self.set_props,
         )
 
 

@@ -207,6 +207,7 @@ class ZfsBackend:
             "native_resume": modern and zfs.native_resume(target),
             "modified": self._modified(target) if exists and modern else None,
             "encrypted": self._encrypted(target) if exists and modern else False,
+            "properties": zfs.local_properties(target) if exists else {},
         }
 
     @staticmethod

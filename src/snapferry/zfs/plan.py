@@ -175,6 +175,17 @@ def choose_sync_mode(policy: SyncPolicy, source: dict[str, Any], target: dict[st
     return "native" if target["native_resume"] and not target["unfinished_pieces"] else "pieces"
 
 
+# Not copied by --props: set only at creation (or by the stream itself), or, like mountpoint, not a backup
+# target's business (the replica mounts below its destination's parent unless -o mountpoint=... says otherwise;
+# it keeps atime=off, so that reading it never counts as a change).
+NOT_COPIED = frozenset(
+    {
+        "mountpoint", "encryption", "keyformat", "keylocation", "pbkdf2iters", "casesensitivity", "normalization",
+        "utf8only", "volsize", "volblocksize", "version", "zoned", "sharenfs", "sharesmb", "atime",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ZfsSyncPlanner:
     """A SyncPlanner for one dataset: `next_step` and `plan_all` above, as snapferry commands."""
@@ -201,10 +212,13 @@ class ZfsSyncPlanner:
             send = (*self._send_flags(source, target), "-I" if step.intermediates else "-i", step.base, step.snapshot)
         rollback = self.policy.force or self.policy.discard_changes
         receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if rollback else [])]
+        properties = self._properties(source)
         if step.base is None and (step.token is None or not step.token.fromguid):
             # A replica this sync creates: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
-            receive += ["-o", "atime=off"]
+            properties.setdefault("atime", "off")
+        for name, value in properties.items():
+            receive += ["-o", f"{name}={value}"]
         held = self._sent_snapshots(step, source)
         tag = self.policy.hold_tag
         before: tuple[Action, ...] = ()
@@ -223,6 +237,16 @@ class ZfsSyncPlanner:
             after=after,
             abort=Action(f"abort the unfinished transfer into {self.target}", ("receive", "-q", "-A", self.target)) if step.token else None,
         )
+
+    def _properties(self, source: dict[str, Any]) -> dict[str, str]:
+        """--props: the source's own properties for the replica, as `zfs receive -o` would set them; never the ones
+        that only exist at creation or would mount it over the backup host's directories, unless -o says so."""
+        chosen: dict[str, str] = {}
+        if self.policy.props:
+            skipped = set(self.policy.exclude_props) | NOT_COPIED
+            chosen = {k: v for k, v in source.get("properties", {}).items() if k not in skipped}
+        chosen.update(self.policy.set_props)
+        return chosen
 
     def _send_flags(self, source: dict[str, Any], target: dict[str, Any]) -> tuple[str, ...]:
         """--send-flags, and -w for an encrypted dataset: its blocks travel as they are and the key never needs

@@ -115,6 +115,11 @@ class Zfs:
             return False
         return True
 
+    def local_properties(self, dataset: str) -> dict[str, str]:
+        """The properties set on the dataset itself (`zfs get -s local`), not inherited or default ones."""
+        out = self.run(f"cannot read the properties of {dataset}", "get", "-H", "-p", "-s", "local", "-o", "property,value", "all", dataset)
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
     def get_properties(self, dataset: str, *names: str, recursive_depth: int | None = None) -> dict[str, dict[str, str]]:
         """{dataset name: {property: value}} from `zfs get -Hp`, for one dataset or its children."""
         args = ["get", "-H", "-p", "-o", "name,property,value"]
