@@ -40,6 +40,41 @@ class TreeResult:
         return from_event({"class": type(worst).__name__, "code": worst.exit_code, "message": f"{self.line()}: {listed}"})
 
 
+class TreeProgress:
+    """One progress display for a whole tree: the sending sides' bytes and size estimates of every dataset summed
+    (the ETA counts the transfers begun so far), and the datasets in flight as its description."""
+
+    def __init__(self, events: EventSink) -> None:
+        self._events = events
+        self._lock = threading.Lock()
+        self._done = 0  # bytes of the transfers that have ended
+        self._current: dict[str, int] = {}  # dataset -> bytes of its transfer in flight
+        self._estimated = 0
+
+    def sink(self, dataset: str) -> EventSink:
+        def tagged(event: str, **fields: Any) -> None:
+            with self._lock:
+                sending = fields.get("side") == "sending"
+                if event == "progress" and sending and isinstance(fields.get("bytes"), int):
+                    self._current[dataset] = fields["bytes"]
+                    total = self._done + sum(self._current.values())
+                    self._events("progress", bytes=total, datasets=sorted(self._current), side="sending")
+                    return
+                if event == "stream" and sending:
+                    self._estimated += int(fields.get("estimate") or 0)
+                    flying = sorted({*self._current, dataset})
+                    self._events(
+                        "stream", **{**fields, "dataset": dataset, "toname": ", ".join(flying), "estimate": self._estimated or None}
+                    )
+                    return
+                if event in ("plan", "retry", "dataset"):
+                    # A transfer ended (or is tried again): its bytes so far count as done.
+                    self._done += self._current.pop(dataset, 0)
+            self._events(event, **{"dataset": dataset, **fields})
+
+        return tagged
+
+
 class TreeSync:
     """The datasets at and below `source` into the same places below `target`; --jobs of them at a time, a level at a time."""
 
@@ -53,6 +88,7 @@ class TreeSync:
         self._lock = threading.Lock()
         self.result = TreeResult()
         self.stats = self.result.stats
+        self.progress = TreeProgress(events)
 
     def _wanted(self, name: str) -> bool:
         return not any(pattern.search(name) for pattern in self.exclude)
@@ -79,10 +115,7 @@ class TreeSync:
         return lines + [f"{name}: gone from the source; kept" for name in gone]
 
     def _sync(self, name: str, options: SyncOptions) -> Sync:
-        def tagged(event: str, **fields: Any) -> None:
-            self.events(event, **{"dataset": name, **fields})
-
-        return Sync(self.source.child(name), self.target.child(self._target_of(name)), options, tagged)
+        return Sync(self.source.child(name), self.target.child(self._target_of(name)), options, self.progress.sink(name))
 
     def lag(self) -> float | None:
         return self.result.lag
@@ -130,4 +163,4 @@ class TreeSync:
             lag = sync.lag()
             if lag is not None:
                 result.lag = max(lag, result.lag or 0.0)
-        self.events("dataset", dataset=name, outcome=outcome, **({"reason": str(error)} if error is not None else {}))
+        self.progress.sink(name)("dataset", outcome=outcome, **({"reason": str(error)} if error is not None else {}))
