@@ -7,11 +7,24 @@ import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from snapferry_testkit import zfs_testbed as tb
 from snapferry_testkit.sshd_server import SshServer
 from tests.test_serve import restricted_key
+from tests.test_sync import (  # noqa: F401  (throttle and background are fixtures)
+    background,
+    checkpoints,
+    logged_bytes,
+    slow_ssh,
+    ssh_clients,
+    start_sync,
+    sync_argv,
+    throttle,
+    wait_for,
+)
 
+REMOTE = "root@127.0.0.1"
 CHILDREN = ["a", "a/b", "a/b/c", "a/d", "e", "e/f", "e/f/g", "h", "h/i", "j", "k"]  # with the root, 12 datasets, 3 levels
 
 
@@ -169,3 +182,37 @@ def test_props_give_each_replica_its_sources_own_properties_but_never_a_mountpoi
     tb.sh("zfs", "snapshot", "-r", f"{src}@s2")
     assert _sync("-q", "-r", "--props", src, dst).returncode == 0
     assert _local(dst)["com.example:owner"] == "backup-team"
+
+
+def test_a_tree_over_a_link_that_is_cut_then_a_daemon_restart(  # noqa: F811  (fixtures from test_sync)
+    bed: tb.Bed,
+    ssh_command: str,
+    remote_snapferry: str,
+    throttle: Path,  # noqa: F811
+    tmp_path: Path,
+    background: list[subprocess.Popen[bytes]],  # noqa: F811
+) -> None:
+    """The link cut inside the tree's second dataset, then the zfs-fuse daemon killed and restarted in an
+    incremental: each time the same sync goes on, and what crossed the link is the tree's streams plus at
+    most one checkpoint for the dataset that was in flight."""
+    src = _tree(bed, "cuttree", megabytes=2)
+    dst = bed.target("cuttree")
+    log, err = tmp_path / "bytes.log", tmp_path / "sync.err"
+    args = ["--json", "--compress", "none", "--checkpoint", "1M", "-r", src, f"{REMOTE}:{dst}"]
+    proc = start_sync(background, sync_argv(slow_ssh(throttle, ssh_command, log), remote_snapferry, *args), err)
+    wait_for(lambda: checkpoints(f"{dst}/a"), 120, "a checkpoint in the second dataset", proc, err)
+    for pid in ssh_clients(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
+    assert _guids(dst) == _guids(src)
+    streams = sum(len(tb.send_bytes(f"{src}{child}@s1")) for child in ["", *(f"/{c}" for c in CHILDREN)])
+    # Each transfer's BEGIN and END, and the rest of the cut one's piece: well under one 1M checkpoint more.
+    assert streams <= logged_bytes(log) <= streams + (1 << 20) + 13 * (64 << 10), (logged_bytes(log), streams)
+
+    _change(src, "s2", seed=500)
+    err2 = tmp_path / "sync2.err"
+    proc = start_sync(background, sync_argv(slow_ssh(throttle, ssh_command, tmp_path / "bytes2.log"), remote_snapferry, *args), err2)
+    wait_for(lambda: any(checkpoints(f"{dst}{c}") for c in ("", "/a", "/e", "/h")), 120, "a checkpoint of an incremental", proc, err2)
+    tb.reboot_daemon([bed.src.directory, bed.dst.directory], [bed.src.name, bed.dst.name])
+    assert proc.wait(timeout=600) == 0, err2.read_text()[-3000:]
+    assert _guids(dst) == _guids(src)
