@@ -255,6 +255,7 @@ def test_an_encrypted_tree_syncs_raw_and_resumes_without_its_key(pool: str, tmp_
     fs, _, files = encrypted_source(pool, key, seed=61)
     sh("zfs", "create", f"{fs}/child")
     write_tree(mountpoint(f"{fs}/child"), seed=62, megabytes=4)
+    sh("zfs", "create", "-V", "8M", f"{fs}/vol")  # a volume in the tree (zfs-fuse has none)
     sh("zfs", "snapshot", "-r", f"{fs}@s2")
     dst = f"{pool}/mirror"
     slow = subprocess.Popen(
@@ -270,10 +271,12 @@ def test_an_encrypted_tree_syncs_raw_and_resumes_without_its_key(pool: str, tmp_
     slow.wait(timeout=30)
     done = subprocess.run([*SNAPFERRY, "sync", "-r", fs, dst], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
-    assert "2 dataset(s): 2 done" in done.stderr and " 1 resume(s)" in done.stderr, done.stderr
-    for dataset in (dst, f"{dst}/child"):
+    assert "3 dataset(s): 3 done" in done.stderr and " 1 resume(s)" in done.stderr, done.stderr
+    assert sh("zfs", "get", "-H", "-o", "value", "type", f"{dst}/vol").stdout.decode().strip() == "volume"
+    assert guid(f"{dst}/vol@s2") == guid(f"{fs}/vol@s2")
+    for dataset in (dst, f"{dst}/child", f"{dst}/vol"):
         assert sh("zfs", "get", "-H", "-o", "value", "keystatus", dataset).stdout.decode().strip() == "unavailable"
-        assert snapshot_names(dataset) == ["s1", "s2"]
+    assert snapshot_names(dst) == ["s1", "s2"] and snapshot_names(f"{dst}/child") == snapshot_names(f"{dst}/vol") == ["s2"]
     assert guid(f"{dst}/child@s2") == guid(f"{fs}/child@s2")
     # Only now, with the key, can anyone read the replica: the same files as the source.
     parent_files = {k: v for k, v in unlocked_manifest(dst, key).items() if not k.startswith("child/")}

@@ -208,6 +208,7 @@ class ZfsBackend:
             "modified": self._modified(target) if exists and modern else None,
             "encrypted": self._encrypted(target) if exists and modern else False,
             "properties": zfs.local_properties(target) if exists else {},
+            "type": zfs.get_properties(target, "type")[target]["type"] if exists else None,
         }
 
     @staticmethod

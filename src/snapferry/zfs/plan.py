@@ -213,7 +213,7 @@ class ZfsSyncPlanner:
         rollback = self.policy.force or self.policy.discard_changes
         receive = ["--mode", choose_sync_mode(self.policy, source, target), *(["-F"] if rollback else [])]
         properties = self._properties(source)
-        if step.base is None and (step.token is None or not step.token.fromguid):
+        if step.base is None and (step.token is None or not step.token.fromguid) and source.get("type") != "volume":
             # A replica this sync creates: with atime off, looking at it cannot count as a change
             # that would make the next incremental need --force.
             properties.setdefault("atime", "off")
