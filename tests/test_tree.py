@@ -75,17 +75,19 @@ def _files(root: str) -> dict[str, dict[str, str]]:
 def test_a_tree_full_then_incremental_alone_and_three_at_a_time(bed: tb.Bed) -> None:
     src = _tree(bed, "tree")
     one, three = bed.target("tree1"), bed.target("tree3")
-    first = _sync("--jobs", "1", "-r", src, one)
+    first = _sync("--jobs", "1", "-r", "--props", src, one)
     assert first.returncode == 0, first.stderr
     assert f"snapferry: sync -r {src} -> {one}: 12 dataset(s): 12 done, 0 refused, 0 failed;" in first.stderr
-    assert _sync("-q", "--jobs", "3", "-r", src, three).returncode == 0
+    assert _sync("-q", "--jobs", "3", "-r", "--props", src, three).returncode == 0
     _change(src, "s2", seed=100)
     _change(src, "s3", seed=200)
     for dst, jobs in ((one, "1"), (three, "3")):
-        done = _sync("-q", "--jobs", jobs, "-r", src, dst)
+        done = _sync("-q", "--jobs", jobs, "-r", "--props", src, dst)
         assert done.returncode == 0, done.stderr
         assert _guids(dst) == _guids(src)  # every snapshot of every dataset, by guid
     assert _files(one) == _files(three) == _files(src)
+    for child in ["", *(f"/{c}" for c in CHILDREN)]:  # the mixed properties, dataset by dataset
+        assert _local(one + child).get("compression") == _local(three + child).get("compression") == _local(src + child).get("compression")
     again = _sync("-r", src, one)
     assert again.returncode == 0 and "12 dataset(s): 12 done" in again.stderr and " 0 B received" in again.stderr
 
@@ -103,6 +105,9 @@ def test_a_killed_tree_sync_goes_on_where_it_stopped(bed: tb.Bed) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(1)
+    # A pruner runs meanwhile: the snapshot the interrupted transfer needs is held, so its token stays good.
+    pruned = tb.sh("zfs", "destroy", f"{src}/a@s1", check=False)
+    assert pruned.returncode != 0 and "dataset is busy" in pruned.stderr.decode()
     done = _sync("-r", src, dst)
     assert done.returncode == 0, done.stderr
     assert "12 dataset(s): 12 done" in done.stderr and " 1 resume(s)" in done.stderr, done.stderr
@@ -135,7 +140,7 @@ def test_a_diverged_dataset_is_refused_alone_and_datasets_come_and_go(bed: tb.Be
     assert "1 gone from the source (kept on the destination)" in gone.stderr and tb.exists(f"{dst}/j")
 
 
-def test_a_restricted_key_receives_a_tree_below_its_prefix_only(bed: tb.Bed, sshd_server: SshServer) -> None:
+def test_a_restricted_key_receives_a_tree_below_its_prefix_only(bed: tb.Bed, sshd_server: SshServer, remote_snapferry: str) -> None:
     src = _tree(bed, "servedtree")
     allowed = bed.target("treeallowed")
     tb.sh("zfs", "create", allowed)
@@ -144,6 +149,10 @@ def test_a_restricted_key_receives_a_tree_below_its_prefix_only(bed: tb.Bed, ssh
     done = _sync("-q", *over, "-r", src, f"root@127.0.0.1:{allowed}/fs")
     assert done.returncode == 0, done.stderr
     assert _guids(f"{allowed}/fs") == _guids(src)
+    pulled = bed.target("treepulled")
+    pull = _sync("-q", "--ssh", sshd_server.command, "--remote-snapferry", remote_snapferry, "-r", f"root@127.0.0.1:{src}", pulled)
+    assert pull.returncode == 0, pull.stderr  # and the other way: pulled from a remote source
+    assert _guids(pulled) == _guids(src)
     outside = _sync("-q", *over, "-r", src, f"root@127.0.0.1:{bed.target('treeoutside')}")
     assert outside.returncode == 4 and "outside --allow" in outside.stderr
     assert not tb.exists(bed.target("treeoutside"))
