@@ -92,6 +92,25 @@ def test_a_tree_full_then_incremental_alone_and_three_at_a_time(bed: tb.Bed) -> 
     assert again.returncode == 0 and "12 dataset(s): 12 done" in again.stderr and " 0 B received" in again.stderr
 
 
+def _unmounted(root: str) -> list[str]:
+    out = tb.sh("zfs", "get", "-H", "-r", "-o", "name,value", "mounted", root).stdout.decode()
+    return [line.split("\t")[0] for line in out.splitlines() if line.endswith("\tno")]
+
+
+def test_children_are_mounted_again_after_their_parent_received(bed: tb.Bed) -> None:
+    # zfs-fuse's unmount of the partial parent takes its mounted children down too; they have nothing
+    # to receive this time, so only the parent's transfer can bring them back.
+    src = _tree(bed, "mounttree")
+    dst = bed.target("mounttree")
+    assert _sync("-q", "-r", src, dst).returncode == 0
+    tb.change_tree(tb.mountpoint(src) / "data", seed=7)
+    tb.sh("zfs", "snapshot", f"{src}@s2")
+    done = _sync("-r", src, dst)
+    assert done.returncode == 0, done.stderr
+    assert _unmounted(dst) == []
+    assert _files(dst) == _files(src)
+
+
 def test_a_killed_tree_sync_goes_on_where_it_stopped(bed: tb.Bed) -> None:
     src = _tree(bed, "killedtree", megabytes=2)
     dst = bed.target("killedtree")
@@ -133,7 +152,7 @@ def test_a_diverged_dataset_is_refused_alone_and_datasets_come_and_go(bed: tb.Be
     excluded = _sync("-r", "--exclude", "/e/f$", "--exclude", "^" + src + "/k$", src, dst)
     assert excluded.returncode == 0, excluded.stderr
     assert "11 dataset(s): 11 done" in excluded.stderr
-    tb.sh("zfs", "destroy", "-r", f"{src}/j")
+    tb.destroy("-r", f"{src}/j")
     gone = _sync("-r", "--exclude", "/e/f$", src, dst)
     assert gone.returncode == 0, gone.stderr
     assert f"snapferry: warning: {dst}/j is on the destination but no longer on the source; it is kept" in gone.stderr

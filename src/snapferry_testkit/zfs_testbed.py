@@ -25,6 +25,17 @@ def sh(*argv: str, check: bool = True, input: bytes | None = None) -> subprocess
     return proc
 
 
+def destroy(*args: str) -> None:
+    """`zfs destroy ARGS`, tried again for a moment while zfs-fuse calls it busy (a mount or a send that just ended)."""
+    for attempt in range(10):
+        proc = sh("zfs", "destroy", *args, check=False)
+        if proc.returncode == 0:
+            return
+        if b"busy" not in proc.stderr or attempt == 9:
+            raise AssertionError(f"zfs destroy {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
+        time.sleep(0.2 * (attempt + 1))
+
+
 def zfs_answers() -> bool:
     return subprocess.run(["zpool", "list"], capture_output=True, check=False).returncode == 0
 

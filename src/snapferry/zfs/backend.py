@@ -19,6 +19,7 @@ from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.plan import ZfsSyncPlanner, summarize
 from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, latest_token, read_transfers
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.zfs.resume.receiver import PieceReceiver
 from snapferry.zfs.resume.sender import send_continuation, send_snapshot
@@ -170,6 +171,8 @@ class ZfsBackend:
                 if transfer.complete:
                     remove_finished_pieces(self.zfs, transfer)
                     messages.append(f"removed {len(transfer.pieces())} leftover checkpoint(s) of a completed transfer")
+                    # The process that completed it may have died before it mounted the replica.
+                    mount_replica(self.zfs, target, lambda event, **fields: messages.append(f"warning: {fields['message']}"))
                 else:
                     messages.append(discard_transfer(self.zfs, transfer, snapshots))
                     snapshots, _ = read_transfers(self.zfs, target)

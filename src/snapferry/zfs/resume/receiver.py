@@ -23,6 +23,7 @@ from snapferry.zfs.resume.checkpoints import (
     read_transfers,
 )
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
+from snapferry.zfs.resume.mounts import mount_replica
 
 MAX_DATASET_NAME = 255
 
@@ -312,11 +313,7 @@ class PieceReceiver:
             self.events("warning", message=f"{exc}; the partial dataset stays mounted")
 
     def _mount_complete(self) -> None:
-        try:
-            if not self.zfs.is_mounted(self.dataset):
-                self.zfs.mount(self.dataset)
-        except SnapferryError as exc:
-            self.events("warning", message=f"{exc}; mount it with: zfs mount {self.dataset}")
+        mount_replica(self.zfs, self.dataset, self.events)
 
     def _progress_note(self, pos: _Position, start_seq: int) -> str:
         committed = pos.seq - start_seq
