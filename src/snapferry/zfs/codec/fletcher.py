@@ -1,12 +1,42 @@
-"""Fletcher-4 as ZFS computes it for send streams: running, native order, vectorised with numpy."""
+"""Fletcher-4 as ZFS computes it for send streams: running, native order, in C or vectorised with numpy."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 MASK64 = (1 << 64) - 1
+
+# The C extension does the sums when it was built; the numpy code below stays the reference that the
+# tests compare it with, and the fallback where there was no compiler. SNAPFERRY_PURE=1 forces it.
+_built: ModuleType | None
+try:
+    from snapferry.zfs.codec import _fletcher4c as _built
+except ImportError:
+    _built = None
+_native: ModuleType | None = None if os.environ.get("SNAPFERRY_PURE") else _built
+
+
+def native_available() -> bool:
+    """Whether the C extension was built and can be imported."""
+    return _built is not None
+
+
+def native_enabled() -> bool:
+    return _native is not None
+
+
+def use_native(enabled: bool) -> bool:
+    """Switch between the C sums and the numpy reference (for tests); returns the previous setting."""
+    global _native
+    if enabled and _built is None:
+        raise RuntimeError("the C fletcher-4 extension is not built (python3 setup.py build_ext --inplace)")
+    before = _native is not None
+    _native = _built if enabled else None
+    return before
 
 # How BlockSum.of sums a block, two levels deep:
 #
@@ -87,6 +117,8 @@ class Fletcher4:
 
     def extend(self, block: BlockSum) -> Fletcher4:
         """The state after feeding, from this state, the words that `block` summed from zero."""
+        if _native is not None and block.count <= MASK64:
+            return Fletcher4(*_native.extend(self.a, self.b, self.c, self.d, block.count, block.a, block.b, block.c, block.d))
         n, a, b, c = block.count, self.a, self.b, self.c
         t2 = n * (n + 1) // 2
         t3 = n * (n + 1) * (n + 2) // 6
@@ -98,6 +130,8 @@ class Fletcher4:
         )
 
     def update(self, data: bytes | bytearray | memoryview) -> Fletcher4:
+        if _native is not None:
+            return Fletcher4(*_native.update(self.a, self.b, self.c, self.d, data))
         return self.extend(BlockSum.of(data))
 
     def unextend(self, block: BlockSum) -> Fletcher4:
@@ -145,6 +179,8 @@ class BlockSum:
 
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> BlockSum:
+        if _native is not None:
+            return cls(memoryview(data).nbytes // 4, *_native.block_sum(data))
         view = memoryview(data).cast("B")
         if len(view) % 4:
             raise ValueError(f"fletcher-4 needs whole 32-bit words, got {len(view)} bytes")
