@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 
 MASK64 = (1 << 64) - 1
+_ZIO_CKSUM = struct.Struct("<4Q")
 
 # The C extension does the sums when it was built; the numpy code below stays the reference that the
 # tests compare it with, and the fallback where there was no compiler. SNAPFERRY_PURE=1 forces it.
@@ -103,14 +105,13 @@ class Fletcher4:
 
     def to_bytes(self) -> bytes:
         """The 32-byte zio_cksum_t as stored in stream headers (little-endian words)."""
-        return b"".join(w.to_bytes(8, "little") for w in self.words())
+        return _ZIO_CKSUM.pack(self.a, self.b, self.c, self.d)
 
     @classmethod
     def from_bytes(cls, raw: bytes | memoryview) -> Fletcher4:
-        raw = bytes(raw)
-        if len(raw) != 32:
+        if memoryview(raw).nbytes != 32:
             raise ValueError("a fletcher-4 value is 32 bytes")
-        return cls(*(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 32, 8)))
+        return cls(*_ZIO_CKSUM.unpack(raw))
 
     def is_zero(self) -> bool:
         return not (self.a or self.b or self.c or self.d)
