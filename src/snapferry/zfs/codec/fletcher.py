@@ -40,6 +40,7 @@ def use_native(enabled: bool) -> bool:
     _native = _built if enabled else None
     return before
 
+
 # How BlockSum.of sums a block, two levels deep:
 #
 # 1. The words are laid out as rows of _ROW_WORDS words. One float64 matrix product (BLAS dgemm)
@@ -108,7 +109,7 @@ class Fletcher4:
         return _ZIO_CKSUM.pack(self.a, self.b, self.c, self.d)
 
     @classmethod
-    def from_bytes(cls, raw: bytes | memoryview) -> Fletcher4:
+    def from_bytes(cls, raw: bytes | bytearray | memoryview) -> Fletcher4:
         if memoryview(raw).nbytes != 32:
             raise ValueError("a fletcher-4 value is 32 bytes")
         return cls(*_ZIO_CKSUM.unpack(raw))
