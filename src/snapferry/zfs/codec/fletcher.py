@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MASK64 = (1 << 64) - 1
 _ZIO_CKSUM = struct.Struct("<4Q")
 
 # The C extension does the sums when it was built; the numpy code below stays the reference that the
 # tests compare it with, and the fallback where there was no compiler. SNAPFERRY_PURE=1 forces it.
+# numpy is imported only by the reference: it is a good part of the CLI's start-up CPU.
 _built: ModuleType | None
 try:
     from snapferry.zfs.codec import _fletcher4c as _built
@@ -73,23 +77,30 @@ def _t3(n: int) -> int:
     return n * (n + 1) * (n + 2) // 6
 
 
-def _frozen(rows: list[list[int]], dtype: type[np.generic]) -> np.ndarray:
-    array = np.array(rows, dtype=dtype)
-    array.flags.writeable = False
-    return array
-
-
-# Row i of _WORD_WEIGHTS: the weights in (a, b, c, d) of the word with _ROW_WORDS - 1 - i words
-# after it in its row (the last word of a row weighs 1 everywhere).
-_WORD_WEIGHTS = _frozen([[1, k, _t2(k), _t3(k)] for k in range(_ROW_WORDS, 0, -1)], np.float64)
 if _SLICE_WORDS % _ROW_WORDS or (2**32 - 1) * sum(_t3(k) for k in range(1, _ROW_WORDS + 1)) >= 2**53:
     raise AssertionError("rows must tile a slice, and a row's float64 sums must stay exact")
-# Row r of _ROW_WEIGHTS: the weights of a row's sums (A, B, C, D) when n = (_SLICE_ROWS - 1 - r) *
-# _ROW_WORDS words follow that row (the last row weighs 1, 0, 0, 0).
-_ROW_WEIGHTS = _frozen(
-    [[1, n, _t2(n) & MASK64, _t3(n) & MASK64] for n in range((_SLICE_ROWS - 1) * _ROW_WORDS, -1, -_ROW_WORDS)],
-    np.uint64,
-)
+
+
+@functools.cache
+def _weights() -> tuple[np.ndarray, np.ndarray]:
+    """The per-word and per-row weight matrices, made on first use of the numpy reference."""
+    import numpy as np
+
+    def frozen(rows: list[list[int]], dtype: type[np.generic]) -> np.ndarray:
+        array = np.array(rows, dtype=dtype)
+        array.flags.writeable = False
+        return array
+
+    # Row i of word_weights: the weights in (a, b, c, d) of the word with _ROW_WORDS - 1 - i words
+    # after it in its row (the last word of a row weighs 1 everywhere).
+    word_weights = frozen([[1, k, _t2(k), _t3(k)] for k in range(_ROW_WORDS, 0, -1)], np.float64)
+    # Row r of row_weights: the weights of a row's sums (A, B, C, D) when n = (_SLICE_ROWS - 1 - r) *
+    # _ROW_WORDS words follow that row (the last row weighs 1, 0, 0, 0).
+    row_weights = frozen(
+        [[1, n, _t2(n) & MASK64, _t3(n) & MASK64] for n in range((_SLICE_ROWS - 1) * _ROW_WORDS, -1, -_ROW_WORDS)],
+        np.uint64,
+    )
+    return word_weights, row_weights
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,8 @@ class BlockSum:
         view = memoryview(data).cast("B")
         if len(view) % 4:
             raise ValueError(f"fletcher-4 needs whole 32-bit words, got {len(view)} bytes")
+        import numpy as np
+
         words = np.frombuffer(view, dtype="<u4")
         count = len(words)
         pad = -count % _ROW_WORDS
@@ -201,6 +214,9 @@ class BlockSum:
 
 def _slice_sum(words: np.ndarray, pad: int) -> tuple[int, int, int, int]:
     """Fletcher-4 from zero of at most one slice of words, which `pad` zeros make whole rows."""
+    import numpy as np
+
+    word_weights, row_weights = _weights()
     rows = (pad + len(words)) // _ROW_WORDS
     if pad:
         flat = np.empty(rows * _ROW_WORDS)
@@ -209,9 +225,9 @@ def _slice_sum(words: np.ndarray, pad: int) -> tuple[int, int, int, int]:
         matrix = flat.reshape(rows, _ROW_WORDS)
     else:
         matrix = words.reshape(rows, _ROW_WORDS).astype(np.float64)
-    sums = (matrix @ _WORD_WEIGHTS).astype(np.uint64)
+    sums = (matrix @ word_weights).astype(np.uint64)
     # g[i][j]: the row sums i (A, B, C, D) times the row weights j (1, n, T2(n), T3(n)), modulo 2**64.
-    g = np.dot(sums.T, _ROW_WEIGHTS[_SLICE_ROWS - rows :]).tolist()
+    g = np.dot(sums.T, row_weights[_SLICE_ROWS - rows :]).tolist()
     return (
         g[0][0],
         (g[1][0] + g[0][1]) & MASK64,
