@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import struct
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ _ZIO_CKSUM = struct.Struct("<4Q")
 # numpy is imported only by the reference: it is a good part of the CLI's start-up CPU.
 _built: ModuleType | None
 try:
-    from snapferry.zfs.codec import _fletcher4c as _built
+    _built = importlib.import_module("snapferry.zfs.codec._fletcher4c")
 except ImportError:
     _built = None
 _native: ModuleType | None = None if os.environ.get("SNAPFERRY_PURE") else _built
