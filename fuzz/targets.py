@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import zstandard
 
 from fuzz import btrfs_targets as btrfs
+from fuzz import native_targets as native
 from fuzz.contract import OK, Errors, attempt, check, outcome
 from snapferry.core.streamio import Readable
 from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
@@ -764,6 +765,13 @@ TARGETS: dict[str, Target] = {
             "stream-mutated",
             "structure-aware damage to the OpenZFS fixture streams (fields, records, stamps, bytes), both readers",
             run_stream_mutated,
+            mutated_seeds,
+            1024,
+        ),
+        Target(
+            "stream-native",
+            "the stream-mutated programs through both readers with the C fletcher-4 and with the numpy reference, compared",
+            native.run_stream_native,
             mutated_seeds,
             1024,
         ),

@@ -36,6 +36,7 @@ BUDGET = {
     "stream": 500,
     "stream-trusting": 400,
     "stream-mutated": 600,
+    "stream-native": 300,
     "wire": 500,
     "begin": 800,
     "token": 800,
@@ -84,6 +85,7 @@ def test_well_formed_inputs_parse() -> None:
     for name in ("stream", "stream-trusting", "wire"):
         assert [TARGETS[name].run(s) for s in streams] == [OK] * len(streams), name
     assert TARGETS["stream-mutated"].run(b"") == OK  # the program that changes nothing
+    assert TARGETS["stream-native"].run(b"") == OK
     for name in ("token", "openzfs-token", "nvlist"):
         assert {TARGETS[name].run(seed) for seed in TARGETS[name].seeds()} == {OK}, name
     assert [TARGETS["chained-begin"].run(seed) for seed in targets.chained_seeds()] == [OK, OK, "StreamFormatError", OK]

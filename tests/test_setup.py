@@ -37,7 +37,7 @@ def _tools(directory: Path, *names: str) -> Path:
     return directory
 
 
-BASICS = ("bash", "dirname", "python3", "id", "head", "awk", "grep", "btrfs", "ssh", "pgrep")
+BASICS = ("bash", "dirname", "python3", "id", "head", "awk", "grep", "btrfs", "ssh", "pgrep", "cc")
 
 
 def test_openzfs_is_used_as_it_is(tmp_path: Path) -> None:
@@ -63,4 +63,4 @@ def test_zfs_fuse_is_installed_only_where_there_is_no_zfs(tmp_path: Path) -> Non
 
 def test_missing_tools_are_named(tmp_path: Path) -> None:
     said = _dry_run(str(_tools(tmp_path / "bin", "bash", "dirname", "python3", "id", "head", "awk", "grep")))
-    assert "setup: system packages to install: zfs-fuse btrfs-progs openssh-client procps" in said
+    assert "setup: system packages to install: zfs-fuse btrfs-progs openssh-client procps gcc" in said

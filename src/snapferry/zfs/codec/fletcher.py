@@ -1,12 +1,50 @@
-"""Fletcher-4 as ZFS computes it for send streams: running, native order, vectorised with numpy."""
+"""Fletcher-4 as ZFS computes it for send streams: running, native order, in C or vectorised with numpy."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+import struct
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MASK64 = (1 << 64) - 1
+_ZIO_CKSUM = struct.Struct("<4Q")
+
+# The C extension does the sums when it was built; the numpy code below stays the reference that the
+# tests compare it with, and the fallback where there was no compiler. SNAPFERRY_PURE=1 forces it.
+# numpy is imported only by the reference: it is a good part of the CLI's start-up CPU.
+_built: ModuleType | None
+try:
+    _built = importlib.import_module("snapferry.zfs.codec._fletcher4c")
+except ImportError:
+    _built = None
+_native: ModuleType | None = None if os.environ.get("SNAPFERRY_PURE") else _built
+
+
+def native_available() -> bool:
+    """Whether the C extension was built and can be imported."""
+    return _built is not None
+
+
+def native_enabled() -> bool:
+    return _native is not None
+
+
+def use_native(enabled: bool) -> bool:
+    """Switch between the C sums and the numpy reference (for tests); returns the previous setting."""
+    global _native
+    if enabled and _built is None:
+        raise RuntimeError("the C fletcher-4 extension is not built (python3 setup.py build_ext --inplace)")
+    before = _native is not None
+    _native = _built if enabled else None
+    return before
+
 
 # How BlockSum.of sums a block, two levels deep:
 #
@@ -40,23 +78,30 @@ def _t3(n: int) -> int:
     return n * (n + 1) * (n + 2) // 6
 
 
-def _frozen(rows: list[list[int]], dtype: type[np.generic]) -> np.ndarray:
-    array = np.array(rows, dtype=dtype)
-    array.flags.writeable = False
-    return array
-
-
-# Row i of _WORD_WEIGHTS: the weights in (a, b, c, d) of the word with _ROW_WORDS - 1 - i words
-# after it in its row (the last word of a row weighs 1 everywhere).
-_WORD_WEIGHTS = _frozen([[1, k, _t2(k), _t3(k)] for k in range(_ROW_WORDS, 0, -1)], np.float64)
 if _SLICE_WORDS % _ROW_WORDS or (2**32 - 1) * sum(_t3(k) for k in range(1, _ROW_WORDS + 1)) >= 2**53:
     raise AssertionError("rows must tile a slice, and a row's float64 sums must stay exact")
-# Row r of _ROW_WEIGHTS: the weights of a row's sums (A, B, C, D) when n = (_SLICE_ROWS - 1 - r) *
-# _ROW_WORDS words follow that row (the last row weighs 1, 0, 0, 0).
-_ROW_WEIGHTS = _frozen(
-    [[1, n, _t2(n) & MASK64, _t3(n) & MASK64] for n in range((_SLICE_ROWS - 1) * _ROW_WORDS, -1, -_ROW_WORDS)],
-    np.uint64,
-)
+
+
+@functools.cache
+def _weights() -> tuple[np.ndarray, np.ndarray]:
+    """The per-word and per-row weight matrices, made on first use of the numpy reference."""
+    import numpy as np
+
+    def frozen(rows: list[list[int]], dtype: type[np.generic]) -> np.ndarray:
+        array = np.array(rows, dtype=dtype)
+        array.flags.writeable = False
+        return array
+
+    # Row i of word_weights: the weights in (a, b, c, d) of the word with _ROW_WORDS - 1 - i words
+    # after it in its row (the last word of a row weighs 1 everywhere).
+    word_weights = frozen([[1, k, _t2(k), _t3(k)] for k in range(_ROW_WORDS, 0, -1)], np.float64)
+    # Row r of row_weights: the weights of a row's sums (A, B, C, D) when n = (_SLICE_ROWS - 1 - r) *
+    # _ROW_WORDS words follow that row (the last row weighs 1, 0, 0, 0).
+    row_weights = frozen(
+        [[1, n, _t2(n) & MASK64, _t3(n) & MASK64] for n in range((_SLICE_ROWS - 1) * _ROW_WORDS, -1, -_ROW_WORDS)],
+        np.uint64,
+    )
+    return word_weights, row_weights
 
 
 @dataclass(frozen=True)
@@ -73,20 +118,21 @@ class Fletcher4:
 
     def to_bytes(self) -> bytes:
         """The 32-byte zio_cksum_t as stored in stream headers (little-endian words)."""
-        return b"".join(w.to_bytes(8, "little") for w in self.words())
+        return _ZIO_CKSUM.pack(self.a, self.b, self.c, self.d)
 
     @classmethod
-    def from_bytes(cls, raw: bytes | memoryview) -> Fletcher4:
-        raw = bytes(raw)
-        if len(raw) != 32:
+    def from_bytes(cls, raw: bytes | bytearray | memoryview) -> Fletcher4:
+        if memoryview(raw).nbytes != 32:
             raise ValueError("a fletcher-4 value is 32 bytes")
-        return cls(*(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 32, 8)))
+        return cls(*_ZIO_CKSUM.unpack(raw))
 
     def is_zero(self) -> bool:
         return not (self.a or self.b or self.c or self.d)
 
     def extend(self, block: BlockSum) -> Fletcher4:
         """The state after feeding, from this state, the words that `block` summed from zero."""
+        if _native is not None and block.count <= MASK64:
+            return Fletcher4(*_native.extend(self.a, self.b, self.c, self.d, block.count, block.a, block.b, block.c, block.d))
         n, a, b, c = block.count, self.a, self.b, self.c
         t2 = n * (n + 1) // 2
         t3 = n * (n + 1) * (n + 2) // 6
@@ -98,6 +144,8 @@ class Fletcher4:
         )
 
     def update(self, data: bytes | bytearray | memoryview) -> Fletcher4:
+        if _native is not None:
+            return Fletcher4(*_native.update(self.a, self.b, self.c, self.d, data))
         return self.extend(BlockSum.of(data))
 
     def unextend(self, block: BlockSum) -> Fletcher4:
@@ -145,9 +193,13 @@ class BlockSum:
 
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> BlockSum:
+        if _native is not None:
+            return cls(memoryview(data).nbytes // 4, *_native.block_sum(data))
         view = memoryview(data).cast("B")
         if len(view) % 4:
             raise ValueError(f"fletcher-4 needs whole 32-bit words, got {len(view)} bytes")
+        import numpy as np
+
         words = np.frombuffer(view, dtype="<u4")
         count = len(words)
         pad = -count % _ROW_WORDS
@@ -163,6 +215,9 @@ class BlockSum:
 
 def _slice_sum(words: np.ndarray, pad: int) -> tuple[int, int, int, int]:
     """Fletcher-4 from zero of at most one slice of words, which `pad` zeros make whole rows."""
+    import numpy as np
+
+    word_weights, row_weights = _weights()
     rows = (pad + len(words)) // _ROW_WORDS
     if pad:
         flat = np.empty(rows * _ROW_WORDS)
@@ -171,9 +226,9 @@ def _slice_sum(words: np.ndarray, pad: int) -> tuple[int, int, int, int]:
         matrix = flat.reshape(rows, _ROW_WORDS)
     else:
         matrix = words.reshape(rows, _ROW_WORDS).astype(np.float64)
-    sums = (matrix @ _WORD_WEIGHTS).astype(np.uint64)
+    sums = (matrix @ word_weights).astype(np.uint64)
     # g[i][j]: the row sums i (A, B, C, D) times the row weights j (1, n, T2(n), T3(n)), modulo 2**64.
-    g = np.dot(sums.T, _ROW_WEIGHTS[_SLICE_ROWS - rows :]).tolist()
+    g = np.dot(sums.T, row_weights[_SLICE_ROWS - rows :]).tolist()
     return (
         g[0][0],
         (g[1][0] + g[0][1]) & MASK64,

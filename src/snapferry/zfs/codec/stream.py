@@ -21,6 +21,8 @@ from snapferry.zfs.codec.records import (
 
 _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
+# The fingerprint takes every stamp as zeros: one constant block instead of one per record.
+_ZERO_STAMP_SUM = BlockSum(_STAMP_WORDS, 0, 0, 0, 0)
 
 
 def read_header(source: Readable) -> bytes:
@@ -102,13 +104,12 @@ class StreamReader:
         # The first stamp covers BEGIN too; a continuation's BEGIN has no place in the original stream.
         verified_to = 0 if first_offset == len(begin_bytes) else first_offset
         while True:
-            header = self._read_record_header(offset)
-            kind = record_type(header, offset)
+            header, kind = self._read_record_header(offset)
             size = payload_size(kind, header, offset)
             head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
             before = wire
             wire = wire.extend(head_sum)
-            stamp = bytes(header[STAMP_OFFSET:])
+            stamp = header[STAMP_OFFSET:]
             if stamp != _ZERO_STAMP and stamp != wire.to_bytes():
                 raise StreamIntegrityError(
                     f"checksum mismatch in the record at stream byte {offset}: "
@@ -148,11 +149,10 @@ class StreamReader:
         pending: Record | None = None
         wire_after_stamp = wire
         while True:
-            header = self._read_record_header(offset)
-            kind = record_type(header, offset)
+            header, kind = self._read_record_header(offset)
             size = payload_size(kind, header, offset)
             head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
-            stamp = bytes(header[STAMP_OFFSET:])
+            stamp = header[STAMP_OFFSET:]
             if pending is not None:
                 if stamp != _ZERO_STAMP:
                     before = Fletcher4.from_bytes(stamp).unextend(head_sum)
@@ -175,7 +175,7 @@ class StreamReader:
                 return
             offset += pending.size
 
-    def _read_record_header(self, offset: int) -> bytearray:
+    def _read_record_header(self, offset: int) -> tuple[bytearray, RecordType]:
         header = bytearray(HEADER_SIZE)
         got = self._read_exact(memoryview(header))
         if got < HEADER_SIZE:
@@ -186,7 +186,7 @@ class StreamReader:
             raise StreamFormatError(f"BEGIN record at byte {offset} inside a stream: corrupt or concatenated wrongly")
         if kind == RecordType.WRITE_BYREF:
             raise StreamFormatError("deduplicated stream (zfs send -D) is not supported: send without -D")
-        return header
+        return header, kind
 
     def _read_payload(self, kind: RecordType, size: int, offset: int) -> memoryview:
         if len(self._payload) < size:
@@ -203,7 +203,7 @@ class StreamReader:
             fingerprint = Fletcher4()
         record.fingerprint = fingerprint
         if record.offset >= fingerprint_from:
-            return fingerprint.extend(record.head_sum).advance_zeros(_STAMP_WORDS).extend(record.payload_sum)
+            return fingerprint.extend(record.head_sum).extend(_ZERO_STAMP_SUM).extend(record.payload_sum)
         return fingerprint
 
 
