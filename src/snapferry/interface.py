@@ -29,6 +29,7 @@ class SendRequest:
     token: str | None = None  # send -t: continue the interrupted transfer this token describes
     base: str | None = None  # ZFS -i/-I
     intermediates: bool = False  # ZFS -I
+    replicate: bool = False  # ZFS -R: the file system, its descendants and their snapshots, as one stream
     flags: tuple[str, ...] = ()  # ZFS -L -e -c -w
     parent: str | None = None  # btrfs -p
     clones: tuple[str, ...] = ()  # btrfs -c CLONE_SRC
@@ -50,6 +51,10 @@ class ReceiveRequest:
     mode: str | None = None  # ZFS --mode native|pieces
     # -o PROP=VALUE (ZFS): set on the dataset once the transfer is complete.
     properties: tuple[tuple[str, str], ...] = ()
+    # ZFS, for -R streams: -d or -e (how the stream's names map below the target), -x PROP, -u.
+    prefix: str | None = None
+    exclude_properties: tuple[str, ...] = ()
+    mount: bool = True
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ class BtrfsBackend:
 
     @staticmethod
     def _options(request: SendRequest) -> BtrfsSendOptions:
-        if request.base or request.intermediates or set(request.flags) - {"-c"}:
-            raise UsageError("-i/-I/-L/-e/-w are zfs send's: for btrfs, give the parent with -p PARENT")
+        if request.base or request.intermediates or request.replicate or set(request.flags) - {"-c"}:
+            raise UsageError("-i/-I/-R/-L/-e/-w are zfs send's: for btrfs, give the parent with -p PARENT")
         if "-c" in request.flags:
             raise UsageError("btrfs send -c needs a clone source: -c PATH")
         return BtrfsSendOptions(
@@ -82,8 +82,8 @@ class BtrfsBackend:
     # --- receiving ----------------------------------------------------------------------------
 
     def receive(self, request: ReceiveRequest, source: Readable, events: EventSink) -> list[str]:
-        if request.force or request.mode or request.properties:
-            raise UsageError("-F, -o and --mode are for ZFS datasets, not btrfs paths")
+        if request.force or request.mode or request.properties or request.prefix or request.exclude_properties or not request.mount:
+            raise UsageError("-F, -d, -e, -o, -x, -u and --mode are for ZFS datasets, not btrfs paths")
         size = (request.checkpoint or DEFAULT_CHECKPOINT_SIZE) if request.resumable else _UNLIMITED
         receiver = BtrfsCheckpointReceiver(_path(request.target), checkpoint_size=size, events=events)
         return [str(path) for path in receiver.receive(source)]

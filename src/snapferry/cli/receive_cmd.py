@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
         force=args.F,
         mode=args.mode,
         properties=tuple(args.o or ()),
+        prefix="d" if args.d else "e" if args.e else None,
+        exclude_properties=tuple(args.x or ()),
+        mount=not args.u,
     )
     with common.stdin_stream() as source, common.reporter(args, label=args.dataset) as events:
         done = backend.receive(request, source, events)
@@ -38,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _abort(backend: Backend, args: argparse.Namespace) -> int:
-    if args.F or args.mode or args.o:
-        raise UsageError("receive -A takes no -F, -o or --mode")
+    if args.F or args.mode or args.o or args.x or args.d or args.e or args.u:
+        raise UsageError("receive -A takes no -F, -d, -e, -o, -x, -u or --mode")
     for message in backend.abort(args.dataset):
         if args.json and not args.quiet:
             print(json.dumps({"event": "aborted", backend.target_field: args.dataset, "message": message}), file=sys.stderr)
@@ -52,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     recv = sub.add_parser("receive", aliases=["recv"], parents=[common_options], help="apply a stream from stdin, checkpointing as it goes")
     recv.add_argument("-s", action="store_true", help="resumable: commit a checkpoint every --checkpoint bytes")
     recv.add_argument("-F", action="store_true", help="roll the destination back to its last snapshot first")
+    layout = recv.add_mutually_exclusive_group()
+    layout.add_argument("-d", action="store_true", help="-R stream: the sent names less the pool's become names below DATASET")
+    layout.add_argument("-e", action="store_true", help="-R stream: the sent top file system's last name goes below DATASET")
+    recv.add_argument("-u", action="store_true", help="ZFS: leave what is received unmounted")
+    recv.add_argument("-x", action="append", metavar="PROPERTY", help="-R stream: do not take this property from the stream (repeatable)")
     recv.add_argument("-A", dest="abort", action="store_true", help="abort an interrupted transfer into DATASET")
     recv.add_argument(
         "-o",

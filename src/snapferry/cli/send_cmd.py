@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
         base=args.i or args.I,
         intermediates=bool(args.I),
+        replicate=args.R,
         flags=flags,
         parent=args.parent,
         clones=tuple(clones),
@@ -53,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     send = sub.add_parser("send", parents=[common_options], help="write a snapshot's stream (or a continuation) to stdout")
     send.add_argument("-i", metavar="SNAP", help="incremental from SNAP (@name or pool/fs@name)")
     send.add_argument("-I", metavar="SNAP", help="like -i, with every intermediate snapshot")
+    send.add_argument("-R", action="store_true", help="ZFS: the file system, its descendants and all their snapshots as one stream")
     send.add_argument("-t", dest="token", metavar="TOKEN", help="continue the interrupted transfer this token describes")
     send.add_argument("-L", action="store_true", help="zfs send -L: blocks larger than 128K as they are (OpenZFS)")
     send.add_argument("-e", action="store_true", help="zfs send -e: embedded blocks as they are (OpenZFS)")

@@ -12,9 +12,10 @@ from snapferry.core.streamio import Prefixed, Readable, Sink
 from snapferry.errors import DatasetMissing, NothingToDo, Refused, SnapferryError, UsageError
 from snapferry.interface import HOLD_PREFIX, ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
-from snapferry.zfs.codec.records import Begin
+from snapferry.zfs.codec.records import COMPOUNDSTREAM, Begin
 from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.codec.tree_token import TreeToken, is_tree_token
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.plan import ZfsSyncPlanner, summarize
 from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, latest_token, read_transfers
@@ -23,6 +24,8 @@ from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.zfs.resume.receiver import PieceReceiver
 from snapferry.zfs.resume.sender import send_continuation, send_snapshot
+from snapferry.zfs.resume.tree_receiver import TreeReceiver, forget_tree, tree_token
+from snapferry.zfs.resume.tree_sender import send_tree, send_tree_rest
 
 # Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
 # 40-110 ms on zfs-fuse, about 5 % of a raw transfer at 1 GiB per piece, and an interruption
@@ -63,7 +66,11 @@ class ZfsBackend:
             return self._send_rest(request, sink, events)
         snapshot = request.snapshot
         if not snapshot or "@" not in snapshot:
-            raise UsageError("send needs a snapshot: snapferry send [-i SNAP | -I SNAP] POOL/FS@SNAP")
+            raise UsageError("send needs a snapshot: snapferry send [-R] [-i SNAP | -I SNAP] POOL/FS@SNAP")
+        if request.replicate:
+            if request.flags:
+                raise UsageError("send -R takes no -L/-e/-c/-w yet: send the tree without them, or each dataset with sync -r")
+            return send_tree(self.zfs, snapshot, sink, base=self._base(request), intermediates=request.intermediates, events=events)
         estimate = self.estimate_size(request) if request.estimate else None
         return send_snapshot(
             self.zfs,
@@ -78,8 +85,12 @@ class ZfsBackend:
 
     def _send_rest(self, request: SendRequest, sink: Sink, events: EventSink) -> int:
         assert request.token is not None
-        if request.snapshot or request.base:
-            raise UsageError("send -t TOKEN takes no snapshot and no -i/-I")
+        if request.snapshot or request.base or request.replicate:
+            raise UsageError("send -t TOKEN takes no snapshot and no -i/-I/-R (a tree's token says it is one)")
+        if is_tree_token(request.token):
+            if request.flags:
+                raise UsageError("send -t of a tree token takes no -L/-e/-c/-w")
+            return send_tree_rest(self.zfs, TreeToken.decode(request.token), sink, events=events, visible=request.visible)
         if is_openzfs_token(request.token):
             return send_native_continuation(self.zfs, request.token, sink, flags=request.flags, events=events, visible=request.visible)
         if request.flags:
@@ -123,7 +134,12 @@ class ZfsBackend:
                 raise UsageError(f"-o {name}=...: not a ZFS property name")
         with dataset_lock(dataset, "receive"):
             header = read_header(source)
-            sender_can_resume = Begin.decode(header, supported_only=False).sender_can_resume
+            first = Begin.decode(header, supported_only=False)
+            if first.header_type == COMPOUNDSTREAM:
+                return self._receive_tree(request, Prefixed(header, source), events)
+            if request.prefix or request.exclude_properties or not request.mount:
+                raise UsageError("-d, -e, -x and -u are for -R (compound) streams; this is one dataset's stream")
+            sender_can_resume = first.sender_can_resume
             mode = choose_mode(self.zfs, dataset, _mode(request.mode), sender_can_resume=sender_can_resume)
             events("mode", mode=mode)
             stream = Prefixed(header, source)
@@ -138,9 +154,32 @@ class ZfsBackend:
                 self.zfs.set_property(dataset, name, value)
         return done
 
+    def _receive_tree(self, request: ReceiveRequest, stream: Readable, events: EventSink) -> list[str]:
+        """A -R stream: always through the piece chain (one kernel token per tree does not exist)."""
+        if request.mode == "native":
+            raise Refused("a -R stream cannot be received in --mode native (OpenZFS keeps no token for a tree): drop --mode")
+        events("mode", mode="pieces")
+        size = (request.checkpoint or DEFAULT_CHECKPOINT) if request.resumable else _UNLIMITED
+        receiver = TreeReceiver(
+            self.zfs,
+            request.target,
+            checkpoint_size=size,
+            prefix=request.prefix,
+            force=request.force,
+            mount=request.mount,
+            exclude_props=request.exclude_properties,
+            set_props=request.properties,
+            events=events,
+            modern_zfs=self.zfs.is_modern(request.target),
+        )
+        return receiver.receive(stream)
+
     # --- the destination's state --------------------------------------------------------------
 
     def token(self, target: str, mode: str | None = None) -> str:
+        tree = tree_token(self.zfs, target) if self.zfs.exists(target) else None
+        if tree is not None:
+            return tree.encode()
         _, transfers = read_transfers(self.zfs, target)
         token = latest_token(transfers)
         if token is not None:
@@ -156,6 +195,8 @@ class ZfsBackend:
         raise NothingToDo(f"no resume token for {target}: {reason}")
 
     def describe_token(self, token: str, as_json: bool) -> str:
+        if is_tree_token(token):
+            return json.dumps(TreeToken.decode(token).describe(), indent=2) + "\n"
         if not is_openzfs_token(token):
             return json.dumps(ResumeToken.decode(token).describe(), indent=2) + "\n"
         if as_json:
@@ -163,6 +204,15 @@ class ZfsBackend:
         return OpenZfsToken.decode(token).describe()
 
     def abort(self, target: str) -> list[str]:
+        tree = tree_token(self.zfs, target) if self.zfs.exists(target) else None
+        if tree is not None:
+            # The partial dataset is aborted like any other; the datasets the tree completed stay.
+            messages = self._abort_one(tree.partial.dataset) if tree.partial else []
+            with dataset_lock(target, "abort"):
+                return [*messages, forget_tree(self.zfs, tree)]
+        return self._abort_one(target)
+
+    def _abort_one(self, target: str) -> list[str]:
         with dataset_lock(target, "abort"):
             snapshots, transfers = read_transfers(self.zfs, target)
             native = abort_native(self.zfs, target)

@@ -78,13 +78,17 @@ class StreamReader:
         self.bytes_read += got
         return got
 
-    def read_begin(self) -> tuple[Begin, bytes] | None:
-        """The next substream's BEGIN and its raw bytes, or None at a clean end of input."""
+    def read_begin(self, *, compound: bool = False) -> tuple[Begin, bytes] | None:
+        """The next substream's BEGIN and its raw bytes, or None at a clean end of input; inside a compound
+        (`zfs send -R`) stream, None at its final END record instead, and the input may not end before it."""
         got = self._read_exact(memoryview(self._header))
-        if got == 0:
+        if got == 0 and not compound:
             return None
         if got < HEADER_SIZE:
-            raise StreamTruncated(f"input ended inside the BEGIN record ({got} of {HEADER_SIZE} bytes)")
+            where = "before the final END record of the -R stream" if compound and got == 0 else "inside the BEGIN record"
+            raise StreamTruncated(f"input ended {where} ({got} of {HEADER_SIZE} bytes)")
+        if compound and int.from_bytes(self._header[:4], "little") == RecordType.END:
+            return None
         begin = Begin.decode(self._header)
         size = payload_size(RecordType.BEGIN, self._header, 0)
         payload = bytearray(size)

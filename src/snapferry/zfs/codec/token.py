@@ -20,7 +20,7 @@ _DATASET = re.compile(r"[A-Za-z0-9_.: -]+(?:/[A-Za-z0-9_.: -]+)*")
 MAX_DATASET_NAME = 255
 
 
-def _is_dataset_name(name: object) -> bool:
+def is_dataset_name(name: object) -> bool:
     return isinstance(name, str) and bool(_DATASET.fullmatch(name)) and len(name) <= MAX_DATASET_NAME
 
 
@@ -66,7 +66,7 @@ class ResumeToken:
             raise MalformedToken("malformed token: its offsets are inconsistent")
         if not isinstance(self.fingerprint, str) or len(self.fingerprint) != 16:
             raise MalformedToken("malformed token: bad fingerprint")
-        if not _is_dataset_name(self.dataset):
+        if not is_dataset_name(self.dataset):
             raise MalformedToken("malformed token: its destination is not a ZFS dataset name")
         if not isinstance(self.send_flags, str) or not set(self.send_flags) <= set("Lecw"):
             raise MalformedToken("malformed token: bad send flags")

@@ -170,6 +170,14 @@ class Zfs:
     def set_property(self, dataset: str, name: str, value: str) -> None:
         self.run(f"cannot set {name} on {dataset}", "set", f"{name}={value}", dataset)
 
+    def inherit_property(self, dataset: str, name: str) -> None:
+        self.run(f"cannot clear {name} on {dataset}", "inherit", name, dataset)
+
+    def locally_set(self, dataset: str, name: str) -> dict[str, str]:
+        """{dataset: value} for `dataset` and its descendants where property `name` is set on the dataset itself."""
+        out = self.run(f"cannot read {name} below {dataset}", "get", "-H", "-r", "-s", "local", "-o", "name,value", name, dataset)
+        return dict(line.split("\t", 1) for line in out.splitlines() if line.count("\t") == 1 and "@" not in line.split("\t")[0])
+
     def snapshot(self, name: str, *, recursive: bool = False) -> None:
         self.run(f"cannot snapshot {name}", "snapshot", *(["-r"] if recursive else []), name)
 

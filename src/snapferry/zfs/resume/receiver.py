@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -119,10 +119,14 @@ class PieceReceiver:
         force: bool = False,
         events: EventSink = ignore_events,
         modern_zfs: bool = False,
+        mount: bool = True,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         """`modern_zfs`: the destination runs OpenZFS 0.7+, which verifies every record's stamp (so
         payload checksums can come from the stream's own stamps instead of being summed here) and
-        can receive without mounting (which 2.1 otherwise tries, and fails, between pieces)."""
+        can receive without mounting (which 2.1 otherwise tries, and fails, between pieces).
+        `mount`: mount the completed dataset (receive -u: leave it unmounted). `on_checkpoint` runs
+        after each checkpoint is named (a tree receive records the tree's state there once it exists)."""
         if "@" in dataset:
             raise Refused(f"receive into a file system, not a snapshot: {dataset}")
         if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
@@ -133,6 +137,8 @@ class PieceReceiver:
         self.force = force
         self.events = events
         self.modern_zfs = modern_zfs
+        self.mount = mount
+        self.on_checkpoint = on_checkpoint
         self.received: list[str] = []
 
     def receive(self, source: Readable) -> list[str]:
@@ -140,7 +146,7 @@ class PieceReceiver:
         reader = StreamReader(source)
         while (first := reader.read_begin()) is not None:
             begin, begin_bytes = first
-            self._receive_substream(reader, begin, begin_bytes)
+            self.receive_substream(reader, begin, begin_bytes)
         if not self.received:
             raise StreamFormatError("no ZFS stream on input (it was empty)")
         return self.received
@@ -242,6 +248,8 @@ class PieceReceiver:
         )
         self.zfs.rename(f"{self.dataset}@{piece.begin.snapshot_name}", f"{self.dataset}@{name}")
         self.events("checkpoint", dataset=self.dataset, seq=pos.seq, offset=boundary.offset, piece_bytes=piece.size)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
         if not pos.unmounted:
             self._unmount_partial()
             pos.unmounted = True
@@ -249,7 +257,8 @@ class PieceReceiver:
         pos.base_guid = piece.begin.toguid
         pos.force = True
 
-    def _receive_substream(self, reader: StreamReader, begin: Begin, begin_bytes: bytes) -> None:
+    def receive_substream(self, reader: StreamReader, begin: Begin, begin_bytes: bytes) -> None:
+        """One substream (its BEGIN already read) into the dataset, checkpointing as it goes."""
         pos = self._plan(begin, begin_bytes)
         start_seq = pos.seq
         payload = begin_bytes[HEADER_SIZE:]
@@ -299,7 +308,8 @@ class PieceReceiver:
         except SnapferryError as exc:
             # The snapshot is complete; leftover checkpoints are only clutter, removed next time.
             self.events("warning", message=f"{exc}; remove the leftover checkpoints with: snapferry receive -A {self.dataset}")
-        self._mount_complete()
+        if self.mount:
+            self._mount_complete()
         self.received.append(f"{self.dataset}@{begin.snapshot_name}")
         self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)
 

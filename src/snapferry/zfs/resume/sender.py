@@ -17,7 +17,7 @@ from snapferry.zfs.resume.checkpoints import is_piece
 
 
 @contextmanager
-def _zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = ()) -> Iterator[tuple[StreamReader, Begin, bytes]]:
+def zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = ()) -> Iterator[tuple[StreamReader, Begin, bytes]]:
     """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
     proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}", ZFS_TOOL)
     reader = StreamReader(proc.stdout)
@@ -65,15 +65,15 @@ def send_snapshot(
         pairs = [(base, snapshot)]
     written = 0
     for pair_base, pair_snapshot in pairs:
-        written += _send_one(zfs, pair_snapshot, pair_base, flags, sink, written, events, estimate if not written else None)
+        written += send_one(zfs, pair_snapshot, pair_base, flags, sink, written, events, estimate if not written else None)
     events("done", bytes=written)
     return written
 
 
-def _send_one(
+def send_one(
     zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str], sink: Sink, before: int, events: EventSink, estimate: int | None
 ) -> int:
-    with _zfs_send(zfs, snapshot, base, flags) as (reader, begin, begin_bytes):
+    with zfs_send(zfs, snapshot, base, flags) as (reader, begin, begin_bytes):
         events("stream", toname=begin.toname, offset=0, estimate=estimate)
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
@@ -97,11 +97,14 @@ def send_continuation(
     *,
     events: EventSink = ignore_events,
     visible: Callable[[str], bool] = lambda dataset: True,
+    named_as_source: bool = False,
 ) -> int:
     """Regenerate the source stream, check its prefix against the token, and send the rest.
 
     The output is an incremental stream from the token's checkpoint snapshot to the source
     snapshot, so `snapferry receive -s` continues the chain and plain `zfs receive` accepts it.
+    `named_as_source`: its BEGIN names the source snapshot (inside a -R stream, whose receiver maps
+    source names to its own) instead of the destination's.
     """
     # `visible` narrows the search for a restricted ssh key (snapferry serve --allow).
     snapshots = [s for s in zfs.all_snapshots() if visible(s.dataset)]
@@ -120,7 +123,7 @@ def send_continuation(
                 f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
             )
     flags = [f"-{letter}" for letter in token.send_flags]
-    with _zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
+    with zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
             raise StaleToken(f"stale token: zfs send {source.name} produced a stream of other snapshots")
         events("stream", toname=begin.toname, offset=token.offset)
@@ -147,7 +150,7 @@ def send_continuation(
                         f"{token.fingerprint}); discard the partial transfer with: snapferry receive -A {token.dataset}"
                     )
                 writer = StampedWriter(sink)
-                fs = token.dataset
+                fs = source.dataset if named_as_source else token.dataset
                 writer.begin(
                     begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
                     chained_begin_payload(begin, begin_bytes[HEADER_SIZE:]),

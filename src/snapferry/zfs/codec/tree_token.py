@@ -1,0 +1,91 @@
+"""Tree resume tokens (`sf1r-`): where an interrupted `zfs send -R` transfer stands on its destination (pure)."""
+
+from __future__ import annotations
+
+import binascii
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from snapferry.core.seal import seal, unseal
+from snapferry.errors import MalformedToken
+from snapferry.zfs.codec.token import ResumeToken, is_dataset_name
+
+TREE_TOKEN_PREFIX = "sf1r-"
+# Each snapshot the destination tree already has costs about 20 bytes of JSON: room for thousands.
+MAX_TREE_BODY = 1 << 20
+_SNAPSHOT_NAME_LIMIT = 255
+
+
+def is_tree_token(text: str) -> bool:
+    return text.strip().startswith(TREE_TOKEN_PREFIX)
+
+
+@dataclass(frozen=True)
+class TreeToken:
+    """An interrupted -R transfer: the source tree's root and snapshots (which the sender regenerates the
+    plan from), every snapshot the destination tree already has (by guid: those substreams are not sent
+    again), and the one substream that is partial, as its own `sf1-` token."""
+
+    target: str  # the destination dataset that receives the source root
+    root: str  # the source tree's root file system
+    tosnap: str
+    fromsnap: str | None  # -R -i/-I: the base snapshot's name; None for a full -R
+    intermediates: bool  # -I (every snapshot between) rather than -i
+    have: frozenset[int]
+    partial: ResumeToken | None
+
+    def encode(self) -> str:
+        fields: dict[str, object] = {
+            "target": self.target,
+            "root": self.root,
+            "tosnap": self.tosnap,
+            "fromsnap": self.fromsnap,
+            "intermediates": self.intermediates,
+            "have": sorted(f"{guid:x}" for guid in self.have),
+            "partial": self.partial.encode() if self.partial else None,
+        }
+        return seal(TREE_TOKEN_PREFIX, fields)
+
+    @classmethod
+    def decode(cls, text: str) -> TreeToken:
+        text = text.strip()
+        if not text.startswith(TREE_TOKEN_PREFIX):
+            raise MalformedToken(f"malformed token: a tree token starts with {TREE_TOKEN_PREFIX!r}")
+        try:
+            fields: Any = unseal(TREE_TOKEN_PREFIX, text, MAX_TREE_BODY)
+            token = cls(
+                target=fields["target"],
+                root=fields["root"],
+                tosnap=fields["tosnap"],
+                fromsnap=fields["fromsnap"],
+                intermediates=fields["intermediates"],
+                have=frozenset(int(guid, 16) for guid in fields["have"]),
+                partial=ResumeToken.decode(fields["partial"]) if fields["partial"] is not None else None,
+            )
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, binascii.Error, zlib.error) as exc:
+            raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
+        token._check()
+        return token
+
+    def _check(self) -> None:
+        for name in (self.target, self.root):
+            if not is_dataset_name(name):
+                raise MalformedToken(f"malformed token: {name!r} is not a dataset name")
+        for snap in (self.tosnap, self.fromsnap):
+            if snap is not None and (not isinstance(snap, str) or not snap or "@" in snap or len(snap) > _SNAPSHOT_NAME_LIMIT):
+                raise MalformedToken(f"malformed token: {snap!r} is not a snapshot name")
+        if not isinstance(self.intermediates, bool) or any(not 0 < guid < 1 << 64 for guid in self.have):
+            raise MalformedToken("malformed token: bad intermediates flag or snapshot guid")
+
+    def describe(self) -> dict[str, Any]:
+        """Token --decode: the tree, what the destination has, and the partial substream's own state."""
+        return {
+            "kind": "snapferry tree (zfs send -R)",
+            "target": self.target,
+            "source": f"{self.root}@{self.tosnap}",
+            "incremental_from": f"@{self.fromsnap}" if self.fromsnap else None,
+            "intermediates": self.intermediates,
+            "snapshots_received": len(self.have),
+            "partial": self.partial.describe() if self.partial else None,
+        }

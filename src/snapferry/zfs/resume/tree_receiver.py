@@ -1,0 +1,181 @@
+"""The receiving side of a tree (`zfs send -R`): each substream into its dataset through the piece chain, and the tree's token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from snapferry.core.events import EventSink
+from snapferry.core.streamio import Readable, read_exact
+from snapferry.errors import NothingToDo, Refused, SnapferryError, StreamFormatError, StreamIntegrityError, StreamTruncated
+from snapferry.zfs.codec.fletcher import Fletcher4
+from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin, RecordType, end_checksum
+from snapferry.zfs.codec.replication import ReplicationHeader
+from snapferry.zfs.codec.stream import StreamReader
+from snapferry.zfs.codec.tree_token import TreeToken
+from snapferry.zfs.engine.command import Zfs
+from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
+from snapferry.zfs.resume.receiver import PieceReceiver
+from snapferry.zfs.resume.tree_props import settable_properties
+
+# Set on the dataset that receives the source root while a tree transfer is unfinished: the tree's
+# identity, which its token needs and the stream no longer says once it is cut. A user property is
+# ZFS's own, on every pool version, and survives a reboot with the data it describes.
+TREE_PROPERTY = "snapferry:rtree"
+
+
+@dataclass
+class TreeLayout:
+    """Where each of the stream's file systems lands: `zfs receive`'s rules without and with -d or -e."""
+
+    target: str
+    root: str  # the stream's top file system (its BEGIN's toname)
+    prefix: str | None = None  # "d" or "e"
+
+    def target_of(self, dataset: str) -> str:
+        if dataset != self.root and not dataset.startswith(self.root + "/"):
+            raise StreamFormatError(f"the -R stream carries {dataset}, outside its own top file system {self.root}: corrupt stream")
+        below = dataset[len(self.root) :]
+        if self.prefix == "d":
+            tail = self.root.partition("/")[2]
+            return self.target + (f"/{tail}" if tail else "") + below
+        if self.prefix == "e":
+            return f"{self.target}/{self.root.rpartition('/')[2]}{below}"
+        return self.target + below
+
+
+@dataclass
+class TreeReceiver:
+    """Receives a compound stream: its header, then each substream into the dataset the layout gives, resumably."""
+
+    zfs: Zfs
+    target: str
+    checkpoint_size: int
+    prefix: str | None = None
+    force: bool = False
+    mount: bool = True
+    exclude_props: tuple[str, ...] = ()
+    set_props: tuple[tuple[str, str], ...] = ()
+    events: EventSink = field(default=lambda event, **fields: None)
+    modern_zfs: bool = False
+    received: list[str] = field(default_factory=list)
+
+    def receive(self, source: Readable) -> list[str]:
+        begin, header = read_compound_header(source)
+        root, _, tosnap = begin.toname.partition("@")
+        layout = TreeLayout(self.target, root, self.prefix)
+        top = layout.target_of(root)
+        state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
+        recorded: list[str] = []
+
+        def record_state() -> None:
+            text = json.dumps(state, sort_keys=True)
+            if recorded != [text] and self.zfs.exists(top):
+                self.zfs.set_property(top, TREE_PROPERTY, text)
+                recorded[:] = [text]
+
+        self._make_parents(top)
+        reader = StreamReader(source)
+        propertied: set[str] = set()
+        while (first := reader.read_begin(compound=True)) is not None:
+            sub, sub_bytes = first
+            dataset, _, snap = sub.toname.partition("@")
+            into = layout.target_of(dataset)
+            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
+            if filesystem is not None and header.fromsnap and sub.is_incremental and snap != tosnap and header.fromsnap in filesystem.snaps:
+                state["intermediates"] = True  # -I: this file system goes through a snapshot between
+            receiver = PieceReceiver(
+                self.zfs,
+                into,
+                checkpoint_size=self.checkpoint_size,
+                force=self.force,
+                events=self.events,
+                modern_zfs=self.modern_zfs,
+                mount=self.mount,
+                on_checkpoint=record_state,
+            )
+            receiver.receive_substream(reader, sub, sub_bytes)
+            record_state()
+            self.received += receiver.received
+            if into not in propertied and filesystem is not None:
+                propertied.add(into)
+                self._apply_properties(into, filesystem.props, top=into == top)
+        if self.zfs.exists(top):
+            self.zfs.inherit_property(top, TREE_PROPERTY)
+        if not self.received:
+            raise NothingToDo(f"the -R stream had nothing left to receive into {top}")
+        return self.received
+
+    def _make_parents(self, top: str) -> None:
+        """As zfs receive -d/-e does: the file systems above the tree's top are created as needed."""
+        parent = top.rpartition("/")[0]
+        if self.prefix and parent and not self.zfs.exists(parent):
+            self.zfs.run(f"cannot create {parent}", "create", "-p", parent)
+
+    def _apply_properties(self, dataset: str, props: Mapping[str, object], *, top: bool) -> None:
+        """The source's properties, as `zfs receive` applies an -R stream's: less -x, and -o's values on the top
+        file system only (its descendants inherit them)."""
+        overridden = {name for name, _ in self.set_props}
+        chosen, skipped = settable_properties(props)
+        for name, value in chosen.items():
+            if name in self.exclude_props or name in overridden or name == TREE_PROPERTY:
+                continue
+            try:
+                self.zfs.set_property(dataset, name, value)
+            except SnapferryError as exc:
+                self.events("warning", message=f"{exc}; the property stays as it is on {dataset}")
+        for name, value in (self.set_props if top else ()):
+            self.zfs.set_property(dataset, name, value)
+        for name in skipped:
+            if name not in self.exclude_props:
+                self.events("warning", message=f"{dataset}: property {name} ({props[name]}) is not one snapferry can set; set it by hand")
+
+
+def read_compound_header(source: Readable) -> tuple[Begin, ReplicationHeader]:
+    """The compound BEGIN, its nvlist, and the END whose checksum covers both (checked)."""
+    head = bytearray(HEADER_SIZE)
+    if read_exact(source, memoryview(head)) < HEADER_SIZE:
+        raise StreamTruncated("input ended inside the -R stream's first record")
+    begin = Begin.decode(head, supported_only=False)
+    if begin.header_type != COMPOUNDSTREAM:
+        raise StreamFormatError("not a compound (zfs send -R) stream")
+    if begin.payloadlen > MAX_BEGIN_PAYLOAD:
+        raise StreamFormatError(f"-R stream header of {begin.payloadlen} bytes: larger than any real one, corrupt stream")
+    payload = bytearray(begin.payloadlen)
+    end = bytearray(HEADER_SIZE)
+    if read_exact(source, memoryview(payload)) < len(payload) or read_exact(source, memoryview(end)) < HEADER_SIZE:
+        raise StreamTruncated("input ended inside the -R stream's header")
+    if int.from_bytes(end[:4], "little") != RecordType.END or end_checksum(end) != Fletcher4().update(head + payload):
+        raise StreamIntegrityError("checksum mismatch in the -R stream's header: corrupted in transit", 0)
+    return begin, ReplicationHeader.from_payload(bytes(payload))
+
+
+def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
+    """The token of the unfinished tree transfer at or below `target`, or None where there is none."""
+    marked = zfs.locally_set(target, TREE_PROPERTY)
+    if not marked:
+        return None
+    top = min(marked, key=len)
+    try:
+        state = json.loads(marked[top])
+        root, tosnap, fromsnap, intermediates = state["root"], state["tosnap"], state["fromsnap"], bool(state["intermediates"])
+    except (ValueError, KeyError, TypeError):
+        raise Refused(f"{top}: its {TREE_PROPERTY} property is damaged; clear it with: zfs inherit {TREE_PROPERTY} {top}") from None
+    have: set[int] = set()
+    partial = None
+    for dataset in [name for name in zfs.get_properties(top, "type", recursive_depth=1 << 16) if "@" not in name]:
+        snapshots = zfs.snapshots(dataset)
+        have |= {s.guid for s in snapshots if not is_piece(s)}
+        partial = partial or latest_token(find_transfers(snapshots, dataset))
+    return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(have), partial)
+
+
+def forget_tree(zfs: Zfs, token: TreeToken) -> str:
+    """receive -A of a tree: its record goes (the partial dataset is aborted on its own); what was done stays."""
+    if zfs.exists(token.target):  # else it went with its own partial transfer
+        zfs.inherit_property(token.target, TREE_PROPERTY)
+    return (
+        f"forgot the interrupted -R transfer of {token.root}@{token.tosnap} into {token.target}; the {len(token.have)} "
+        "snapshot(s) it completed stay"
+    )

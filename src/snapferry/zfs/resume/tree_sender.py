@@ -1,0 +1,146 @@
+"""The sending side of a tree (`zfs send -R`): its compound header, then one stamped substream per snapshot, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.process import SendProcess
+from snapferry.core.streamio import Sink, read_exact
+from snapferry.errors import Refused, StaleToken, StreamFormatError, StreamTruncated
+from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin, RecordType
+from snapferry.zfs.codec.token import ResumeToken
+from snapferry.zfs.codec.tree_token import TreeToken
+from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
+from snapferry.zfs.resume.checkpoints import is_piece
+from snapferry.zfs.resume.sender import send_continuation, send_one
+
+# What ends a compound stream: an END record with no checksum and no guid.
+FINAL_END = RecordType.END.to_bytes(4, "little") + bytes(HEADER_SIZE - 4)
+
+
+@dataclass(frozen=True)
+class Substream:
+    """One snapshot of the tree as a -R stream carries it: the snapshot, and the base its incremental starts from."""
+
+    snapshot: Snapshot
+    base: Snapshot | None
+
+
+def read_compound_header(zfs: Zfs, snapshot: str, base: str | None, intermediates: bool) -> bytes:
+    """The compound BEGIN, its nvlist and its END, exactly as `zfs send -R` writes them; the send is stopped there,
+    so the tree's data is not read."""
+    incremental = [("-I" if intermediates else "-i"), base] if base else []
+    proc = SendProcess(zfs.argv("send", "-R", *incremental, snapshot), f"cannot send {snapshot}", ZFS_TOOL)
+    with proc.reading(lambda: 0):
+        head = bytearray(HEADER_SIZE)
+        if read_exact(proc.stdout, memoryview(head)) < HEADER_SIZE:
+            proc.check()
+            raise StreamTruncated(f"zfs send -R {snapshot} ended inside its first record")
+        begin = Begin.decode(head, supported_only=False)
+        if begin.header_type != COMPOUNDSTREAM or begin.payloadlen > MAX_BEGIN_PAYLOAD:
+            raise StreamFormatError(f"zfs send -R {snapshot} did not start with a compound header")
+        rest = bytearray(begin.payloadlen + HEADER_SIZE)
+        if read_exact(proc.stdout, memoryview(rest)) < len(rest):
+            raise StreamTruncated(f"zfs send -R {snapshot} ended inside its header")
+        proc.stop()
+        return bytes(head + rest)
+
+
+def plan_tree(zfs: Zfs, root: str, tosnap: str, fromsnap: str | None, intermediates: bool) -> list[Substream]:
+    """The substreams of `zfs send -R [-i|-I @fromsnap] root@tosnap`, parents first, each file system's oldest first.
+
+    A file system without @tosnap is not part of the tree; one without @fromsnap (new since) goes in whole.
+    """
+    filesystems = [name for name in zfs.get_properties(root, "type", recursive_depth=1 << 16) if "@" not in name]
+    plan: list[Substream] = []
+    for dataset in filesystems:
+        snapshots = [s for s in zfs.snapshots(dataset) if not is_piece(s)]
+        names = [s.name.partition("@")[2] for s in snapshots]
+        if tosnap not in names:
+            continue
+        last = names.index(tosnap)
+        if fromsnap is not None and fromsnap in names[:last]:
+            first = names.index(fromsnap)
+            chain = snapshots[first : last + 1] if intermediates else [snapshots[first], snapshots[last]]
+            plan += [Substream(snap, base) for base, snap in zip(chain, chain[1:], strict=False)]
+        else:
+            chain = snapshots[: last + 1]
+            plan += [Substream(snap, base) for base, snap in zip([None, *chain], chain, strict=False)]
+    return plan
+
+
+def send_tree(
+    zfs: Zfs,
+    snapshot: str,
+    sink: Sink,
+    *,
+    base: str | None = None,
+    intermediates: bool = False,
+    flags: Sequence[str] = (),
+    events: EventSink = ignore_events,
+) -> int:
+    """`zfs send -R`, each substream re-stamped with its running checksums as `snapferry send` does for one dataset."""
+    root, _, tosnap = snapshot.partition("@")
+    fromsnap = base.rpartition("@")[2] if base else None
+    if base and not zfs.exists(f"{root}@{fromsnap}"):
+        raise Refused(f"no snapshot {root}@{fromsnap}")
+    header = read_compound_header(zfs, snapshot, f"{root}@{fromsnap}" if fromsnap else None, intermediates)
+    return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates), sink, frozenset(), None, flags, events)
+
+
+def send_tree_rest(
+    zfs: Zfs, token: TreeToken, sink: Sink, *, events: EventSink = ignore_events, visible: Callable[[str], bool] = lambda _: True
+) -> int:
+    """The rest of an interrupted -R transfer: the same header, then only the substreams the destination does not have,
+    the partial one first as a continuation. Snapshots the destination has are never read again."""
+    snapshot = f"{token.root}@{token.tosnap}"
+    if not visible(token.root) or not zfs.exists(snapshot):
+        raise StaleToken(
+            f"stale token: {snapshot} no longer exists here (the tree's root or its snapshot was destroyed or renamed); "
+            f"discard the partial transfer with: snapferry receive -A {token.target}"
+        )
+    base = f"{token.root}@{token.fromsnap}" if token.fromsnap else None
+    if base and not zfs.exists(base):
+        raise StaleToken(f"stale token: the tree's base snapshot {base} no longer exists; discard the partial transfer with: "
+                         f"snapferry receive -A {token.target}")  # fmt: skip
+    plan = plan_tree(zfs, token.root, token.tosnap, token.fromsnap, token.intermediates)
+    rest = [sub for sub in plan if sub.snapshot.guid not in token.have]
+    partial = token.partial
+    if partial is not None and not any(s.snapshot.guid == partial.toguid and _guid(s.base) == partial.fromguid for s in rest):
+        raise StaleToken(
+            f"stale token: the snapshot its partial dataset was receiving (guid {partial.toguid}) is no longer part of "
+            f"{snapshot}'s tree; discard the partial transfer with: snapferry receive -A {token.target}"
+        )
+    header = read_compound_header(zfs, snapshot, base, token.intermediates)
+    events("stream", toname=snapshot, offset=0, substreams=len(rest), of=len(plan))
+    return _emit(zfs, header, rest, sink, token.have, partial, (), events)
+
+
+def _guid(snapshot: Snapshot | None) -> int:
+    return snapshot.guid if snapshot else 0
+
+
+def _emit(
+    zfs: Zfs,
+    header: bytes,
+    substreams: list[Substream],
+    sink: Sink,
+    have: frozenset[int],
+    partial: ResumeToken | None,
+    flags: Sequence[str],
+    events: EventSink,
+) -> int:
+    sink([header])
+    written = len(header)
+    for sub in substreams:
+        if partial is not None and sub.snapshot.guid == partial.toguid:
+            written += send_continuation(zfs, partial, sink, events=events, named_as_source=True)
+            continue
+        base = sub.base.name if sub.base else None
+        written += send_one(zfs, sub.snapshot.name, base, flags, sink, written, events, None)
+    sink([FINAL_END])
+    written += len(FINAL_END)
+    events("done", bytes=written)
+    return written
