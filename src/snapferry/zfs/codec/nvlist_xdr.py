@@ -79,7 +79,8 @@ def _pair_sizes(pair: NvPair) -> tuple[int, int]:
     if kind in ARRAY_ELEMENTS:
         numbers = cast(tuple[int, ...], value)
         element = ARRAY_ELEMENTS[kind]
-        return head + 4 + struct.calcsize(_UNIT[element]) * len(numbers), native_head + _align8(struct.calcsize(SCALARS[element][0]) * len(numbers))
+        xdr_size = 4 + struct.calcsize(_UNIT[element]) * len(numbers)
+        return head + xdr_size, native_head + _align8(struct.calcsize(SCALARS[element][0]) * len(numbers))
     if kind is NvType.STRING:
         raw = _raw(cast(str, value))
         return head + _xdr_string_size(raw), native_head + _align8(len(raw) + 1)
@@ -156,7 +157,8 @@ class _Decoder:
         pairs: list[NvPair] = []
         while True:
             start = self.pos
-            encoded, decoded = self.unpack("i", "a list (its end mark is missing)"), self.unpack("i", "a list (its end mark is missing)")
+            encoded = self.unpack("i", "a list (its end mark is missing)")
+            decoded = self.unpack("i", "a list (its end mark is missing)")
             if decoded == 0:
                 if encoded != 0:
                     raise NvlistError(f"the end mark at byte {start} has an encoded size of {encoded}, not 0")
@@ -164,7 +166,9 @@ class _Decoder:
             pair = self.pair(start, depth)
             sizes = _pair_sizes(pair)
             if (encoded, decoded) != sizes:
-                raise NvlistError(f"pair {pair.name!r} at byte {start} states sizes {encoded}/{decoded}, its contents make {sizes[0]}/{sizes[1]}")
+                raise NvlistError(
+                    f"pair {pair.name!r} at byte {start} states sizes {encoded}/{decoded}, its contents make {sizes[0]}/{sizes[1]}"
+                )
             pairs.append(pair)
 
     def pair(self, start: int, depth: int) -> NvPair:
@@ -286,7 +290,9 @@ def _encode_value(pair: NvPair, depth: int) -> bytes:
             raise ValueError(f"{where} takes bytes, got {value!r}")
         if not value:
             return b""
-        return value.ljust(_align4(len(value)), b"\0") if kind is NvType.BYTE_ARRAY else struct.pack(">I", len(value)) + _numbers(NvType.UINT8, tuple(value), where)
+        if kind is NvType.BYTE_ARRAY:
+            return value.ljust(_align4(len(value)), b"\0")
+        return struct.pack(">I", len(value)) + _numbers(NvType.UINT8, tuple(value), where)
     if kind is not NvType.NVLIST and not isinstance(value, tuple):
         raise ValueError(f"{where} takes a tuple, got {value!r}")
     if kind in ARRAY_ELEMENTS:
