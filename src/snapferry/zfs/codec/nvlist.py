@@ -1,4 +1,7 @@
-"""Packed nvlists in libnvpair's native encoding (either byte order): decode, encode, and print them as nvlist_print does (pure)."""
+"""Packed nvlists: their types, the native encoding (either byte order), and printing as nvlist_print does (pure).
+
+The XDR encoding lives in nvlist_xdr; decode() and encode() here take either.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ class NvType(IntEnum):
 NvValue = Union[None, bool, int, str, bytes, "NvList", tuple[int, ...], tuple[str, ...], tuple["NvList", ...]]
 
 # Fixed-size values: struct code (boolean_t is a C enum, 4 bytes) and the inclusive range.
-_SCALARS: dict[NvType, tuple[str, int, int]] = {
+SCALARS: dict[NvType, tuple[str, int, int]] = {
     NvType.BOOLEAN_VALUE: ("i", 0, 1),
     NvType.BYTE: ("B", 0, 0xFF),
     NvType.INT8: ("b", -(1 << 7), (1 << 7) - 1),
@@ -83,7 +86,7 @@ _SCALARS: dict[NvType, tuple[str, int, int]] = {
     NvType.UINT64: ("Q", 0, _MASK64),
     NvType.HRTIME: ("q", -(1 << 63), (1 << 63) - 1),
 }
-_ARRAYS: dict[NvType, NvType] = {
+ARRAY_ELEMENTS: dict[NvType, NvType] = {
     NvType.BOOLEAN_ARRAY: NvType.BOOLEAN_VALUE,
     NvType.BYTE_ARRAY: NvType.BYTE,
     NvType.INT8_ARRAY: NvType.INT8,
@@ -142,7 +145,10 @@ def decode(data: bytes | bytearray | memoryview) -> NvList:
         raise NvlistError(f"{len(buf)} bytes are too few for a packed nvlist")
     encoding, endian = buf[0], buf[1]
     if encoding == _ENCODE_XDR:
-        raise NvlistError("it is XDR-encoded; only the native encoding is supported")
+        # Imported here: nvlist_xdr builds on this module's types.
+        from snapferry.zfs.codec.nvlist_xdr import decode_xdr
+
+        return decode_xdr(buf)
     if encoding != _ENCODE_NATIVE:
         raise NvlistError(f"unknown encoding {encoding}")
     if endian > 1:
@@ -196,15 +202,15 @@ class _Decoder:
     def value(self, kind: NvType, nelem: int, start: int, end: int, where: str, depth: int) -> NvValue:
         """The value in buf[start:end] (and, for embedded lists, the pairs that follow `end`)."""
         buf, order = self.buf, self.order
-        array = kind in _ARRAYS or kind in (NvType.STRING_ARRAY, NvType.NVLIST_ARRAY)
+        array = kind in ARRAY_ELEMENTS or kind in (NvType.STRING_ARRAY, NvType.NVLIST_ARRAY)
         wanted = "any number of elements" if array else ("no value" if kind is NvType.BOOLEAN else "one element")
         if (array and nelem < 0) or (not array and nelem != (0 if kind is NvType.BOOLEAN else 1)):
             raise NvlistError(f"{where} has {nelem} elements, wants {wanted}")
         # The fixed part of the value must fit before anything is read or allocated from nelem.
-        if kind in _SCALARS:
-            fixed = struct.calcsize(_SCALARS[kind][0])
-        elif kind in _ARRAYS:
-            fixed = nelem * struct.calcsize(_SCALARS[_ARRAYS[kind]][0])
+        if kind in SCALARS:
+            fixed = struct.calcsize(SCALARS[kind][0])
+        elif kind in ARRAY_ELEMENTS:
+            fixed = nelem * struct.calcsize(SCALARS[ARRAY_ELEMENTS[kind]][0])
         elif kind is NvType.STRING_ARRAY:
             fixed = nelem * _POINTER_SIZE
         elif kind is NvType.NVLIST:
@@ -219,13 +225,13 @@ class _Decoder:
         used = fixed
         if kind is NvType.BOOLEAN:
             value = None
-        elif kind in _SCALARS:
-            (number,) = struct.unpack_from(order + _SCALARS[kind][0], buf, start)
+        elif kind in SCALARS:
+            (number,) = struct.unpack_from(order + SCALARS[kind][0], buf, start)
             value = self.boolean(number, where) if kind is NvType.BOOLEAN_VALUE else number
         elif kind in _BYTES_ARRAYS:
             value = buf[start : start + nelem]
-        elif kind in _ARRAYS:
-            numbers = struct.unpack_from(f"{order}{nelem}{_SCALARS[_ARRAYS[kind]][0]}", buf, start)
+        elif kind in ARRAY_ELEMENTS:
+            numbers = struct.unpack_from(f"{order}{nelem}{SCALARS[ARRAY_ELEMENTS[kind]][0]}", buf, start)
             value = tuple(self.boolean(n, where) for n in numbers) if kind is NvType.BOOLEAN_ARRAY else numbers
         elif kind is NvType.STRING:
             text, after = self.string(start, end, where)
@@ -269,12 +275,16 @@ class _Decoder:
 # --- encoding ---------------------------------------------------------------------------------------
 
 
-def encode(nvl: NvList, *, big_endian: bool = False) -> bytes:
-    """Pack `nvl` as fnvlist_pack does on a little-endian (or, if asked, big-endian) host.
+def encode(nvl: NvList, *, big_endian: bool = False, xdr: bool = False) -> bytes:
+    """Pack `nvl` as fnvlist_pack does on a little-endian (or, if asked, big-endian) host; in XDR if asked.
 
     Values that cannot be packed (wrong Python type, out of range, a NUL in a string, lists nested
     deeper than MAX_DEPTH) raise ValueError.
     """
+    if xdr:
+        from snapferry.zfs.codec.nvlist_xdr import encode_xdr
+
+        return encode_xdr(nvl, big_endian_host=big_endian)
     order = ">" if big_endian else "<"
     out = bytearray([_ENCODE_NATIVE, 0 if big_endian else 1, 0, 0])
     out += struct.pack(order + "iI", NV_VERSION, _nvflag(nvl))
@@ -318,16 +328,16 @@ def _encode_value(pair: NvPair, kind: NvType, order: str) -> tuple[bytes, int, l
         if value is not None:
             raise ValueError(f"{where} takes no value, got {value!r}")
         return b"", 0, []
-    if kind in _SCALARS:
+    if kind in SCALARS:
         return _pack_numbers(order, kind, (value,), where), 1, []
     if kind in _BYTES_ARRAYS:
         if not isinstance(value, bytes):
             raise ValueError(f"{where} takes bytes, got {value!r}")
         return value, len(value), []
-    if kind in _ARRAYS:
+    if kind in ARRAY_ELEMENTS:
         if not isinstance(value, tuple):
             raise ValueError(f"{where} takes a tuple, got {value!r}")
-        return _pack_numbers(order, _ARRAYS[kind], value, where), len(value), []
+        return _pack_numbers(order, ARRAY_ELEMENTS[kind], value, where), len(value), []
     if kind is NvType.STRING:
         return _c_string(value, where), 1, []
     if kind is NvType.STRING_ARRAY:
@@ -344,7 +354,7 @@ def _encode_value(pair: NvPair, kind: NvType, order: str) -> tuple[bytes, int, l
 
 
 def _pack_numbers(order: str, kind: NvType, values: tuple[object, ...], where: str) -> bytes:
-    code, low, high = _SCALARS[kind]
+    code, low, high = SCALARS[kind]
     for v in values:
         if not isinstance(v, int) or not low <= v <= high or (kind is NvType.BOOLEAN_VALUE and not isinstance(v, bool)):
             raise ValueError(f"{where} cannot hold {v!r}")
@@ -393,10 +403,10 @@ def _print(nvl: NvList, indent: int, out: list[str]) -> None:
             texts = cast(tuple[str, ...], value)
             if texts:
                 out.append(f"{tab}{name} = " + " ".join(texts))
-        elif kind in _ARRAYS:
+        elif kind in ARRAY_ELEMENTS:
             numbers = cast(tuple[int, ...], value)
             if numbers:
-                out.append(f"{tab}{name} = " + " ".join(_print_number(_ARRAYS[kind], n) for n in numbers))
+                out.append(f"{tab}{name} = " + " ".join(_print_number(ARRAY_ELEMENTS[kind], n) for n in numbers))
         elif kind is NvType.STRING:
             out.append(f"{tab}{name} = {cast(str, value)}")
         else:
