@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     with common.stdin_stream() as source, common.reporter(args, label=args.dataset) as events:
         done = backend.receive(request, source, events)
     if not (args.quiet or args.json):
-        print(f"snapferry: received {', '.join(done)}", file=sys.stderr)
+        said = ", ".join(done) if done else "nothing new: the -R stream's every snapshot was already there"
+        print(f"snapferry: received {said}", file=sys.stderr)
     return 0
 
 

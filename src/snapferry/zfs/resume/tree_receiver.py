@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from snapferry.core.events import EventSink
 from snapferry.core.streamio import Readable, read_exact
-from snapferry.errors import NothingToDo, Refused, SnapferryError, StreamFormatError, StreamIntegrityError, StreamTruncated
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.zfs.codec.fletcher import Fletcher4
 from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin, RecordType, end_checksum
 from snapferry.zfs.codec.replication import ReplicationHeader
@@ -103,8 +103,6 @@ class TreeReceiver:
                 self._apply_properties(into, filesystem.props, top=into == top)
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
-        if not self.received:
-            raise NothingToDo(f"the -R stream had nothing left to receive into {top}")
         return self.received
 
     def _make_parents(self, top: str) -> None:
@@ -151,14 +149,31 @@ def read_compound_header(source: Readable) -> tuple[Begin, ReplicationHeader]:
     return begin, ReplicationHeader.from_payload(bytes(payload))
 
 
-def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
-    """The token of the unfinished tree transfer at or below `target`, or None where there is none."""
+def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
+    """(the dataset that receives the source root, the tree's state) of an unfinished tree transfer that `target` is
+    part of or holds, or None."""
+    answer = zfs.run(f"cannot read {TREE_PROPERTY} of {target}", "get", "-H", "-o", "value,source", TREE_PROPERTY, target)
+    value, _, source = answer.rstrip("\n").partition("\t")
+    if source == "local":
+        return target, value
+    if source.startswith("inherited from "):
+        top = source.removeprefix("inherited from ")
+        return top, value
     marked = zfs.locally_set(target, TREE_PROPERTY)
     if not marked:
         return None
     top = min(marked, key=len)
+    return top, marked[top]
+
+
+def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
+    """The token of the unfinished tree transfer that `target` is part of or holds, or None where there is none."""
+    found = tree_top(zfs, target)
+    if found is None:
+        return None
+    top, text = found
     try:
-        state = json.loads(marked[top])
+        state = json.loads(text)
         root, tosnap, fromsnap, intermediates = state["root"], state["tosnap"], state["fromsnap"], bool(state["intermediates"])
     except (ValueError, KeyError, TypeError):
         raise Refused(f"{top}: its {TREE_PROPERTY} property is damaged; clear it with: zfs inherit {TREE_PROPERTY} {top}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapferry.core.events import EventSink, ignore_events
@@ -33,7 +33,7 @@ def read_compound_header(zfs: Zfs, snapshot: str, base: str | None, intermediate
     so the tree's data is not read."""
     incremental = [("-I" if intermediates else "-i"), base] if base else []
     proc = SendProcess(zfs.argv("send", "-R", *incremental, snapshot), f"cannot send {snapshot}", ZFS_TOOL)
-    with proc.reading(lambda: 0):
+    try:
         head = bytearray(HEADER_SIZE)
         if read_exact(proc.stdout, memoryview(head)) < HEADER_SIZE:
             proc.check()
@@ -43,9 +43,11 @@ def read_compound_header(zfs: Zfs, snapshot: str, base: str | None, intermediate
             raise StreamFormatError(f"zfs send -R {snapshot} did not start with a compound header")
         rest = bytearray(begin.payloadlen + HEADER_SIZE)
         if read_exact(proc.stdout, memoryview(rest)) < len(rest):
+            proc.check()
             raise StreamTruncated(f"zfs send -R {snapshot} ended inside its header")
-        proc.stop()
         return bytes(head + rest)
+    finally:
+        proc.stop()
 
 
 def plan_tree(zfs: Zfs, root: str, tosnap: str, fromsnap: str | None, intermediates: bool) -> list[Substream]:
@@ -78,7 +80,6 @@ def send_tree(
     *,
     base: str | None = None,
     intermediates: bool = False,
-    flags: Sequence[str] = (),
     events: EventSink = ignore_events,
 ) -> int:
     """`zfs send -R`, each substream re-stamped with its running checksums as `snapferry send` does for one dataset."""
@@ -87,7 +88,7 @@ def send_tree(
     if base and not zfs.exists(f"{root}@{fromsnap}"):
         raise Refused(f"no snapshot {root}@{fromsnap}")
     header = read_compound_header(zfs, snapshot, f"{root}@{fromsnap}" if fromsnap else None, intermediates)
-    return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates), sink, frozenset(), None, flags, events)
+    return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates), sink, None, _within(root), events)
 
 
 def send_tree_rest(
@@ -96,7 +97,7 @@ def send_tree_rest(
     """The rest of an interrupted -R transfer: the same header, then only the substreams the destination does not have,
     the partial one first as a continuation. Snapshots the destination has are never read again."""
     snapshot = f"{token.root}@{token.tosnap}"
-    if not visible(token.root) or not zfs.exists(snapshot):
+    if not (visible(token.root) and zfs.exists(snapshot)):
         raise StaleToken(
             f"stale token: {snapshot} no longer exists here (the tree's root or its snapshot was destroyed or renamed); "
             f"discard the partial transfer with: snapferry receive -A {token.target}"
@@ -115,7 +116,12 @@ def send_tree_rest(
         )
     header = read_compound_header(zfs, snapshot, base, token.intermediates)
     events("stream", toname=snapshot, offset=0, substreams=len(rest), of=len(plan))
-    return _emit(zfs, header, rest, sink, token.have, partial, (), events)
+    return _emit(zfs, header, rest, sink, partial, _within(token.root), events)
+
+
+def _within(root: str) -> Callable[[str], bool]:
+    """The source tree's own datasets: a copy of its snapshots elsewhere on this host has the same guids."""
+    return lambda dataset: dataset == root or dataset.startswith(root + "/")
 
 
 def _guid(snapshot: Snapshot | None) -> int:
@@ -127,19 +133,18 @@ def _emit(
     header: bytes,
     substreams: list[Substream],
     sink: Sink,
-    have: frozenset[int],
     partial: ResumeToken | None,
-    flags: Sequence[str],
+    within: Callable[[str], bool],
     events: EventSink,
 ) -> int:
     sink([header])
     written = len(header)
     for sub in substreams:
         if partial is not None and sub.snapshot.guid == partial.toguid:
-            written += send_continuation(zfs, partial, sink, events=events, named_as_source=True)
+            written += send_continuation(zfs, partial, sink, events=events, visible=within, named_as_source=True)
             continue
         base = sub.base.name if sub.base else None
-        written += send_one(zfs, sub.snapshot.name, base, flags, sink, written, events, None)
+        written += send_one(zfs, sub.snapshot.name, base, (), sink, written, events, None)
     sink([FINAL_END])
     written += len(FINAL_END)
     events("done", bytes=written)
