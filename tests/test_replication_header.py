@@ -358,3 +358,17 @@ def test_damaged_headers_only_raise_stream_format_errors(records: bytes, rnd: ra
             assert "\n" not in str(exc)
             continue
         assert read_header(header_records(begin, header.to_payload()))[1] == header
+
+
+def test_zfs_fuse_clone_and_snapshot_properties() -> None:
+    """A clone names its origin snapshot by guid (after parentfromsnap); a snapshot's user property sits in snapprops as a STRING."""
+    records = (DATA / "r_clone.header").read_bytes()
+    _, header, end = read_header(records)
+    assert end == len(records) and header.to_payload() == payload_of(records)
+    root, a, c = header.filesystems
+    assert [fs.name for fs in header.filesystems] == ["xdrtest1", "xdrtest1/a", "xdrtest1/c"]
+    assert list(a.snaps) == ["s2", "s1"]  # not creation order: s1 was made first
+    assert {k: dict(v) for k, v in a.snapprops.items()} == {"s2": {}, "s1": {"snapferry:u": "v"}}
+    assert (root.origin, a.origin, c.origin) == (None, None, a.snaps["s1"])
+    assert [p.name for p in c.nvlist] == ["name", "parentfromsnap", "origin", "props", "snaps", "snapprops"]
+    assert dict(c.props) == {} and list(c.snaps) == ["s2"]
