@@ -17,6 +17,7 @@ import zstandard
 
 from fuzz import btrfs_targets as btrfs
 from fuzz import native_targets as native
+from fuzz import replication_targets as replication
 from fuzz.contract import OK, Errors, attempt, check, outcome
 from snapferry.core.streamio import Readable
 from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
@@ -612,7 +613,7 @@ def run_nvlist(data: bytes) -> str:
     return outcome(error)
 
 
-def _every_type() -> NvList:
+def every_type() -> NvList:
     inner = NvList((NvPair("x", NvType.UINT64, 1), NvPair("flag", NvType.BOOLEAN)))
     return NvList(
         (
@@ -635,7 +636,7 @@ def _every_type() -> NvList:
     )
 
 
-def _nested(depth: int) -> NvList:
+def nested_list(depth: int) -> NvList:
     nvl = NvList((NvPair("leaf", NvType.UINT64, 1),))
     for _ in range(depth):
         nvl = NvList((NvPair("n", NvType.NVLIST, nvl),))
@@ -643,8 +644,8 @@ def _nested(depth: int) -> NvList:
 
 
 def nvlist_seeds() -> tuple[bytes, ...]:
-    seeds = [nvlist.encode(_every_type()), nvlist.encode(_every_type(), big_endian=True)]
-    seeds += [nvlist.encode(_nested(4)), nvlist.encode(NvList())]
+    seeds = [nvlist.encode(every_type()), nvlist.encode(every_type(), big_endian=True)]
+    seeds += [nvlist.encode(nested_list(4)), nvlist.encode(NvList())]
     seeds += [split.begin[HEADER_SIZE:] for split in stream_bases() if len(split.begin) > HEADER_SIZE]
     seeds += [seed[1:] for seed in openzfs_token_seeds() if seed[:1] == bytes([BODY])]
     seeds.append(chained_seeds()[0])
@@ -781,6 +782,20 @@ TARGETS: dict[str, Target] = {
         Target("openzfs-token", "openzfs_token.decode (OpenZFS 1-... tokens), re-encoded", run_openzfs_token, openzfs_token_seeds, 4096),
         Target("nvlist", "nvlist.decode, format_nvlist and re-encoding in both byte orders", run_nvlist, nvlist_seeds, 4096),
         Target("chained-begin", "chained_begin_payload on a raw (-w) BEGIN with an arbitrary payload", run_chained, chained_seeds, 4096),
+        Target(
+            "nvlist-xdr",
+            "nvlist.decode on XDR nvlists, re-encoded in XDR and natively",
+            replication.run_nvlist_xdr,
+            replication.nvlist_xdr_seeds,
+            4096,
+        ),
+        Target(
+            "replication-header",
+            "read_header (the -R compound BEGIN, its XDR nvlist and END), on the input as records or as a payload framed with a valid END",
+            replication.run_replication_header,
+            replication.replication_seeds,
+            4096,
+        ),
         Target(
             "btrfs-stream",
             "BtrfsStreamReader over a btrfs send stream, as sent or with every crc32c made right",

@@ -19,6 +19,7 @@ from snapferry.core.streamio import Readable
 from snapferry.transport.wire import open_wire
 from snapferry.zfs.codec import nvlist, openzfs_token
 from snapferry.zfs.codec.records import chained_begin_payload
+from snapferry.zfs.codec.replication import read_header
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.token import ResumeToken
 
@@ -70,13 +71,14 @@ PARSERS: dict[str, Callable[[bytes], object]] = {
     "openzfs-token": lambda data: openzfs_token.decode(data.decode()),
     "nvlist": nvlist.decode,
     "chained-begin": lambda data: chained_begin_payload(RAW_BEGIN, data),
+    "replication-header": read_header,
     "btrfs-stream": _btrfs_stream,
     "btrfs-paths": _btrfs_paths,
     "btrfs-continuation": _btrfs_continuation,
     "btrfs-token": lambda data: BtrfsToken.decode(data.decode()),
 }
-# The btrfs fuzz targets read a marker byte first: 0 = the input as it is.
-TARGET_PREFIX = {"btrfs-stream": b"\0", "btrfs-continuation": b"\0"}
+# The btrfs and -R header fuzz targets read a marker byte first: 0 = the input as it is.
+TARGET_PREFIX = {"btrfs-stream": b"\0", "btrfs-continuation": b"\0", "replication-header": b"\0"}
 
 
 def test_corpus_is_complete() -> None:

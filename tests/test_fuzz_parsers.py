@@ -43,6 +43,8 @@ BUDGET = {
     "openzfs-token": 800,
     "nvlist": 1000,
     "chained-begin": 800,
+    "nvlist-xdr": 1000,
+    "replication-header": 800,
     "btrfs-stream": 800,
     "btrfs-continuation": 600,
     "btrfs-token": 800,

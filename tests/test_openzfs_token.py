@@ -252,7 +252,7 @@ def one_pair(size: int, name_sz: int, nelem: int, kind: int, rest: bytes = b"") 
     ("data", "reason"),
     [
         (b"", "0 bytes are too few for a packed nvlist"),
-        (b"\1\1\0\0" + bytes(12), "it is XDR-encoded; only the native encoding is supported"),
+        (b"\1\1\0\0" + bytes(12), "it ends at byte 16, inside a list (its end mark is missing)"),
         (b"\7\1\0\0" + bytes(12), "unknown encoding 7"),
         (b"\0\2\0\0" + bytes(12), "unknown byte order 2"),
         (b"\0\1\0\0" + struct.pack("<iI", 1, 0) + bytes(4), "nvlist version 1 is not 0"),

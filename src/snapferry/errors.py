@@ -118,7 +118,7 @@ class StreamIntegrityError(StreamFormatError):
 
 
 class NvlistError(StreamFormatError):
-    """A packed nvlist is damaged, not natively encoded, or holds a type snapferry does not decode."""
+    """A packed nvlist (native or XDR) is damaged, or holds a type snapferry does not decode."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"malformed nvlist: {reason}")

@@ -21,13 +21,16 @@ from fuzz.targets import Split, resize, serialize, split_stream
 
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
+from snapferry.zfs.codec.nvlist_xdr import encode_xdr
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken, to_nvlist
 from snapferry.zfs.codec.records import COMPOUNDSTREAM, FEATURE_DEDUP, HEADER_SIZE, RecordType, record_type
+from snapferry.zfs.codec.replication import compound_begin, header_records
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry_testkit.shared_data import OPENZFS_DATA
 
 HERE = Path(__file__).resolve().parent
 SOURCE = OPENZFS_DATA / "zfs-2.3.2" / "incr_s1_s2.stream"
+R_SAMPLE = HERE.parent / "data" / "zfs-fuse-R" / "r_full.header"
 
 
 @dataclass(frozen=True)
@@ -455,10 +458,10 @@ def nvlist_cases() -> list[Case]:
             huge_count,
         ),
         Case(
-            "nvlist-xdr.bin",
+            "nvlist-xdr-native-body.bin",
             "nvlist",
             "NvlistError",
-            r"^malformed nvlist: it is XDR-encoded; only the native encoding is supported$",
+            r"^malformed nvlist: the name of the pair at byte 12 claims 16777216 bytes, with 56 left$",
             bytes([1, 1, 0, 0]) + good[4:],
         ),
         Case(
@@ -542,10 +545,67 @@ def chained_cases() -> list[Case]:
     ]
 
 
+def replication_cases() -> list[Case]:
+    """Compound BEGINs of `zfs send -R` streams, cut from the zfs-fuse sample or built around a damaged payload."""
+    sample = R_SAMPLE.read_bytes()
+    tosnap = NvPair("tosnap", NvType.STRING, "s")
+
+    def framed(payload: bytes) -> bytes:
+        return header_records(compound_begin("pool/fs@s"), payload)
+
+    deep = NvList((NvPair("leaf", NvType.UINT64, 1),))
+    for _ in range(20):
+        deep = NvList((NvPair("n", NvType.NVLIST, deep),))
+    inner = encode_xdr(deep)[4:]
+    # Encode refuses to nest deeper than MAX_DEPTH: one more level by hand, its sizes as libnvpair states them.
+    wrapper = struct.pack(">iiI", 4 + 4 + 8 + 4 + 4 + len(inner), 48, 1) + b"n\0\0\0" + struct.pack(">ii", NvType.NVLIST, 1) + inner
+    deeper = b"\1\1\0\0" + struct.pack(">iI", 0, 1) + wrapper + bytes(8)
+    flipped = bytearray(sample)
+    flipped[HEADER_SIZE + 100] ^= 0x10
+    fss = NvPair("fss", NvType.NVLIST, NvList((NvPair("tank", NvType.NVLIST, NvList()),)))
+    return [
+        Case(
+            "replication-not-xdr.bin",
+            "replication-header",
+            "StreamFormatError",
+            r"^the compound BEGIN's payload is not an XDR-encoded nvlist: corrupt stream$",
+            framed(nvlist.encode(NvList((tosnap,)))),
+        ),
+        Case(
+            "replication-bad-end-checksum.bin",
+            "replication-header",
+            "StreamIntegrityError",
+            r"^the -R header's END checksum does not match its BEGIN record and payload$",
+            bytes(flipped),
+        ),
+        Case(
+            "replication-truncated.bin",
+            "replication-header",
+            "StreamTruncated",
+            r"^input ended inside the -R header at byte 1000, before its END record at byte 1396$",
+            sample[:1000],
+        ),
+        Case(
+            "replication-deep-nesting.bin",
+            "replication-header",
+            "NvlistError",
+            r"^malformed nvlist: pair 'n' \(NVLIST\) at byte \d+ nests lists more than 20 deep$",
+            framed(deeper),
+        ),
+        Case(
+            "replication-fss-not-a-guid.bin",
+            "replication-header",
+            "StreamFormatError",
+            r"^the -R header's fss holds 'tank', not a file system guid: corrupt stream$",
+            framed(encode_xdr(NvList((tosnap, fss)))),
+        ),
+    ]
+
+
 def build() -> list[Case]:
     from tests.corpus.btrfs_cases import btrfs_cases
 
-    return [*stream_cases(), *token_cases(), *nvlist_cases(), *chained_cases(), *btrfs_cases(Case)]
+    return [*stream_cases(), *token_cases(), *nvlist_cases(), *chained_cases(), *replication_cases(), *btrfs_cases(Case)]
 
 
 def main() -> None:

@@ -125,7 +125,7 @@ class _Decoder:
         """The position of the next `size` bytes, which must be there; moves past them."""
         start = self.pos
         if size > len(self.buf) - start:
-            raise NvlistError(f"it ends at byte {len(self.buf)}, inside {what} at byte {start}")
+            raise NvlistError(f"it ends at byte {len(self.buf)}, inside {what}")
         self.pos = start + size
         return start
 
@@ -137,16 +137,16 @@ class _Decoder:
         """`size` bytes and their zero padding to a 4-byte unit."""
         start = self.take(_align4(size), what)
         if any(self.buf[start + size : start + _align4(size)]):
-            raise NvlistError(f"{what} at byte {start} has non-zero padding")
+            raise NvlistError(f"{what} has non-zero padding")
         return self.buf[start : start + size]
 
     def string(self, what: str) -> bytes:
         size = self.unpack("I", what)
         if size > len(self.buf) - self.pos:
-            raise NvlistError(f"{what} at byte {self.pos - 4} claims {size} bytes, with {len(self.buf) - self.pos} left")
+            raise NvlistError(f"{what} claims {size} bytes, with {len(self.buf) - self.pos} left")
         raw = self.opaque(size, what)
         if 0 in raw:
-            raise NvlistError(f"{what} at byte {self.pos - _align4(size)} contains a NUL")
+            raise NvlistError(f"{what} contains a NUL")
         return raw
 
     def embedded(self, depth: int, where: str) -> NvList:
@@ -219,7 +219,6 @@ class _Decoder:
         return lists[0] if kind is NvType.NVLIST else lists
 
     def number(self, kind: NvType, where: str) -> int | bool:
-        at = self.pos
         number = self.unpack(_UNIT[kind], where)
         _, low, high = SCALARS[kind]
         if kind in _CHARS and -128 <= number <= 255:
@@ -227,7 +226,7 @@ class _Decoder:
             if kind is NvType.INT8 and number > 127:
                 number -= 256
         if not low <= number <= high:
-            raise NvlistError(f"{where} holds {number} at byte {at}, out of range for {kind.name}")
+            raise NvlistError(f"{where} holds {number}, out of range for {kind.name}")
         return number == 1 if kind is NvType.BOOLEAN_VALUE else number
 
 
