@@ -169,7 +169,7 @@ class Begin:
 
     def check_supported(self) -> None:
         if self.header_type == COMPOUNDSTREAM:
-            raise StreamFormatError("compound stream (zfs send -R) is not supported yet: send each dataset's snapshot separately")
+            raise StreamFormatError("compound stream (zfs send -R) header where one dataset's stream should start: corrupt stream")
         if self.header_type != SUBSTREAM:
             raise StreamFormatError(f"unknown stream header type {self.header_type} in BEGIN record")
         if self.features & (FEATURE_DEDUP | FEATURE_DEDUPPROPS):

@@ -6,17 +6,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from snapferry.core import hints
 from snapferry.core.events import EventSink
 from snapferry.core.streamio import Readable, read_exact
-from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, StreamTruncated
-from snapferry.zfs.codec.fletcher import Fletcher4
-from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin, RecordType, end_checksum
-from snapferry.zfs.codec.replication import ReplicationHeader
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
+from snapferry.zfs.codec.records import HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin
+from snapferry.zfs.codec.replication import ReplicationHeader, read_header
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import TreeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
-from snapferry.zfs.resume.receiver import PieceReceiver
+from snapferry.zfs.resume.receiver import PieceReceiver, resume_hint
 from snapferry.zfs.resume.tree_props import settable_properties
 
 # Set on the dataset that receives the source root while a tree transfer is unfinished: the tree's
@@ -95,7 +95,13 @@ class TreeReceiver:
                 mount=self.mount,
                 on_checkpoint=record_state,
             )
-            receiver.receive_substream(reader, sub, sub_bytes)
+            try:
+                receiver.receive_substream(reader, sub, sub_bytes)
+            except TransferInterrupted as exc:
+                # Resuming the one dataset would leave the rest of the tree behind: the advice is the tree's.
+                flags = f"-{self.prefix} " if self.prefix else ""
+                tree_hint = hints.resume_hint(self.target, f"{flags}{self.target}")
+                raise type(exc)(str(exc).replace(resume_hint(into), tree_hint)) from None
             record_state()
             self.received += receiver.received
             if into not in propertied and filesystem is not None:
@@ -133,20 +139,12 @@ class TreeReceiver:
 def read_compound_header(source: Readable) -> tuple[Begin, ReplicationHeader]:
     """The compound BEGIN, its nvlist, and the END whose checksum covers both (checked)."""
     head = bytearray(HEADER_SIZE)
-    if read_exact(source, memoryview(head)) < HEADER_SIZE:
-        raise StreamTruncated("input ended inside the -R stream's first record")
-    begin = Begin.decode(head, supported_only=False)
-    if begin.header_type != COMPOUNDSTREAM:
-        raise StreamFormatError("not a compound (zfs send -R) stream")
-    if begin.payloadlen > MAX_BEGIN_PAYLOAD:
-        raise StreamFormatError(f"-R stream header of {begin.payloadlen} bytes: larger than any real one, corrupt stream")
-    payload = bytearray(begin.payloadlen)
-    end = bytearray(HEADER_SIZE)
-    if read_exact(source, memoryview(payload)) < len(payload) or read_exact(source, memoryview(end)) < HEADER_SIZE:
-        raise StreamTruncated("input ended inside the -R stream's header")
-    if int.from_bytes(end[:4], "little") != RecordType.END or end_checksum(end) != Fletcher4().update(head + payload):
-        raise StreamIntegrityError("checksum mismatch in the -R stream's header: corrupted in transit", 0)
-    return begin, ReplicationHeader.from_payload(bytes(payload))
+    got = read_exact(source, memoryview(head))
+    begin = Begin.decode(head, supported_only=False) if got == HEADER_SIZE else None
+    rest = bytearray(min(begin.payloadlen, MAX_BEGIN_PAYLOAD + 1) + HEADER_SIZE if begin else 0)
+    got += read_exact(source, memoryview(rest))
+    begin, header, _ = read_header((head + rest)[:got])
+    return begin, header
 
 
 def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
