@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -151,20 +152,23 @@ def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree
     argv = [*tb.SNAPFERRY, "receive", "-s", "-d", "--checkpoint", CHECKPOINT, target]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
-    proc.stdin.write(stream[: len(stream) * 3 // 5])
-    proc.stdin.flush()
+    with contextlib.suppress(BrokenPipeError):  # it may have stopped on its own (zfs-fuse's EIO): the same to resume
+        proc.stdin.write(stream[: len(stream) * 3 // 5])
+        proc.stdin.flush()
     top = f"{target}/{tree.partition('/')[2]}"
     deadline = time.monotonic() + 60
     while not (tb.exists(f"{top}/d") and tb.piece_names(f"{top}/d")) and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.kill()  # SIGKILL: the receiver and whatever zfs receive it had running die mid-piece
     proc.wait()
-    proc.stdin.close()
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
     tb.reboot_daemon([bed.src.directory, bed.dst.directory], [bed.src.name, bed.dst.name])
     token = tb.token(target)
     assert token.startswith("sf1r-")
     decoded = json.loads(tb.snapferry("token", "--decode", token).stdout)
-    assert decoded["snapshots_received"] > 0 and decoded["partial"] is not None
+    # The partial dataset's last piece may not have been named a checkpoint yet: then it starts over.
+    assert decoded["snapshots_received"] > 0 and (decoded["partial"] is None or decoded["partial"]["dataset"].startswith(top))
     _finish(target, stream)
     assert _state(top) == _state(_reference(bed, tree, "rref_all", f"{tree}@s3"))
 
@@ -190,7 +194,7 @@ def test_R_stream_damage_and_misuse_are_one_line_errors(bed: tb.Bed, tree: str) 
     stream[400] ^= 0xFF  # inside the header's nvlist
     damaged = tb.receive(target, bytes(stream), "-d")
     assert damaged.returncode != 0 and damaged.stderr.strip().count("\n") == 0
-    assert "-R stream's header" in damaged.stderr
+    assert "the -R header's END checksum does not match" in damaged.stderr
     assert tb.snapshot_names(target) == [] and not tb.exists(f"{target}/{tree.partition('/')[2]}")
     single = tb.receive(target, tb.send_bytes(f"{tree}@s1"), "-d")
     assert single.returncode == 2 and "-d, -e, -x and -u are for -R (compound) streams" in single.stderr

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from snapferry.core import hints
-from snapferry.core.events import EventSink
+from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable, read_exact
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
 from snapferry.zfs.codec.records import HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin
@@ -57,24 +57,19 @@ class TreeReceiver:
     mount: bool = True
     exclude_props: tuple[str, ...] = ()
     set_props: tuple[tuple[str, str], ...] = ()
-    events: EventSink = field(default=lambda event, **fields: None)
+    events: EventSink = ignore_events
     modern_zfs: bool = False
     received: list[str] = field(default_factory=list)
+    # What the token will need once the stream is cut, and what of it is already on the top dataset.
+    _state: dict[str, object] = field(default_factory=dict)
+    _recorded: str = ""
 
     def receive(self, source: Readable) -> list[str]:
         begin, header = read_compound_header(source)
         root, _, tosnap = begin.toname.partition("@")
         layout = TreeLayout(self.target, root, self.prefix)
         top = layout.target_of(root)
-        state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
-        recorded: list[str] = []
-
-        def record_state() -> None:
-            text = json.dumps(state, sort_keys=True)
-            if recorded != [text] and self.zfs.exists(top):
-                self.zfs.set_property(top, TREE_PROPERTY, text)
-                recorded[:] = [text]
-
+        self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
         self._make_parents(top)
         reader = StreamReader(source)
         propertied: set[str] = set()
@@ -83,33 +78,43 @@ class TreeReceiver:
             dataset, _, snap = sub.toname.partition("@")
             into = layout.target_of(dataset)
             filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-            if filesystem is not None and header.fromsnap and sub.is_incremental and snap != tosnap and header.fromsnap in filesystem.snaps:
-                state["intermediates"] = True  # -I: this file system goes through a snapshot between
-            receiver = PieceReceiver(
-                self.zfs,
-                into,
-                checkpoint_size=self.checkpoint_size,
-                force=self.force,
-                events=self.events,
-                modern_zfs=self.modern_zfs,
-                mount=self.mount,
-                on_checkpoint=record_state,
-            )
-            try:
-                receiver.receive_substream(reader, sub, sub_bytes)
-            except TransferInterrupted as exc:
-                # Resuming the one dataset would leave the rest of the tree behind: the advice is the tree's.
-                flags = f"-{self.prefix} " if self.prefix else ""
-                tree_hint = hints.resume_hint(self.target, f"{flags}{self.target}")
-                raise type(exc)(str(exc).replace(resume_hint(into), tree_hint)) from None
-            record_state()
-            self.received += receiver.received
+            if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
+                self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
+            self._receive_one(reader, sub, sub_bytes, into, top)
             if into not in propertied and filesystem is not None:
                 propertied.add(into)
                 self._apply_properties(into, filesystem.props, top=into == top)
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
         return self.received
+
+    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, top: str) -> None:
+        receiver = PieceReceiver(
+            self.zfs,
+            into,
+            checkpoint_size=self.checkpoint_size,
+            force=self.force,
+            events=self.events,
+            modern_zfs=self.modern_zfs,
+            mount=self.mount,
+            on_checkpoint=lambda: self._record_state(top),
+        )
+        try:
+            receiver.receive_substream(reader, sub, sub_bytes)
+        except TransferInterrupted as exc:
+            # Resuming the one dataset would leave the rest of the tree behind: the advice is the tree's.
+            flags = f"-{self.prefix} " if self.prefix else ""
+            tree_hint = hints.resume_hint(self.target, f"{flags}{self.target}")
+            raise type(exc)(str(exc).replace(resume_hint(into), tree_hint)) from None
+        self._record_state(top)
+        self.received += receiver.received
+
+    def _record_state(self, top: str) -> None:
+        """On the top dataset, once it exists (its first checkpoint), and again when the state changes."""
+        text = json.dumps(self._state, sort_keys=True)
+        if text != self._recorded and self.zfs.exists(top):
+            self.zfs.set_property(top, TREE_PROPERTY, text)
+            self._recorded = text
 
     def _make_parents(self, top: str) -> None:
         """As zfs receive -d/-e does: the file systems above the tree's top are created as needed."""
