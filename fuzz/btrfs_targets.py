@@ -26,7 +26,8 @@ from snapferry.btrfs.codec.stream import (
     safe_path_parts,
     stream_header,
 )
-from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, BtrfsToken
+from snapferry.btrfs.engine.naming import BTRFS_TOKEN_PREFIX
+from snapferry.btrfs.resume.checkpoints import BtrfsToken
 from snapferry.errors import BtrfsStreamTruncated, MalformedBtrfsToken, StreamFormatError
 
 BTRFS_ERRORS = (StreamFormatError, BtrfsStreamTruncated)

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from snapferry.btrfs.engine.command import is_btrfs_path, subvolumes_in
+from snapferry.btrfs.engine.command import subvolumes_in
+from snapferry.btrfs.engine.naming import claims_btrfs
 from snapferry.btrfs.plan import BtrfsSyncPlanner, summarize
-from snapferry.btrfs.resume.checkpoints import BTRFS_TOKEN_PREFIX, STATE_DIR, BtrfsToken, abort, btrfs_token, read_state, subvol_info_at
+from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken, abort, btrfs_token, read_state, subvol_info_at
 from snapferry.btrfs.resume.receiver import DEFAULT_CHECKPOINT_SIZE, BtrfsCheckpointReceiver
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size, send_btrfs, send_btrfs_continuation
 from snapferry.core.events import EventSink
@@ -49,7 +50,7 @@ class BtrfsBackend:
     @staticmethod
     def claims(argument: str) -> bool:
         """A path (btrfs) rather than a pool/fs dataset (ZFS), or a btrfs token."""
-        return is_btrfs_path(argument) or argument.strip().startswith(BTRFS_TOKEN_PREFIX)
+        return claims_btrfs(argument)
 
     # --- sending ------------------------------------------------------------------------------
 

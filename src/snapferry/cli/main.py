@@ -7,8 +7,8 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
 from types import FrameType
+from typing import Any
 
 from snapferry.cli import (
     check_cmd,
@@ -38,6 +38,19 @@ EXIT_CODES = """exit codes:
 _VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, holds_cmd, demo_cmd)
 
 
+class _Version(argparse.Action):
+    """--version, looked up only when asked: importlib.metadata costs 10 ms of every start-up."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        from importlib.metadata import version
+
+        print(f"snapferry {version('snapferry')}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapferry",
@@ -45,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"snapferry {version('snapferry')}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     options = common.common_options()
     for verb in _VERBS:

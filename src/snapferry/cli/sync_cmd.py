@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapferry.cli import common
 from snapferry.cli.receive_cmd import receive_property
@@ -14,15 +15,20 @@ from snapferry.cli.status_cmd import age, size
 from snapferry.core.lock import dataset_lock
 from snapferry.errors import SnapferryError, UsageError
 from snapferry.interface import hold_tag
-from snapferry.sync.driver import Sync, SyncOptions
 from snapferry.sync.endpoints import Endpoint, Side
-from snapferry.sync.metrics import write_metrics
-from snapferry.sync.tree import TreeSync
 from snapferry.transport.ssh import Shell
 from snapferry.transport.wire import parse_compression, parse_rate
 
+if TYPE_CHECKING:
+    from snapferry.sync.driver import Sync
+    from snapferry.sync.tree import TreeSync
+
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: every other verb's start-up (sync runs several per dataset) skips them.
+    from snapferry.sync.driver import Sync, SyncOptions
+    from snapferry.sync.tree import TreeSync
+
     source, target = Endpoint.parse(args.source), Endpoint.parse(args.target)
     ssh, remote_snapferry = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
     remote = source.host is not None or target.host is not None
@@ -112,13 +118,16 @@ def _report(
     # A failure's one line is its error (printed by main); a success gets the summary.
     if exit_code == 0 and not (args.quiet or args.json):
         behind = f", newest common snapshot {age(lag)} old" if lag is not None else ""
-        datasets = "" if isinstance(sync, TreeSync) else "1 dataset, "
+        datasets = "" if args.r else "1 dataset, "
         print(
             f"snapferry: sync {'-r ' if args.r else ''}{source} -> {target}: {outcome}; {datasets}{size(stats.received_bytes)} received, "
             f"{stats.resumes} resume(s), {stats.retries} retry(ies), {age(duration)}{behind}",
             file=sys.stderr,
         )
     if args.metrics_file:
+        # prometheus_client (with http.server) costs 15 ms of start-up: only --metrics-file loads it.
+        from snapferry.sync.metrics import write_metrics
+
         write_metrics(
             Path(args.metrics_file),
             source=str(source),

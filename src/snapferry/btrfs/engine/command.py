@@ -73,11 +73,6 @@ class Subvolume:
         )
 
 
-def is_btrfs_path(text: str) -> bool:
-    """A file system path (btrfs) rather than a pool/fs dataset name (ZFS): absolute, or starting with . or .."""
-    return text.startswith(("/", "./", "../")) or text in (".", "..")
-
-
 def _from_fd(path: Path, fd: int) -> Subvolume:
     info = ioc.subvol_info(fd)
     return Subvolume(path, info.uuid, info.received_uuid, info.parent_uuid, info.ctransid, info.otransid, info.readonly, info.otime)

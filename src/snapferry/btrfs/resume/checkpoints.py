@@ -16,12 +16,12 @@ from pathlib import Path
 from uuid import UUID
 
 from snapferry.btrfs.engine import ioctl as ioc
+from snapferry.btrfs.engine.naming import BTRFS_TOKEN_PREFIX
 from snapferry.core.seal import seal, unseal
 from snapferry.errors import Locked, MalformedBtrfsToken, Refused
 
 STATE_DIR = ".snapferry"
 MARKER = "stream"
-BTRFS_TOKEN_PREFIX = "sf1b-"
 NIL = UUID(int=0)
 BTRFS_IOC_SNAP_DESTROY = 0x5000940F  # _IOW(0x94, 15, struct btrfs_ioctl_vol_args): 4096 bytes
 _VOL_ARGS = struct.Struct("<q4088s")
