@@ -94,8 +94,8 @@ def send_tree(
 def send_tree_rest(
     zfs: Zfs, token: TreeToken, sink: Sink, *, events: EventSink = ignore_events, visible: Callable[[str], bool] = lambda _: True
 ) -> int:
-    """The rest of an interrupted -R transfer: the same header, then only the substreams the destination does not have,
-    the partial one first as a continuation. Snapshots the destination has are never read again."""
+    """The rest of an interrupted -R transfer: the same header, then, parents first, only the substreams the destination
+    does not have, the partial one as a continuation from its checkpoint. Snapshots the destination has are not read."""
     snapshot = f"{token.root}@{token.tosnap}"
     if not (visible(token.root) and zfs.exists(snapshot)):
         raise StaleToken(
