@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import cast
 
+from snapferry.core.streamio import Readable, read_exact
 from snapferry.errors import StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.fletcher import Fletcher4
@@ -226,3 +227,15 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[Begin, Replicatio
         raise StreamIntegrityError("the -R header's END checksum does not match its BEGIN record and payload", 0)
     header = ReplicationHeader.from_payload(view[HEADER_SIZE:end_at])
     return begin, header, end_at + HEADER_SIZE
+
+
+def read_compound_header(source: Readable) -> tuple[bytes, Begin, ReplicationHeader]:
+    """read_header() on a stream: the compound BEGIN, its nvlist and its END as they came, and parsed (checked)."""
+    head = bytearray(HEADER_SIZE)
+    got = read_exact(source, memoryview(head))
+    begin = Begin.decode(head, supported_only=False) if got == HEADER_SIZE else None
+    rest = bytearray(min(begin.payloadlen, MAX_BEGIN_PAYLOAD + 1) + HEADER_SIZE if begin else 0)
+    got += read_exact(source, memoryview(rest))
+    data = bytes((head + rest)[:got])
+    begin, header, end = read_header(data)
+    return data[:end], begin, header

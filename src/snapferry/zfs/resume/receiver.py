@@ -309,7 +309,7 @@ class PieceReceiver:
             # The snapshot is complete; leftover checkpoints are only clutter, removed next time.
             self.events("warning", message=f"{exc}; remove the leftover checkpoints with: snapferry receive -A {self.dataset}")
         if self.mount:
-            self._mount_complete()
+            mount_replica(self.zfs, self.dataset, self.events)
         self.received.append(f"{self.dataset}@{begin.snapshot_name}")
         self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)
 
@@ -321,9 +321,6 @@ class PieceReceiver:
                 self.zfs.unmount(self.dataset)
         except SnapferryError as exc:
             self.events("warning", message=f"{exc}; the partial dataset stays mounted")
-
-    def _mount_complete(self) -> None:
-        mount_replica(self.zfs, self.dataset, self.events)
 
     def _progress_note(self, pos: _Position, start_seq: int) -> str:
         committed = pos.seq - start_seq

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
-from snapferry.core.streamio import Readable, read_exact
+from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
-from snapferry.zfs.codec.records import HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin
-from snapferry.zfs.codec.replication import ReplicationHeader, read_header
+from snapferry.zfs.codec.records import Begin
+from snapferry.zfs.codec.replication import read_compound_header
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import TreeToken
 from snapferry.zfs.engine.command import Zfs
@@ -65,7 +65,7 @@ class TreeReceiver:
     _recorded: str = ""
 
     def receive(self, source: Readable) -> list[str]:
-        begin, header = read_compound_header(source)
+        _, begin, header = read_compound_header(source)
         root, _, tosnap = begin.toname.partition("@")
         layout = TreeLayout(self.target, root, self.prefix)
         top = layout.target_of(root)
@@ -139,17 +139,6 @@ class TreeReceiver:
         for name in skipped:
             if name not in self.exclude_props:
                 self.events("warning", message=f"{dataset}: property {name} ({props[name]}) is not one snapferry can set; set it by hand")
-
-
-def read_compound_header(source: Readable) -> tuple[Begin, ReplicationHeader]:
-    """The compound BEGIN, its nvlist, and the END whose checksum covers both (checked)."""
-    head = bytearray(HEADER_SIZE)
-    got = read_exact(source, memoryview(head))
-    begin = Begin.decode(head, supported_only=False) if got == HEADER_SIZE else None
-    rest = bytearray(min(begin.payloadlen, MAX_BEGIN_PAYLOAD + 1) + HEADER_SIZE if begin else 0)
-    got += read_exact(source, memoryview(rest))
-    begin, header, _ = read_header((head + rest)[:got])
-    return begin, header
 
 
 def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
-from snapferry.core.streamio import Sink, read_exact
-from snapferry.errors import Refused, StaleToken, StreamFormatError, StreamTruncated
-from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, MAX_BEGIN_PAYLOAD, Begin, RecordType
+from snapferry.core.streamio import Sink
+from snapferry.errors import Refused, SnapferryError, StaleToken
+from snapferry.zfs.codec.records import HEADER_SIZE, RecordType
+from snapferry.zfs.codec.replication import read_compound_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TreeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
@@ -28,24 +29,17 @@ class Substream:
     base: Snapshot | None
 
 
-def read_compound_header(zfs: Zfs, snapshot: str, base: str | None, intermediates: bool) -> bytes:
+def compound_header_of(zfs: Zfs, snapshot: str, base: str | None, intermediates: bool) -> bytes:
     """The compound BEGIN, its nvlist and its END, exactly as `zfs send -R` writes them; the send is stopped there,
     so the tree's data is not read."""
     incremental = [("-I" if intermediates else "-i"), base] if base else []
     proc = SendProcess(zfs.argv("send", "-R", *incremental, snapshot), f"cannot send {snapshot}", ZFS_TOOL)
     try:
-        head = bytearray(HEADER_SIZE)
-        if read_exact(proc.stdout, memoryview(head)) < HEADER_SIZE:
-            proc.check()
-            raise StreamTruncated(f"zfs send -R {snapshot} ended inside its first record")
-        begin = Begin.decode(head, supported_only=False)
-        if begin.header_type != COMPOUNDSTREAM or begin.payloadlen > MAX_BEGIN_PAYLOAD:
-            raise StreamFormatError(f"zfs send -R {snapshot} did not start with a compound header")
-        rest = bytearray(begin.payloadlen + HEADER_SIZE)
-        if read_exact(proc.stdout, memoryview(rest)) < len(rest):
-            proc.check()
-            raise StreamTruncated(f"zfs send -R {snapshot} ended inside its header")
-        return bytes(head + rest)
+        return read_compound_header(proc.stdout)[0]
+    except SnapferryError as exc:
+        # A header cut short is most often zfs send failing: its own words say more.
+        failure = proc.failure()
+        raise (failure or exc) from None
     finally:
         proc.stop()
 
@@ -87,7 +81,7 @@ def send_tree(
     fromsnap = base.rpartition("@")[2] if base else None
     if base and not zfs.exists(f"{root}@{fromsnap}"):
         raise Refused(f"no snapshot {root}@{fromsnap}")
-    header = read_compound_header(zfs, snapshot, f"{root}@{fromsnap}" if fromsnap else None, intermediates)
+    header = compound_header_of(zfs, snapshot, f"{root}@{fromsnap}" if fromsnap else None, intermediates)
     return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates), sink, None, _within(root), events)
 
 
@@ -114,7 +108,7 @@ def send_tree_rest(
             f"stale token: the snapshot its partial dataset was receiving (guid {partial.toguid}) is no longer part of "
             f"{snapshot}'s tree; discard the partial transfer with: snapferry receive -A {token.target}"
         )
-    header = read_compound_header(zfs, snapshot, base, token.intermediates)
+    header = compound_header_of(zfs, snapshot, base, token.intermediates)
     events("stream", toname=snapshot, offset=0, substreams=len(rest), of=len(plan))
     return _emit(zfs, header, rest, sink, partial, _within(token.root), events)
 
