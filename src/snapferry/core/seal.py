@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import zlib
 from typing import Any
@@ -15,10 +16,14 @@ def seal(prefix: str, fields: dict[str, object]) -> str:
     return f"{prefix}{text}-{zlib.crc32(body):08x}"
 
 
+# What unseal raises on a damaged text; a token class turns it into its own one-line refusal.
+UNSEAL_ERRORS = (ValueError, TypeError, RecursionError, binascii.Error, zlib.error)
+
+
 def unseal(prefix: str, text: str, max_body: int) -> Any:
     """The JSON seal() packed into `text` (which starts with `prefix`), inflating at most max_body bytes.
 
-    Raises ValueError, TypeError, RecursionError, binascii.Error or zlib.error on a damaged text.
+    Raises one of UNSEAL_ERRORS on a damaged text.
     """
     body_text, _, crc_text = text[len(prefix) :].rpartition("-")
     inflater = zlib.decompressobj()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import binascii
 import re
-import zlib
 from dataclasses import asdict, dataclass
 
-from snapferry.core.seal import seal, unseal
+from snapferry.core.seal import UNSEAL_ERRORS, seal, unseal
 from snapferry.errors import MalformedToken
 
 TOKEN_PREFIX = "sf1-"
@@ -53,7 +51,7 @@ class ResumeToken:
             raise MalformedToken(f"malformed token: it starts with neither {TOKEN_PREFIX!r} (snapferry's) nor '1-' (OpenZFS's)")
         try:
             token = cls(**unseal(TOKEN_PREFIX, text, MAX_BODY))
-        except (ValueError, TypeError, RecursionError, binascii.Error, zlib.error) as exc:
+        except UNSEAL_ERRORS as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
         token._check()
         return token

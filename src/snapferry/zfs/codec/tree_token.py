@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import binascii
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from snapferry.core.seal import seal, unseal
+from snapferry.core.seal import UNSEAL_ERRORS, seal, unseal
 from snapferry.errors import MalformedToken
 from snapferry.zfs.codec.token import ResumeToken, is_dataset_name
 
@@ -63,7 +61,7 @@ class TreeToken:
                 have=frozenset(int(guid, 16) for guid in fields["have"]),
                 partial=ResumeToken.decode(fields["partial"]) if fields["partial"] is not None else None,
             )
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, binascii.Error, zlib.error) as exc:
+        except (*UNSEAL_ERRORS, KeyError, AttributeError) as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
         token._check()
         return token
