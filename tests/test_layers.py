@@ -54,8 +54,9 @@ ALLOWED = {
     "backends": {"errors", "core", "interface", "fs.backend", "fs.engine"},
     "transport": {"errors", "core"},
     "sync": {"errors", "core", "interface", "backends", "transport"},
+    "offsite": {"errors", "core", "interface", "backends", "transport"},
     "demo": {"errors", "core", "fs.engine"},
-    "cli": {"errors", "core", "interface", "backends", "transport", "sync", "demo", "cli"},
+    "cli": {"errors", "core", "interface", "backends", "transport", "sync", "offsite", "demo", "cli"},
 }
 
 

@@ -117,6 +117,10 @@ class StreamIntegrityError(StreamFormatError):
         self.verified_to = verified_to
 
 
+class StoredChunkDamaged(StreamFormatError):
+    """A chunk in object storage does not match the checksum it was stored with, or does not decrypt."""
+
+
 class NvlistError(StreamFormatError):
     """A packed nvlist (native or XDR) is damaged, or holds a type snapferry does not decode."""
 

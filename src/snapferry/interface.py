@@ -178,6 +178,7 @@ class SnapshotInfo:
     name: str
     identity: str
     order: int
+    created: int = 0  # unix seconds; 0 where not asked for
 
 
 class Backend(Protocol):
@@ -261,4 +262,33 @@ class Backend(Protocol):
 
     def planner(self, policy: SyncPolicy, source: str, target: str) -> SyncPlanner:
         """The sync planner from source to target (names as each end knows them)."""
+        ...
+
+    # --- an offsite copy (a stream stored in object storage, read back later) ---------------------
+
+    def source_snapshots(self, source: str) -> list[SnapshotInfo]:
+        """The snapshots of `source` a backup may store, oldest first, by their short names (no checkpoints)."""
+        ...
+
+    def send_request(self, source: str, snapshot: str, base: str | None) -> SendRequest:
+        """The request that sends `snapshot` of `source` (short names, as source_snapshots gives them), incremental from `base`."""
+        ...
+
+    def restored_identities(self, target: str) -> set[str]:
+        """The identities (as SnapshotInfo gives the source's) of the snapshots `target` has received; empty when it does not exist."""
+        ...
+
+    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+        """How a stored stream is received into `target`, so that an interruption can go on from the stored copy."""
+        ...
+
+    def resume_token(self, target: str, snapshot: str) -> str | None:
+        """The token of an interrupted receive of `snapshot` into `target` (as receive was given it), or None."""
+        ...
+
+    def stored_continuation(
+        self, token: str, head: Readable, rest_from: Callable[[int], Readable], sink: Sink, events: EventSink, where: str
+    ) -> int:
+        """Write what `receive -s` needs to go on from `token`, made from a stored copy of the stream (`where`): `head`
+        reads it from its start (only its first record is read), `rest_from(offset)` from a byte offset on."""
         ...

@@ -4,6 +4,7 @@ facts sync plans from."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ from snapferry.btrfs.plan import BtrfsSyncPlanner, summarize
 from snapferry.btrfs.resume.checkpoints import STATE_DIR, BtrfsToken, abort, btrfs_token, read_state, subvol_info_at
 from snapferry.btrfs.resume.receiver import DEFAULT_CHECKPOINT_SIZE, BtrfsCheckpointReceiver
 from snapferry.btrfs.resume.sender import BtrfsSendOptions, estimate_stream_size, send_btrfs, send_btrfs_continuation
+from snapferry.btrfs.resume.stored import send_stored_btrfs_continuation
 from snapferry.core.events import EventSink
 from snapferry.core.streamio import Readable, Sink
-from snapferry.errors import NothingToDo, UsageError
+from snapferry.errors import DatasetMissing, NothingToDo, Refused, UsageError
 from snapferry.interface import ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 
 _UNLIMITED = 1 << 62
@@ -174,3 +176,33 @@ class BtrfsBackend:
         if policy.force or policy.mode or policy.take_snapshot:
             raise UsageError("--force, --snapshot and --mode are for ZFS; take btrfs snapshots with btrfs subvolume snapshot -r")
         return BtrfsSyncPlanner(policy, source, target)
+
+    # --- an offsite copy ----------------------------------------------------------------------
+
+    def source_snapshots(self, source: str) -> list[SnapshotInfo]:
+        return [SnapshotInfo(s.name, str(s.uuid), s.otransid, s.otime) for s in subvolumes_in(Path(source)) if s.readonly]
+
+    def send_request(self, source: str, snapshot: str, base: str | None) -> SendRequest:
+        return SendRequest(snapshot=str(Path(source) / snapshot), parent=str(Path(source) / base) if base else None)
+
+    def restored_identities(self, target: str) -> set[str]:
+        try:
+            return {str(s.received_uuid) for s in subvolumes_in(Path(target)) if s.readonly}
+        except DatasetMissing:
+            return set()
+
+    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+        if force:
+            raise UsageError("-F is for ZFS datasets; a btrfs restore never overwrites")
+        return ReceiveRequest(target)
+
+    def resume_token(self, target: str, snapshot: str) -> str | None:
+        try:
+            return self.token(str(Path(target) / snapshot))
+        except (NothingToDo, Refused):
+            return None
+
+    def stored_continuation(
+        self, token: str, head: Readable, rest_from: Callable[[int], Readable], sink: Sink, events: EventSink, where: str
+    ) -> int:
+        return send_stored_btrfs_continuation(BtrfsToken.decode(token), head, rest_from, sink, events, where)

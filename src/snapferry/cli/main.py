@@ -15,6 +15,7 @@ from snapferry.cli import (
     common,
     demo_cmd,
     holds_cmd,
+    offsite_cmd,
     receive_cmd,
     rollback_cmd,
     send_cmd,
@@ -35,7 +36,7 @@ EXIT_CODES = """exit codes:
   6  a zfs or btrfs command failed
 """
 
-_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, holds_cmd, demo_cmd)
+_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, holds_cmd, offsite_cmd, demo_cmd)
 
 
 class _Version(argparse.Action):

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target.startswith("s3://"):
+        from snapferry.cli.offsite_cmd import run_sync
+
+        return run_sync(args)
+    if args.chunk_size or args.keep or args.key_file or args.endpoint_url or args.profile:
+        raise UsageError("--chunk-size, --keep, --key-file, --endpoint-url and --profile are for an s3:// destination")
     # Imported here, not at the top: every other verb's start-up (sync runs several per dataset) skips them.
     from snapferry.sync.driver import Sync, SyncOptions
     from snapferry.sync.tree import TreeSync
@@ -38,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         parse_rate(args.bwlimit)
     if source.backend().name != target.backend().name:
         raise UsageError("sync goes from ZFS to ZFS or from btrfs to btrfs: give two datasets or two directories")
+    args.jobs = args.jobs or 1
     if not args.r and (args.exclude or args.jobs != 1):
         raise UsageError("--exclude and --jobs are for sync -r (a tree of datasets)")
     reporter = common.reporter(args, label=str(target))
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         set_props=tuple(args.o or ()),
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
-        send_flags=_send_flags(args.send_flags),
+        send_flags=send_flags(args.send_flags),
         progress=reporter.mode != "quiet",
     )
     started = time.time()
@@ -101,7 +108,7 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
-def _send_flags(text: str | None) -> tuple[str, ...]:
+def send_flags(text: str | None) -> tuple[str, ...]:
     """--send-flags "-L -e -c": zfs send's flags that keep blocks as they are on disk (OpenZFS)."""
     flags = tuple(f"-{letter}" for word in shlex.split(text or "") for letter in word.lstrip("-"))
     unknown = [f for f in flags if f not in _SEND_FLAGS]
@@ -143,7 +150,9 @@ def _report(
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
-    sync = sub.add_parser("sync", parents=[common_options], help="replicate a dataset's snapshots, resuming until done")
+    from snapferry.cli.offsite_cmd import store_options
+
+    sync = sub.add_parser("sync", parents=[common_options, store_options()], help="replicate a dataset's snapshots, resuming until done")
     sync.add_argument("--no-stream", action="store_true", help="send only the newest snapshot, not every one between")
     sync.add_argument("--force", action="store_true", help="roll back a diverged destination (destroys its newer snapshots)")
     sync.add_argument("--retries", type=int, default=5, metavar="N", help="retries after interruptions (default 5)")
@@ -172,7 +181,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     sync.add_argument("-r", action="store_true", help="ZFS: every dataset below SRC too, into the same places below DST")
     sync.add_argument("--exclude", action="append", metavar="REGEX", help="with -r: skip the datasets whose name matches (repeatable)")
-    sync.add_argument("--jobs", type=int, default=1, metavar="N", help="with -r: sync N datasets at a time (default 1)")
+    sync.add_argument(
+        "--jobs", type=int, metavar="N", help="with -r: sync N datasets at a time (default 1); to s3://: chunks in flight (default 4)"
+    )
+    sync.add_argument("--chunk-size", metavar="SIZE", help="s3://: the size of each stored chunk (default 64M)")
+    sync.add_argument("--keep", type=_at_least_one, metavar="N", help="s3://: keep the newest N stored snapshots (and the bases they need)")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
     sync.add_argument(
         "--send-flags",
@@ -188,5 +201,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument(
         "source", metavar="SRC", help="pool/fs or [user@]host:pool/fs; btrfs: a directory of read-only snapshots, /path or host:/path"
     )
-    sync.add_argument("target", metavar="DST", help="pool/fs or [user@]host:pool/fs; btrfs: the directory to receive into")
+    sync.add_argument(
+        "target", metavar="DST", help="pool/fs or [user@]host:pool/fs; btrfs: the directory to receive into; or s3://BUCKET/PREFIX"
+    )
     sync.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from snapferry.core.events import EventSink
@@ -24,6 +25,7 @@ from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
 from snapferry.zfs.resume.receiver import PieceReceiver
 from snapferry.zfs.resume.sender import send_continuation, send_snapshot
+from snapferry.zfs.resume.stored import send_stored_continuation
 from snapferry.zfs.resume.tree_receiver import TreeReceiver, forget_tree, tree_token
 from snapferry.zfs.resume.tree_sender import send_tree, send_tree_rest
 
@@ -410,3 +412,31 @@ class ZfsBackend:
 
     def planner(self, policy: SyncPolicy, source: str, target: str) -> ZfsSyncPlanner:
         return ZfsSyncPlanner(policy, source, target)
+
+    # --- an offsite copy ----------------------------------------------------------------------
+
+    def source_snapshots(self, source: str) -> list[SnapshotInfo]:
+        return [SnapshotInfo(s.short_name, str(s.guid), s.createtxg, s.creation) for s in self.zfs.snapshots(source) if not is_piece(s)]
+
+    def send_request(self, source: str, snapshot: str, base: str | None) -> SendRequest:
+        return SendRequest(snapshot=f"{source}@{snapshot}", base=f"{source}@{base}" if base else None)
+
+    def restored_identities(self, target: str) -> set[str]:
+        if not self.zfs.exists(target):
+            return set()
+        return {str(s.guid) for s in self.zfs.snapshots(target) if not is_piece(s)}
+
+    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+        # Pieces, never native: OpenZFS's own resume needs a kernel `zfs send -t`, which a stored copy cannot give.
+        return ReceiveRequest(target, mode="pieces", force=force)
+
+    def resume_token(self, target: str, snapshot: str) -> str | None:
+        try:
+            return self.token(target, mode="pieces")
+        except (NothingToDo, DatasetMissing):
+            return None
+
+    def stored_continuation(
+        self, token: str, head: Readable, rest_from: Callable[[int], Readable], sink: Sink, events: EventSink, where: str
+    ) -> int:
+        return send_stored_continuation(ResumeToken.decode(token), head, rest_from, sink, events, where)

@@ -96,11 +96,14 @@ class StreamReader:
             raise StreamTruncated("input ended inside the BEGIN record's payload")
         return begin, bytes(self._header) + bytes(payload)
 
-    def records(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int) -> Iterator[Record]:
+    def records(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int, *, mid_stream: bool = False) -> Iterator[Record]:
         """The records after BEGIN up to and including END.
 
         `first_offset` is the position of the first record in the original stream (a continuation
         starts in the middle); the fingerprint restarts from zero at `fingerprint_from`.
+        `mid_stream`: the source is a stamped stream read from `first_offset` on, not a continuation of
+        it; the running checksum before that point is taken from the first record's stamp, and every
+        stamp after it, and END, are checked against it.
         """
         wire = Fletcher4().update(begin_bytes)
         fingerprint = Fletcher4()
@@ -111,9 +114,13 @@ class StreamReader:
             header, kind = self._read_record_header(offset)
             size = payload_size(kind, header, offset)
             head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
+            stamp = header[STAMP_OFFSET:]
+            if mid_stream and offset == first_offset:
+                if stamp == _ZERO_STAMP:
+                    raise StreamFormatError(f"the record at stream byte {offset} carries no running checksum to go on from")
+                wire = Fletcher4.from_bytes(stamp).unextend(head_sum)
             before = wire
             wire = wire.extend(head_sum)
-            stamp = header[STAMP_OFFSET:]
             if stamp != _ZERO_STAMP and stamp != wire.to_bytes():
                 raise StreamIntegrityError(
                     f"checksum mismatch in the record at stream byte {offset}: "

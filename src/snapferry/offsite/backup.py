@@ -1,0 +1,174 @@
+"""`sync SRC s3://...`: bring a bucket's copy of a dataset up to date, one stored snapshot at a time, resuming from the bucket."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from snapferry.core.events import EventSink
+from snapferry.errors import SnapferryError, StaleToken, UsageError
+from snapferry.interface import Backend, SnapshotInfo
+from snapferry.offsite.bucket import BACKOFF, Bucket
+from snapferry.offsite.catalog import Entry, dataset_entries, forget, needed_by
+from snapferry.offsite.chunkseal import ChunkSeal
+from snapferry.offsite.layout import BucketUrl, StoredSnapshot
+from snapferry.offsite.upload import RateLimit, upload_snapshot
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    chunk_size: int
+    jobs: int = 4
+    rate: float | None = None
+    no_stream: bool = False
+    take_snapshot: bool = False
+    snapshot_prefix: str = "snapferry_"
+    keep: int | None = None
+    restart_on_stale: bool = False
+    retries: int = 5
+    deadline: float | None = None
+    send_flags: tuple[str, ...] = ()
+
+
+@dataclass
+class BackupStats:
+    stored: list[str] = field(default_factory=list)
+    bytes: int = 0
+    resumes: int = 0
+    retries: int = 0
+    pruned: list[str] = field(default_factory=list)
+    newest: SnapshotInfo | None = None
+
+
+class Backup:
+    """One dataset into one bucket prefix: what is missing there, stored in order, then old chains pruned."""
+
+    def __init__(
+        self, backend: Backend, source: str, url: BucketUrl, bucket: Bucket, seal: ChunkSeal, options: BackupOptions, events: EventSink
+    ) -> None:
+        self.backend, self.source, self.url, self.bucket, self.seal = backend, source, url, bucket, seal
+        self.options, self.events = options, events
+        self.dataset_key = url.below(source)
+        self.stats = BackupStats()
+        self._rate = RateLimit(options.rate)
+
+    def plan(self) -> list[str]:
+        """--dry-run: what a run would store (and resume), without changing anything."""
+        snapshots = self.backend.source_snapshots(self.source)
+        entries = dataset_entries(self.bucket, self.dataset_key)
+        lines = [f"resume the upload of {e.record.snapshot} ({e.chunks_stored} chunks stored)" for e in entries if not e.record.complete]
+        for base, snapshot in self._todo(snapshots, entries):
+            lines.append(f"store {snapshot.name}" + (f" (incremental from {base.name})" if base else " (full)"))
+        return lines or ["up to date"]
+
+    def run(self) -> str:
+        if self.options.take_snapshot:
+            name = self.options.snapshot_prefix + time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime())
+            self.backend.take_snapshot(f"{self.source}@{name}")
+        snapshots = self.backend.source_snapshots(self.source)
+        if not snapshots:
+            raise UsageError(f"{self.source} has no snapshots to store: take one first (or give --snapshot)")
+        by_identity = {s.identity: s for s in snapshots}
+        entries = dataset_entries(self.bucket, self.dataset_key)
+        for entry in entries:
+            if not entry.record.complete:
+                self._resume_partial(entry, by_identity)
+        entries = dataset_entries(self.bucket, self.dataset_key)
+        for base, snapshot in self._todo(snapshots, entries):
+            self._store(snapshot, base)
+        self.stats.newest = snapshots[-1]
+        if self.options.keep:
+            self._prune(self.options.keep)
+        return "up to date" if not self.stats.stored else f"stored {', '.join(self.stats.stored)}"
+
+    def _todo(self, snapshots: list[SnapshotInfo], entries: list[Entry]) -> list[tuple[SnapshotInfo | None, SnapshotInfo]]:
+        """(base, snapshot) pairs to store: from the newest snapshot the bucket has whole, every later one (or, with
+        --no-stream, the newest); with none in common, the newest as a full stream."""
+        whole = {e.record.identity for e in entries if e.record.complete}
+        in_progress = {e.record.identity for e in entries if not e.record.complete}
+        common = [i for i, s in enumerate(snapshots) if s.identity in whole]
+        if not common:
+            return [] if snapshots[-1].identity in in_progress else [(None, snapshots[-1])]
+        later = snapshots[common[-1] + 1 :]
+        if self.options.no_stream:
+            later = later[-1:]
+        pairs: list[tuple[SnapshotInfo | None, SnapshotInfo]] = []
+        base = snapshots[common[-1]]
+        for snapshot in later:
+            pairs.append((base, snapshot))
+            base = snapshot
+        return pairs
+
+    def _resume_partial(self, entry: Entry, by_identity: dict[str, SnapshotInfo]) -> None:
+        record = entry.record
+        snapshot = by_identity.get(record.identity)
+        base = by_identity.get(record.base_identity) if record.base_identity else None
+        if snapshot is None or (record.base_identity and base is None):
+            gone = record.snapshot if snapshot is None else f"{record.base} (the base of its incremental)"
+            address = f"s3://{self.bucket.name}/{self.dataset_key}@{record.snapshot}"
+            if not self.options.restart_on_stale:
+                raise StaleToken(
+                    f"{address} is a partial upload the source can no longer continue: {self.source} no longer has {gone}; "
+                    f"remove it with: snapferry forget {address} (or sync --on-stale restart)"
+                )
+            self.events("discard", reason="partial upload", target=address)
+            forget(self.bucket, entry)
+            return
+        self.stats.resumes += 1
+        self._store(snapshot, base)
+
+    def _store(self, snapshot: SnapshotInfo, base: SnapshotInfo | None) -> None:
+        request = self.backend.send_request(self.source, snapshot.name, base.name if base else None)
+        record = StoredSnapshot(
+            backend=self.backend.name,
+            dataset=self.source,
+            snapshot=snapshot.name,
+            identity=snapshot.identity,
+            order=snapshot.order,
+            created=snapshot.created,
+            base=base.name if base else None,
+            base_identity=base.identity if base else None,
+            chunk_size=self.options.chunk_size,
+            encryption=self.seal.encryption,
+            started=int(time.time()),
+            send_flags=self.options.send_flags,
+        )
+        if self.options.send_flags:
+            from dataclasses import replace
+
+            request = replace(request, flags=self.options.send_flags)
+        started = time.monotonic()
+        for attempt in range(self.options.retries + 1):
+            try:
+                manifest = upload_snapshot(
+                    self.bucket,
+                    self.seal,
+                    self.dataset_key,
+                    record,
+                    lambda sink: self.backend.send(request, sink, self.events),
+                    self.events,
+                    jobs=self.options.jobs,
+                    rate=self._rate,
+                )
+                break
+            except SnapferryError as exc:
+                late = self.options.deadline is not None and time.monotonic() - started > self.options.deadline
+                if not exc.retryable or attempt == self.options.retries or late:
+                    raise
+                wait = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+                self.stats.retries += 1
+                self.events("retry", attempt=attempt + 1, wait=wait, message=str(exc))
+                time.sleep(wait)
+        self.stats.stored.append(snapshot.name)
+        self.stats.bytes += manifest.size or 0
+
+    def _prune(self, keep: int) -> None:
+        """--keep N: forget stored snapshots but the newest N whole ones and every base they need."""
+        entries = dataset_entries(self.bucket, self.dataset_key)
+        whole = [e for e in entries if e.record.complete]
+        needed = needed_by(whole, whole[-keep:])
+        for entry in whole:
+            if entry.record.snapshot not in needed:
+                forget(self.bucket, entry)
+                self.stats.pruned.append(entry.record.snapshot)
+                self.events("pruned", snapshot=entry.record.snapshot)
