@@ -274,11 +274,15 @@ class Backend(Protocol):
         """The request that sends `snapshot` of `source` (short names, as source_snapshots gives them), incremental from `base`."""
         ...
 
+    def stored_properties(self, source: str) -> dict[str, str]:
+        """The properties of `source` a backup keeps, so that a restore sets them again (as sync --props would)."""
+        ...
+
     def restored_identities(self, target: str) -> set[str]:
         """The identities (as SnapshotInfo gives the source's) of the snapshots `target` has received; empty when it does not exist."""
         ...
 
-    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+    def restore_request(self, target: str, force: bool, properties: dict[str, str]) -> ReceiveRequest:
         """How a stored stream is received into `target`, so that an interruption can go on from the stored copy."""
         ...
 

@@ -191,7 +191,10 @@ class BtrfsBackend:
         except DatasetMissing:
             return set()
 
-    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+    def stored_properties(self, source: str) -> dict[str, str]:
+        return {}
+
+    def restore_request(self, target: str, force: bool, properties: dict[str, str]) -> ReceiveRequest:
         if force:
             raise UsageError("-F is for ZFS datasets; a btrfs restore never overwrites")
         return ReceiveRequest(target)

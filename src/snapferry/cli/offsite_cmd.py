@@ -114,7 +114,9 @@ def run_restore(args: argparse.Namespace) -> int:
     bucket = open_bucket(args, url, args.jobs)
     started = time.time()
     with dataset_lock(f"restore-{args.target}", f"restore {url} {args.target}"), common.reporter(args, label=args.target) as events:
-        received = restore(backend, bucket, url, args.target, key_material(args), events, jobs=args.jobs, force=args.F)
+        received = restore(
+            backend, bucket, url, args.target, key_material(args), events, jobs=args.jobs, force=args.F, checkpoint=args.checkpoint
+        )
     if not (args.quiet or args.json):
         print(f"snapferry: restored {', '.join(received)} from {url} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
@@ -196,6 +198,7 @@ def run_sync(args: argparse.Namespace) -> int:
         take_snapshot=args.snapshot,
         snapshot_prefix=args.snapshot_prefix,
         keep=args.keep,
+        full_every=args.full_every,
         restart_on_stale=args.on_stale == "restart",
         retries=args.retries,
         deadline=args.deadline,
@@ -253,6 +256,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     get.set_defaults(func=run_get)
     restore = sub.add_parser("restore", parents=[common_options, store, jobs], help="receive a stored snapshot (and its chain), resumably")
     restore.add_argument("-F", action="store_true", help="ZFS: roll the target back to its newest snapshot first (as zfs receive -F)")
+    restore.add_argument(
+        "--checkpoint",
+        type=common.parse_size,
+        metavar="SIZE",
+        help="as for receive -s: bytes between checkpoints (default 1G ZFS, 256M btrfs)",
+    )
     restore.add_argument("url", metavar="s3://BUCKET/PREFIX/DATASET@SNAP")
     restore.add_argument("target", metavar="POOL/FS|DIR")
     restore.set_defaults(func=run_restore)

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         from snapferry.cli.offsite_cmd import run_sync
 
         return run_sync(args)
-    if args.chunk_size or args.keep or args.key_file or args.endpoint_url or args.profile:
-        raise UsageError("--chunk-size, --keep, --key-file, --endpoint-url and --profile are for an s3:// destination")
+    if args.chunk_size or args.keep or args.full_every is not None or args.key_file or args.endpoint_url or args.profile:
+        raise UsageError("--chunk-size, --keep, --full-every, --key-file, --endpoint-url and --profile are for an s3:// destination")
     # Imported here, not at the top: every other verb's start-up (sync runs several per dataset) skips them.
     from snapferry.sync.driver import Sync, SyncOptions
     from snapferry.sync.tree import TreeSync
@@ -185,6 +185,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         "--jobs", type=int, metavar="N", help="with -r: sync N datasets at a time (default 1); to s3://: chunks in flight (default 4)"
     )
     sync.add_argument("--chunk-size", metavar="SIZE", help="s3://: the size of each stored chunk (default 64M)")
+    sync.add_argument(
+        "--full-every", type=int, metavar="N", help="s3://: store a full stream (a new chain) after N incrementals, so --keep can prune"
+    )
     sync.add_argument("--keep", type=_at_least_one, metavar="N", help="s3://: keep the newest N stored snapshots (and the bases they need)")
     sync.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
     sync.add_argument(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from snapferry.core.events import EventSink
 from snapferry.errors import SnapferryError, StaleToken, UsageError
@@ -24,6 +24,7 @@ class BackupOptions:
     take_snapshot: bool = False
     snapshot_prefix: str = "snapferry_"
     keep: int | None = None
+    full_every: int | None = None  # start a new chain (a full stream) after this many incrementals
     restart_on_stale: bool = False
     retries: int = 5
     deadline: float | None = None
@@ -92,12 +93,26 @@ class Backup:
         later = snapshots[common[-1] + 1 :]
         if self.options.no_stream:
             later = later[-1:]
+        by_name = {e.record.snapshot: e for e in entries if e.record.complete}
+        base: SnapshotInfo | None = snapshots[common[-1]]
+        length = self._incrementals_before(by_name, snapshots[common[-1]].name)
         pairs: list[tuple[SnapshotInfo | None, SnapshotInfo]] = []
-        base = snapshots[common[-1]]
         for snapshot in later:
+            if self.options.full_every is not None and length >= self.options.full_every:
+                base, length = None, -1
             pairs.append((base, snapshot))
-            base = snapshot
+            base, length = snapshot, length + 1
         return pairs
+
+    @staticmethod
+    def _incrementals_before(by_name: dict[str, Entry], snapshot: str) -> int:
+        """How many incrementals the stored chain to `snapshot` has since its full stream."""
+        count = 0
+        entry = by_name.get(snapshot)
+        while entry is not None and entry.record.base is not None:
+            count += 1
+            entry = by_name.get(entry.record.base)
+        return count
 
     def _resume_partial(self, entry: Entry, by_identity: dict[str, SnapshotInfo]) -> None:
         record = entry.record
@@ -132,10 +147,9 @@ class Backup:
             encryption=self.seal.encryption,
             started=int(time.time()),
             send_flags=self.options.send_flags,
+            properties=tuple(sorted(self.backend.stored_properties(self.source).items())),
         )
         if self.options.send_flags:
-            from dataclasses import replace
-
             request = replace(request, flags=self.options.send_flags)
         started = time.monotonic()
         for attempt in range(self.options.retries + 1):

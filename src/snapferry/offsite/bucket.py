@@ -62,7 +62,8 @@ class Bucket:
 
     def check(self) -> None:
         """Fail early, with the reason, when the bucket cannot be reached or used."""
-        self._call("reach", f"s3://{self.name}", lambda: self._client.head_bucket(Bucket=self.name))
+        # A listing, not a HEAD: a HEAD's refusal has no body, so it cannot tell bad credentials from a missing permission.
+        self._call("reach", f"s3://{self.name}", lambda: self._client.list_objects_v2(Bucket=self.name, MaxKeys=1))
 
     def put(self, key: str, data: bytes) -> None:
         # Content-MD5 makes the store refuse a body damaged on the way, so that no damaged chunk is ever stored.
@@ -102,13 +103,16 @@ class Bucket:
                 return
 
     def delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start : start + 1000]]
-            request = {"Bucket": self.name, "Delete": {"Objects": batch}}
-            answer = self._call("delete", keys[start], partial(self._client.delete_objects, **request))
-            failed = answer.get("Errors") or []
-            if failed:
-                raise Refused(f"cannot delete {failed[0].get('Key')} in s3://{self.name}: {failed[0].get('Code')}")
+        """Delete objects one call each, a few at a time: the multi-object delete needs a Content-MD5 that recent
+        boto3 no longer sends (it sends a CRC32 instead), which S3 implementations such as Swift's refuse."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="delete") as pool:
+            for future in [pool.submit(self._delete_one, key) for key in keys]:
+                future.result()
+
+    def _delete_one(self, key: str) -> None:
+        self._call("delete", key, lambda: self._client.delete_object(Bucket=self.name, Key=key))
 
     # --- failures -----------------------------------------------------------------------------
 

@@ -82,6 +82,8 @@ class StoredSnapshot:
     encryption: str | None  # None or "aes-256-gcm"
     started: int  # when its upload started (unix seconds)
     send_flags: tuple[str, ...] = ()
+    # The source's own properties (ZFS; `zfs get -s local`), set again on the file system a restore makes.
+    properties: tuple[tuple[str, str], ...] = ()
     # The manifest only: when the upload finished, the stream's size, and every chunk's (size, fingerprint).
     finished: int | None = None
     size: int | None = None
@@ -95,6 +97,7 @@ class StoredSnapshot:
         body: dict[str, Any] = {"format": FORMAT, **asdict(self)}
         body["chunks"] = [list(c) for c in self.chunks]
         body["send_flags"] = list(self.send_flags)
+        body["properties"] = dict(self.properties)
         return (json.dumps(body, indent=1) + "\n").encode()
 
     @classmethod
@@ -106,6 +109,7 @@ class StoredSnapshot:
                 raise ValueError(f"not a {FORMAT} record")
             body["chunks"] = tuple((int(size), str(fp)) for size, fp in body.get("chunks", ()))
             body["send_flags"] = tuple(str(f) for f in body.get("send_flags", ()))
+            body["properties"] = tuple((str(k), str(v)) for k, v in dict(body.get("properties", {})).items())
             record = cls(**body)
             record._check()
         except (ValueError, TypeError, KeyError) as exc:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable, Sink, write_all
@@ -62,7 +63,16 @@ def _continuation(produce: Callable[[Sink], object]) -> Iterator[tuple[Readable,
 
 
 def restore(
-    backend: Backend, bucket: Bucket, url: BucketUrl, target: str, key_material: bytes | None, events: EventSink, *, jobs: int, force: bool
+    backend: Backend,
+    bucket: Bucket,
+    url: BucketUrl,
+    target: str,
+    key_material: bytes | None,
+    events: EventSink,
+    *,
+    jobs: int,
+    force: bool,
+    checkpoint: int | None = None,
 ) -> list[str]:
     """Apply the stored chain up to url's snapshot to target: only the links it lacks; an interrupted one goes on from
     the receiver's last checkpoint, downloading from the chunk that holds it."""
@@ -75,7 +85,9 @@ def restore(
     for entry in chain[start:]:
         where = _address(bucket, entry)
         seal = seal_for(entry.record, key_material, where)
-        request = backend.restore_request(target, force)
+        request = backend.restore_request(target, force, dict(entry.record.properties))
+        if checkpoint:
+            request = replace(request, checkpoint=checkpoint)
         token = backend.resume_token(target, entry.record.snapshot)
         if token is None:
             events("restore", snapshot=entry.record.snapshot, source=where, bytes=entry.record.size)

@@ -18,7 +18,7 @@ from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TreeToken, is_tree_token
 from snapferry.zfs.engine.command import Zfs
-from snapferry.zfs.plan import ZfsSyncPlanner, summarize
+from snapferry.zfs.plan import NOT_COPIED, ZfsSyncPlanner, summarize
 from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, latest_token, read_transfers
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.zfs.resume.mounts import mount_replica
@@ -426,9 +426,12 @@ class ZfsBackend:
             return set()
         return {str(s.guid) for s in self.zfs.snapshots(target) if not is_piece(s)}
 
-    def restore_request(self, target: str, force: bool) -> ReceiveRequest:
+    def stored_properties(self, source: str) -> dict[str, str]:
+        return {k: v for k, v in self.zfs.local_properties(source).items() if k not in NOT_COPIED}
+
+    def restore_request(self, target: str, force: bool, properties: dict[str, str]) -> ReceiveRequest:
         # Pieces, never native: OpenZFS's own resume needs a kernel `zfs send -t`, which a stored copy cannot give.
-        return ReceiveRequest(target, mode="pieces", force=force)
+        return ReceiveRequest(target, mode="pieces", force=force, properties=tuple(properties.items()))
 
     def resume_token(self, target: str, snapshot: str) -> str | None:
         try:
