@@ -134,6 +134,7 @@ class Backup:
 
     def _store(self, snapshot: SnapshotInfo, base: SnapshotInfo | None) -> None:
         request = self.backend.send_request(self.source, snapshot.name, base.name if base else None)
+        request = replace(request, flags=tuple(dict.fromkeys(request.flags + self.options.send_flags)))
         record = StoredSnapshot(
             backend=self.backend.name,
             dataset=self.source,
@@ -146,11 +147,9 @@ class Backup:
             chunk_size=self.options.chunk_size,
             encryption=self.seal.encryption,
             started=int(time.time()),
-            send_flags=self.options.send_flags,
+            send_flags=request.flags,
             properties=tuple(sorted(self.backend.stored_properties(self.source).items())),
         )
-        if self.options.send_flags:
-            request = replace(request, flags=self.options.send_flags)
         started = time.monotonic()
         for attempt in range(self.options.retries + 1):
             try:

@@ -419,7 +419,9 @@ class ZfsBackend:
         return [SnapshotInfo(s.short_name, str(s.guid), s.createtxg, s.creation) for s in self.zfs.snapshots(source) if not is_piece(s)]
 
     def send_request(self, source: str, snapshot: str, base: str | None) -> SendRequest:
-        return SendRequest(snapshot=f"{source}@{snapshot}", base=f"{source}@{base}" if base else None)
+        # An encrypted dataset goes raw (-w): stored as ZFS encrypted it, the key never leaves the host.
+        flags = ("-w",) if self._encrypted(source) else ()
+        return SendRequest(snapshot=f"{source}@{snapshot}", base=f"{source}@{base}" if base else None, flags=flags)
 
     def restored_identities(self, target: str) -> set[str]:
         if not self.zfs.exists(target):
