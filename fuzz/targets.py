@@ -17,6 +17,7 @@ import zstandard
 
 from fuzz import btrfs_targets as btrfs
 from fuzz import native_targets as native
+from fuzz import offsite_targets as offsite
 from fuzz import replication_targets as replication
 from fuzz.contract import OK, Errors, attempt, check, outcome
 from snapferry.core.streamio import Readable
@@ -811,5 +812,12 @@ TARGETS: dict[str, Target] = {
             1 << 14,
         ),
         Target("btrfs-token", "BtrfsToken.decode (sf1b- tokens)", btrfs.run_btrfs_token, btrfs.btrfs_token_seeds, 2048),
+        Target(
+            "offsite-record",
+            "StoredSnapshot.decode (a bucket's upload.json and manifest.json) and chunk names",
+            offsite.run_offsite_record,
+            offsite.offsite_record_seeds,
+            4096,
+        ),
     )
 }

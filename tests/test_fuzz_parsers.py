@@ -48,6 +48,7 @@ BUDGET = {
     "btrfs-stream": 800,
     "btrfs-continuation": 600,
     "btrfs-token": 800,
+    "offsite-record": 800,
 }
 
 

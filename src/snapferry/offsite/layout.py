@@ -20,6 +20,10 @@ _CHUNK = re.compile(r"^chunk-(\d{8})-([0-9a-f]{64})$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
+class _Bad(ValueError):
+    """A record that parses but says something impossible (the reason is ours, never the object's text)."""
+
+
 @dataclass(frozen=True)
 class BucketUrl:
     """`s3://BUCKET/PATH`: PATH is the prefix of a backup tree, or below it a dataset (and `@SNAP`)."""
@@ -106,28 +110,37 @@ class StoredSnapshot:
         try:
             body = json.loads(raw)
             if not isinstance(body, dict) or body.pop("format", None) != FORMAT:
-                raise ValueError(f"not a {FORMAT} record")
+                raise _Bad(f"not a {FORMAT} record")
             body["chunks"] = tuple((int(size), str(fp)) for size, fp in body.get("chunks", ()))
             body["send_flags"] = tuple(str(f) for f in body.get("send_flags", ()))
             body["properties"] = tuple((str(k), str(v)) for k, v in dict(body.get("properties", {})).items())
             record = cls(**body)
             record._check()
-        except (ValueError, TypeError, KeyError) as exc:
-            raise StreamFormatError(f"{key} is not a snapferry backup record ({exc}): a foreign or damaged prefix") from None
-        return record
+        except _Bad as exc:
+            reason = str(exc)
+        except json.JSONDecodeError:
+            reason = "not JSON"
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # Their text may quote the object's own bytes: a line of a message must not be made by the bucket.
+            reason = "a field is missing, unknown or of the wrong type"
+        else:
+            return record
+        raise StreamFormatError(f"{key} is not a snapferry backup record ({reason}): a foreign or damaged prefix")
 
     def _check(self) -> None:
         texts = (self.backend, self.dataset, self.snapshot, self.identity)
-        if not all(isinstance(t, str) and t for t in texts):
-            raise ValueError("a name is missing")
+        if not all(isinstance(t, str) and t and t.isprintable() for t in texts) or "/" in self.snapshot:
+            raise _Bad("a name is missing or not printable")
+        if not all(type(n) is int for n in (self.order, self.created, self.started, self.chunk_size)):
+            raise _Bad("a number is not an integer")
         if not (MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE) or self.encryption not in (None, "aes-256-gcm"):
-            raise ValueError("bad chunk size or encryption")
+            raise _Bad("bad chunk size or encryption")
         if self.complete:
             sizes = [size for size, _ in self.chunks]
             if self.size != sum(sizes) or any(s != self.chunk_size for s in sizes[:-1]) or (sizes and not 0 < sizes[-1] <= self.chunk_size):
-                raise ValueError("its chunk sizes do not add up")
+                raise _Bad("its chunk sizes do not add up")
             if any(not re.fullmatch(r"[0-9a-f]{64}", fp) for _, fp in self.chunks):
-                raise ValueError("bad chunk fingerprint")
+                raise _Bad("bad chunk fingerprint")
 
     def same_stream(self, other: StoredSnapshot) -> bool:
         """Whether two records describe the same stream: the upload record and a resumed upload's."""
