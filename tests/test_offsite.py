@@ -295,3 +295,47 @@ def test_zfs_daemon_killed_mid_upload(store: Store, source: str, bed: tb.Bed) ->
     assert done.returncode == 0, done.stderr
     assert [e for e in events_of(done, "chunk") if not e["uploaded"]]
     assert store.run("verify", store.url).returncode == 0
+
+
+def test_a_tree_with_snapshot_dry_run_holds_and_metrics(store: Store, bed: tb.Bed, tmp_path: Path) -> None:
+    top = bed.dataset("offtree")
+    for name in (top, f"{top}/a", f"{top}/b"):
+        tb.sh("zfs", "create", name)
+        tb.write_tree(tb.mountpoint(name), seed=len(name), megabytes=1, small_files=5)
+    try:
+        tb.sh("zfs", "snapshot", "-r", f"{top}@s1")
+        plan = store.run("sync", "-r", "--dry-run", top, store.url)
+        assert plan.returncode == 0, plan.stderr
+        assert plan.stdout.decode().splitlines() == [f"{name}: store s1 (full)" for name in (top, f"{top}/a", f"{top}/b")]
+        assert store.objects() == []
+        metrics = tmp_path / "offsite.prom"
+        done = store.run("sync", "-r", "--snapshot", "--metrics-file", str(metrics), top, store.url)
+        assert done.returncode == 0, done.stderr
+        taken = [n for n in tb.snapshot_names(f"{top}/b") if n.startswith("snapferry_")]
+        assert len(taken) == 1
+        lines = store.run("ls", store.url).stdout.decode().splitlines()
+        assert sorted(line.split()[0] for line in lines) == sorted(f"{name}@{taken[0]}" for name in (top, f"{top}/a", f"{top}/b"))
+        assert "snapferry_sync_exit_code" in metrics.read_text() and 'exit_code{source="' in metrics.read_text()
+        assert 'snapferry_sync_exit_code{source="' + top + '",target="' + store.url + '"} 0.0' in metrics.read_text()
+        # The holds that kept the snapshots from a pruner while they were stored are gone.
+        assert all(tb.snapferry("holds", name).stdout == b"" for name in (top, f"{top}/a", f"{top}/b"))
+    finally:
+        tb.destroy("-r", top)
+
+
+def test_a_partial_upload_of_a_destroyed_snapshot(store: Store, source: str) -> None:
+    store.killed_after("sync", "--chunk-size", "1M", "--jobs", "1", source, store.url, when=lambda e: e.get("event") == "chunk")
+    # The killed run's hold is still on @c: it keeps a pruner from taking what the resume needs.
+    assert tb.sh("zfs", "destroy", f"{source}@c", check=False).returncode != 0
+    assert tb.snapferry("release", f"snapferry:{store.url}", f"{source}@c").returncode == 0
+    tb.destroy(f"{source}@c")
+    tb.sh("zfs", "snapshot", f"{source}@d")
+    refused = store.run("sync", "--chunk-size", "1M", source, store.url)
+    assert refused.returncode == 4
+    assert f"{store.url}/{source}@c is a partial upload the source can no longer continue" in refused.stderr
+    assert f"snapferry forget {store.url}/{source}@c" in refused.stderr
+    restarted = store.run("sync", "--chunk-size", "1M", "--on-stale", "restart", source, store.url)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "discarded the partial upload" in restarted.stderr
+    lines = store.run("ls", store.url).stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == [f"{source}@d"]

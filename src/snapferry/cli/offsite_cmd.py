@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from snapferry.cli import common
 from snapferry.cli.status_cmd import size
-from snapferry.errors import Refused, StreamFormatError, UsageError
+from snapferry.errors import Refused, SnapferryError, StreamFormatError, UsageError
+from snapferry.interface import hold_tag
 
 if TYPE_CHECKING:
     from snapferry.offsite.bucket import Bucket
@@ -181,7 +182,7 @@ def run_sync(args: argparse.Namespace) -> int:
         if given
     ]
     if unfit:
-        raise UsageError(f"{', '.join(unfit)}: not for an s3:// destination (--keep N prunes the bucket)")
+        raise UsageError(f"{', '.join(unfit)}: not for an s3:// destination (--keep N prunes the bucket; properties are kept anyway)")
     chunk_size = common.parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE
     if chunk_size > MAX_CHUNK_SIZE:
         raise UsageError(f"--chunk-size is at most {MAX_CHUNK_SIZE >> 20}M (each chunk in flight is held in memory)")
@@ -195,10 +196,9 @@ def run_sync(args: argparse.Namespace) -> int:
         jobs=jobs,
         rate=parse_rate(args.bwlimit) if args.bwlimit else None,
         no_stream=args.no_stream,
-        take_snapshot=args.snapshot,
-        snapshot_prefix=args.snapshot_prefix,
         keep=args.keep,
         full_every=args.full_every,
+        hold_tag=None if args.no_hold else hold_tag(str(url)),
         restart_on_stale=args.on_stale == "restart",
         retries=args.retries,
         deadline=args.deadline,
@@ -212,26 +212,52 @@ def run_sync(args: argparse.Namespace) -> int:
         import re
 
         datasets = [d for d in datasets if not any(re.search(x, d) for x in args.exclude)]
-    stored = 0
-    with dataset_lock(f"sync-{url}", f"sync {args.source} {url}"), common.reporter(args, label=str(url)) as events:
-        for dataset in datasets:
-            backup = Backup(backend, dataset, url, bucket, seal, options, events)
-            if args.dry_run:
-                for line in backup.plan():
-                    print(f"{dataset}: {line}")
-                continue
-            outcome = backup.run()
-            stored += backup.stats.bytes
-            if not (args.quiet or args.json):
+    if args.snapshot and not args.dry_run:
+        # One snapshot of the whole tree, atomically (-r), before anything is stored.
+        backend.take_snapshot(f"{args.source}@{args.snapshot_prefix}{time.strftime('%Y-%m-%d_%H:%M:%S', time.gmtime())}", recursive=args.r)
+    totals = {"bytes": 0, "resumes": 0, "retries": 0}
+    lag: float | None = None
+    exit_code = 1
+    try:
+        with dataset_lock(f"sync-{url}", f"sync {args.source} {url}"), common.reporter(args, label=str(url)) as events:
+            for dataset in datasets:
+                backup = Backup(backend, dataset, url, bucket, seal, options, events)
+                if args.dry_run:
+                    for line in backup.plan():
+                        print(f"{dataset}: {line}")
+                    continue
+                outcome = backup.run()
                 stats = backup.stats
-                print(
-                    f"snapferry: sync {dataset} -> {url}: {outcome}; {size(stats.bytes)} stored, {stats.resumes} resume(s), "
-                    f"{stats.retries} retry(ies)" + (f", pruned {', '.join(stats.pruned)}" if stats.pruned else ""),
-                    file=sys.stderr,
-                )
+                totals = {"bytes": totals["bytes"] + stats.bytes, "resumes": totals["resumes"] + stats.resumes,
+                          "retries": totals["retries"] + stats.retries}  # fmt: skip
+                if stats.newest is not None and stats.newest.created:
+                    lag = max(lag or 0.0, time.time() - stats.newest.created)
+                if args.keep_source and stats.newest is not None:
+                    newest = backend.send_request(dataset, stats.newest.name, None).snapshot or ""
+                    backend.prune(dataset, args.snapshot_prefix, args.keep_source, [newest])
+                if not (args.quiet or args.json):
+                    print(
+                        f"snapferry: sync {dataset} -> {url}: {outcome}; {size(stats.bytes)} stored, {stats.resumes} resume(s), "
+                        f"{stats.retries} retry(ies)" + (f", pruned {', '.join(stats.pruned)}" if stats.pruned else ""),
+                        file=sys.stderr,
+                    )
+        exit_code = 0
+    except SnapferryError as exc:
+        exit_code = exc.exit_code
+        raise
+    except KeyboardInterrupt:
+        exit_code = 3
+        raise
+    finally:
+        if args.metrics_file and not args.dry_run:
+            from snapferry.sync.metrics import write_metrics
+
+            write_metrics(Path(args.metrics_file), source=args.source, target=str(url), started=started, duration=time.time() - started,
+                          exit_code=exit_code, received_bytes=totals["bytes"], resumes=totals["resumes"], retries=totals["retries"],
+                          lag=lag)  # fmt: skip
     if args.r and not (args.quiet or args.json or args.dry_run):
         print(
-            f"snapferry: sync -r {args.source} -> {url}: {len(datasets)} dataset(s), {size(stored)} stored "
+            f"snapferry: sync -r {args.source} -> {url}: {len(datasets)} dataset(s), {size(totals['bytes'])} stored "
             f"in {time.time() - started:.0f} s",
             file=sys.stderr,
         )

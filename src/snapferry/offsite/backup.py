@@ -21,14 +21,14 @@ class BackupOptions:
     jobs: int = 4
     rate: float | None = None
     no_stream: bool = False
-    take_snapshot: bool = False
-    snapshot_prefix: str = "snapferry_"
     keep: int | None = None
     full_every: int | None = None  # start a new chain (a full stream) after this many incrementals
     restart_on_stale: bool = False
     retries: int = 5
     deadline: float | None = None
     send_flags: tuple[str, ...] = ()
+    # The user hold (ZFS) that keeps a pruner from destroying what is being stored; None: --no-hold.
+    hold_tag: str | None = None
 
 
 @dataclass
@@ -63,9 +63,6 @@ class Backup:
         return lines or ["up to date"]
 
     def run(self) -> str:
-        if self.options.take_snapshot:
-            name = self.options.snapshot_prefix + time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime())
-            self.backend.take_snapshot(f"{self.source}@{name}")
         snapshots = self.backend.source_snapshots(self.source)
         if not snapshots:
             raise UsageError(f"{self.source} has no snapshots to store: take one first (or give --snapshot)")
@@ -150,6 +147,7 @@ class Backup:
             send_flags=request.flags,
             properties=tuple(sorted(self.backend.stored_properties(self.source).items())),
         )
+        held = self._hold([name for name in (request.snapshot, request.base) if name])
         started = time.monotonic()
         for attempt in range(self.options.retries + 1):
             try:
@@ -174,6 +172,22 @@ class Backup:
                 time.sleep(wait)
         self.stats.stored.append(snapshot.name)
         self.stats.bytes += manifest.size or 0
+        if held:
+            try:
+                self.backend.release(held, [name for name in (request.snapshot, request.base) if name])
+            except SnapferryError as exc:
+                self.events("warning", message=f"cannot release the hold {held}: {exc}")
+
+    def _hold(self, snapshots: list[str]) -> str | None:
+        """Hold what is being stored until its manifest is written (kept on failure: the resume needs it); the tag."""
+        tag = self.options.hold_tag
+        if tag is None:
+            return None
+        try:
+            self.backend.hold(tag, snapshots)
+        except UsageError:
+            return None  # btrfs has no holds
+        return tag
 
     def _prune(self, keep: int) -> None:
         """--keep N: forget stored snapshots but the newest N whole ones and every base they need."""
