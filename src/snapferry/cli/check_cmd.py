@@ -49,8 +49,11 @@ def verdict(summary: Summary, now: float, warn: float, crit: float, stuck: float
 def run(args: argparse.Namespace) -> int:
     now = time.time()
     try:
-        source, target = side_of(args.source, args), side_of(args.target, args)
-        summary = target.backend.summarize(target.status(), source.status())
+        if args.target.startswith("s3://"):
+            summary = _bucket_summary(args)
+        else:
+            source, target = side_of(args.source, args), side_of(args.target, args)
+            summary = target.backend.summarize(target.status(), source.status())
     except SnapferryError as exc:
         print(f"SNAPFERRY UNKNOWN - {args.target}: {exc}")
         return UNKNOWN
@@ -61,9 +64,23 @@ def run(args: argparse.Namespace) -> int:
     return state
 
 
+def _bucket_summary(args: argparse.Namespace) -> Summary:
+    """An offsite copy (s3://BUCKET/PREFIX) of a local dataset, found by the dataset's key below the prefix."""
+    from snapferry.cli import common
+    from snapferry.cli.offsite_cmd import open_bucket, parse_url
+    from snapferry.offsite.catalog import dataset_entries, summarize
+
+    url = parse_url(args.target)
+    source = common.backend(args, args.source).source_snapshots(args.source)
+    return summarize(args.target, dataset_entries(open_bucket(args, url, 1), url.below(args.source)), source)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
+    from snapferry.cli.offsite_cmd import store_options
+
     check = sub.add_parser(
         "check",
+        parents=[store_options()],
         help="monitoring plugin: is DST's newest common snapshot with SRC recent? exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
     )
     check.add_argument("--warn", type=parse_duration, default=parse_duration("26h"), metavar="AGE", help="warn past this lag (26h)")
@@ -73,5 +90,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     )
     add_remote_options(check)
     check.add_argument("source", metavar="SRC")
-    check.add_argument("target", metavar="DST")
-    check.set_defaults(func=run, zfs=None, json=False, quiet=False)
+    check.add_argument("target", metavar="DST", help="a dataset or directory (maybe [user@]host:...), or s3://BUCKET/PREFIX")
+    check.set_defaults(func=run, zfs=None, json=False, quiet=False, retries=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snapferry.errors import DatasetMissing, Refused
+from snapferry.interface import Moment, SnapshotInfo, Summary, Unfinished
 from snapferry.offsite.bucket import Bucket
 from snapferry.offsite.layout import MANIFEST_OBJECT, UPLOAD_OBJECT, StoredSnapshot, parse_chunk_key, snapshot_prefix
 from snapferry.offsite.upload import read_record
@@ -104,3 +105,18 @@ def forget(bucket: Bucket, entry: Entry) -> None:
     bucket.delete(first)
     bucket.delete([k for k in keys if k not in first and not k.endswith("/" + UPLOAD_OBJECT)])
     bucket.delete([k for k in keys if k.endswith("/" + UPLOAD_OBJECT)])
+
+
+def summarize(target: str, entries: list[Entry], source: list[SnapshotInfo]) -> Summary:
+    """A bucket's copy of one dataset as `check` judges it: its newest stored snapshot, and the newest the source also has."""
+    whole = [e.record for e in entries if e.record.complete]
+    newest = Moment(whole[-1].snapshot, whole[-1].created) if whole else None
+    stored = {r.identity for r in whole}
+    common = next((Moment(s.name, s.created) for s in reversed(source) if s.identity in stored), None)
+    unfinished = tuple(
+        Unfinished(e.record.snapshot, "s3", e.chunks_stored * e.record.chunk_size, e.chunks_stored, 0)
+        for e in entries
+        if not e.record.complete
+    )
+    source_newest = Moment(source[-1].name, source[-1].created) if source else None
+    return Summary(target, bool(entries), newest, unfinished, 0, source_newest, common)
