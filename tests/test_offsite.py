@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -148,6 +149,9 @@ def test_uploader_killed_twice_resumes_from_the_bucket(store: Store, source: str
     for kill_at in (first, second):
         seen = store.killed_after("sync", *args, when=lambda e, k=kill_at: e.get("event") == "chunk" and e.get("index") == k)
         assert any(e.get("event") == "chunk" for e in seen), f"seed {seed}"
+        # As if the sender were rebuilt: nothing of the last run is left on it (HOME, locks), only in the bucket.
+        shutil.rmtree(store.home)
+        store.home.mkdir()
     chunks_before = [k for k in store.objects() if "/chunk-" in k]
     assert len(chunks_before) >= 5
     assert not [k for k in store.objects() if k.endswith("manifest.json")]
