@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     exit_code, outcome = 1, "failed"
     sync: Sync | TreeSync | None = None
+    control_dir = tempfile.mkdtemp(prefix="snapferry-ssh-") if remote else None
+    shells = [Shell(end.host, end.user, ssh, remote_snapferry, control_dir) for end in (source, target)]
     try:
         with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
-            sides = [Side(end, Shell(end.host, end.user, ssh, remote_snapferry)) for end in (source, target)]
+            sides = [Side(end, shell) for end, shell in zip((source, target), shells, strict=True)]
             if args.r:
                 sync = TreeSync(sides[0], sides[1], options, events, exclude=args.exclude or [], jobs=args.jobs)
             else:
@@ -94,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         exit_code, outcome = 3, "interrupted (exit 3)"
         raise
     finally:
+        for shell in shells:
+            shell.close()
+        if control_dir is not None:
+            shutil.rmtree(control_dir, ignore_errors=True)
         if sync is not None and not args.dry_run:
             _report(args, sync, source, target, started, exit_code, outcome)
     return 0

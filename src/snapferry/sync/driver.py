@@ -276,8 +276,10 @@ class Sync(SteppedSync[SyncStep]):
         if isinstance(step, Action):
             (self.source if step.on_source else self.target).run(*step.args)
             return
-        send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args)
-        receive = self.target.shell.snapferry_argv("receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args)
+        send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args, stream=True)
+        receive = self.target.shell.snapferry_argv(
+            "receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args, stream=True
+        )
         self.stats.resumes += step.resumes
         self._run_quietly(step.before)
         try:
