@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from snapferry.core import hints
-from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
@@ -26,9 +26,6 @@ from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_piece
 from snapferry.zfs.resume.mounts import mount_replica
 
 MAX_DATASET_NAME = 255
-# A progress event every few MiB, not every record: reporters show ten a second at most, and an event
-# per 128 KiB record is a measurable part of the receive loop's CPU.
-PROGRESS_STEP = 4 << 20
 
 
 def resume_hint(dataset: str) -> str:
