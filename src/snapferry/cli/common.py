@@ -74,5 +74,6 @@ def stdin_stream() -> Iterator[Readable]:
     if sys.stdin.isatty():
         raise UsageError("receive reads a stream from standard input: pipe one in")
     enlarge_pipe(sys.stdin.fileno())
-    with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 20) as source:
+    # A small buffer: reads of a payload beyond it go straight into the parser's buffer, not through a copy in this one.
+    with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 16) as source:
         yield LazyWire(source)

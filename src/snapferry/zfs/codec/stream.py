@@ -110,41 +110,44 @@ class StreamReader:
         offset = first_offset
         # The first stamp covers BEGIN too; a continuation's BEGIN has no place in the original stream.
         verified_to = 0 if first_offset == len(begin_bytes) else first_offset
+        # Bound once: this loop runs per record, and lookups are a good part of its Python.
+        read_header, read_payload, block_sum, end = self._read_record_header, self._read_payload, BlockSum.of, RecordType.END
         while True:
-            header, kind = self._read_record_header(offset)
+            header, kind = read_header(offset)
             size = payload_size(kind, header, offset)
-            head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
+            head_sum = block_sum(memoryview(header)[:STAMP_OFFSET])
             stamp = header[STAMP_OFFSET:]
+            stamped = stamp != _ZERO_STAMP
             if mid_stream and offset == first_offset:
-                if stamp == _ZERO_STAMP:
+                if not stamped:
                     raise StreamFormatError(f"the record at stream byte {offset} carries no running checksum to go on from")
                 wire = Fletcher4.from_bytes(stamp).unextend(head_sum)
             before = wire
             wire = wire.extend(head_sum)
-            if stamp != _ZERO_STAMP and stamp != wire.to_bytes():
+            if stamped and stamp != wire.to_bytes():
                 raise StreamIntegrityError(
                     f"checksum mismatch in the record at stream byte {offset}: "
                     f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
                     verified_to,
                 )
-            if kind == RecordType.END and end_checksum(header) != before:
+            if kind == end and end_checksum(header) != before:
                 raise StreamIntegrityError(
                     f"stream checksum mismatch at END (stream byte {offset}): "
                     f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
                     verified_to,
                 )
-            if stamp != _ZERO_STAMP:
+            if stamped:
                 verified_to = offset + HEADER_SIZE
             wire = wire.update(stamp)
-            payload = self._read_payload(kind, size, offset)
-            payload_sum = BlockSum.of(payload)
+            payload = read_payload(kind, size, offset)
+            payload_sum = block_sum(payload)
             wire = wire.extend(payload_sum)
             record = Record(kind, offset, header, payload, head_sum, payload_sum, fingerprint)
             fingerprint = self._yielded(record, fingerprint, fingerprint_from)
             yield record
-            if kind == RecordType.END:
+            if kind == end:
                 return
-            offset += record.size
+            offset += HEADER_SIZE + size
 
     def records_trusting_stamps(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int) -> Iterator[Record]:
         """records(), for a consumer that checks every record's stamp itself (an OpenZFS `zfs receive`).
@@ -248,7 +251,9 @@ class StampedWriter:
     def record(self, record: Record) -> None:
         self._stamp(record.header, record.head_sum)
         self._state = self._state.extend(record.payload_sum)
-        self._emit([record.header, record.payload] if len(record.payload) else [record.header])
+        payload = record.payload
+        self._sink((record.header, payload) if len(payload) else (record.header,))
+        self.bytes_written += HEADER_SIZE + len(payload)
 
     def end(self, toguid: int) -> None:
         header = end_header(self._state, toguid)

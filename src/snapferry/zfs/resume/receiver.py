@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from snapferry.core import hints
-from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
@@ -63,8 +63,11 @@ class _Piece:
     def write(self, record: Record) -> None:
         if self.start is None:
             self.start = record.offset
-        with self._corruption_found_by_zfs():
+        # The context manager's checks inline: a generator per record is a good part of the loop's Python.
+        try:
             self._writer.record(record)
+        except ZfsCommandError as exc:
+            raise self._corruption_or(exc) from None
         self.size += record.size
 
     def commit(self) -> None:
@@ -91,10 +94,14 @@ class _Piece:
         try:
             yield
         except ZfsCommandError as exc:
-            if "checksum mismatch" not in str(exc):
-                raise
-            start = self.start or 0
-            raise StreamIntegrityError(f"{exc} (the stream was corrupted in transit after stream byte {start})", start) from None
+            raise self._corruption_or(exc) from None
+
+    def _corruption_or(self, exc: ZfsCommandError) -> SnapferryError:
+        """`exc` as the corruption it reports, or itself."""
+        if "checksum mismatch" not in str(exc):
+            return exc
+        start = self.start or 0
+        return StreamIntegrityError(f"{exc} (the stream was corrupted in transit after stream byte {start})", start)
 
     def abort(self) -> None:
         self._proc.abort()
@@ -226,7 +233,8 @@ class PieceReceiver:
         if final:
             piece_begin = begin.derive(toguid=begin.toguid, fromguid=pos.base_guid, toname=begin.toname)
         else:
-            guid = secrets.randbits(64) or 1
+            # os.urandom, as secrets does, without the hmac/_hashlib import every verb would pay at start-up.
+            guid = int.from_bytes(os.urandom(8), "little") or 1
             name = open_name(begin.toguid, pos.transfer_fromguid, pos.seq)
             # `zfs receive DST` takes only the part after '@'; DST's own name is known to fit.
             piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{self.dataset}@{name}")
@@ -265,6 +273,7 @@ class PieceReceiver:
         self.events("stream", dataset=self.dataset, toname=begin.toname, offset=pos.first_offset)
         piece: _Piece | None = None
         object_range: Record | None = None
+        next_progress = 0
         try:
             read = reader.records_trusting_stamps if self.modern_zfs else reader.records
             for record in read(begin_bytes, pos.first_offset, pos.fingerprint_from):
@@ -286,7 +295,9 @@ class PieceReceiver:
                 piece.write(record)
                 if record.kind == RecordType.OBJECT_RANGE:
                     object_range = record
-                self.events("progress", bytes=reader.bytes_read)
+                if reader.bytes_read >= next_progress:
+                    self.events("progress", bytes=reader.bytes_read)
+                    next_progress = reader.bytes_read + PROGRESS_STEP
             self._open_piece(begin, payload, pos, final=True).commit()
         except StreamIntegrityError as exc:
             if piece is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import SendProcess
 from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, StaleToken, StreamFormatError
@@ -77,12 +77,15 @@ def send_one(
         events("stream", toname=begin.toname, offset=0, estimate=estimate)
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
+        next_progress = 0
         for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
             if record.kind == RecordType.END:
                 writer.end(begin.toguid)
                 break
             writer.record(record)
-            events("progress", bytes=before + writer.bytes_written)
+            if writer.bytes_written >= next_progress:
+                events("progress", bytes=before + writer.bytes_written)
+                next_progress = writer.bytes_written + PROGRESS_STEP
     return writer.bytes_written
 
 
@@ -129,13 +132,16 @@ def send_continuation(
         events("stream", toname=begin.toname, offset=token.offset)
         records = reader.records(begin_bytes, len(begin_bytes), token.fingerprint_from)
         writer: StampedWriter | None = None
+        next_skip = next_progress = 0
         object_range: Record | None = None
         for record in records:
             if writer is None:
                 if record.offset < token.offset and record.kind != RecordType.END:
                     if record.kind == RecordType.OBJECT_RANGE:
                         object_range = record
-                    events("skip", bytes=record.end_offset, total=token.offset)
+                    if record.end_offset >= next_skip or record.end_offset == token.offset:
+                        events("skip", bytes=record.end_offset, total=token.offset)
+                        next_skip = record.end_offset + PROGRESS_STEP
                     continue
                 if record.offset != token.offset:
                     raise StaleToken(
@@ -164,7 +170,9 @@ def send_continuation(
                 writer.end(begin.toguid)
                 break
             writer.record(record)
-            events("progress", bytes=writer.bytes_written, offset=record.end_offset)
+            if writer.bytes_written >= next_progress:
+                events("progress", bytes=writer.bytes_written, offset=record.end_offset)
+                next_progress = writer.bytes_written + PROGRESS_STEP
     assert writer is not None
     events("done", bytes=writer.bytes_written)
     return writer.bytes_written
