@@ -236,6 +236,8 @@ class Sync(SteppedSync[SyncStep]):
         self.stats = SyncStats()
         self.events = self._counting(events)
         self.planner = source.backend.planner(options.policy(), source.endpoint.dataset, target.endpoint.dataset)
+        # Both ends' statuses, just taken by the caller (sync -r's one call per tree): the first plan uses them.
+        self.known_statuses: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def _counting(self, events: EventSink) -> EventSink:
         def count(event: str, **fields: Any) -> None:
@@ -246,8 +248,11 @@ class Sync(SteppedSync[SyncStep]):
         return count
 
     def _next(self) -> SyncStep | None:
-        self.stats.source_status = self.source.status()
-        self.stats.target_status = self.target.status()
+        if self.known_statuses is not None:
+            (self.stats.source_status, self.stats.target_status), self.known_statuses = self.known_statuses, None
+        else:
+            self.stats.source_status = self.source.status()
+            self.stats.target_status = self.target.status()
         return self.planner.next_step(self.stats.source_status, self.stats.target_status)
 
     def _after_steps(self) -> None:
