@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapferry_testkit.loopback import HOST, accepts, free_port
+
 SSHD = Path("/usr/sbin/sshd")
-HOST = "127.0.0.1"
 
 
 class SshdError(RuntimeError):
@@ -81,22 +81,12 @@ def ensure_sshd() -> None:
         raise SshdError(f"cannot install openssh-server: {result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "snapferry-test", "-f", str(path)], check=True, timeout=60)
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _write_config(base: Path, port: int, host_key: Path, authorized: Path) -> Path:
@@ -133,7 +123,7 @@ def start_sshd(base: Path) -> SshServer:
     authorized = base / "authorized_keys"
     shutil.copyfile(f"{client_key}.pub", authorized)
     authorized.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     config = _write_config(base, port, host_key, authorized)
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation directory
     log = base / "sshd.log"
@@ -143,7 +133,7 @@ def start_sshd(base: Path) -> SshServer:
         )
     server = SshServer(port, client_key, log, process)
     deadline = time.monotonic() + 30
-    while not _accepts(port):
+    while not accepts(port):
         if process.poll() is not None or time.monotonic() > deadline:
             server.stop()
             raise SshdError(f"sshd did not start (exit {process.returncode}): {log.read_text()[-3000:]}")

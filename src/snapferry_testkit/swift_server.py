@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,7 +23,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-HOST = "127.0.0.1"
+from snapferry_testkit.loopback import HOST, accepts, free_port
+
 # The swift packages install into Debian's python, not into whatever python runs the tests.
 PYTHON = Path("/usr/bin/python3")
 SERVERS = ("account", "container", "object", "proxy")
@@ -70,18 +70,8 @@ def installed() -> bool:
     return PYTHON.exists() and SWIFT_CONF.exists() and all(Path(f"/usr/bin/swift-{name}-server").exists() for name in SERVERS)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _die_with_parent() -> None:
@@ -111,7 +101,7 @@ class SwiftServer:
         self.devices = base / "devices"
         self.logs = base / "logs"
         self.pylib = base / "pylib"
-        self.ports = {name: _free_port() for name in SERVERS}
+        self.ports = {name: free_port() for name in SERVERS}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.region = REGION
         self.access_key, self.secret_key = ACCESS_KEY, SECRET_KEY
@@ -225,7 +215,7 @@ class SwiftServer:
         deadline = time.monotonic() + timeout
         # Ports first (the servers listen 1-10 s after they start), then one S3 call through all of them.
         for name in SERVERS:
-            while not _accepts(self.ports[name]):
+            while not accepts(self.ports[name]):
                 died = self._died()
                 if died or time.monotonic() > deadline:
                     raise SwiftError(died or f"swift {name} server does not listen on {self.ports[name]}; see {self.log(name)}")
