@@ -170,24 +170,31 @@ def run_sync(args: argparse.Namespace) -> int:
     from snapferry.offsite.backup import Backup, BackupOptions
     from snapferry.offsite.chunkseal import ChunkSeal
     from snapferry.offsite.layout import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+    from snapferry.sync.endpoints import Endpoint
+    from snapferry.transport.wire import parse_rate
 
     url = parse_url(args.target)
     if url.snapshot:
         raise UsageError(f"sync stores into a prefix, not a snapshot: {args.target}")
-    if ":" in args.source and not args.source.startswith("/"):
+    if Endpoint.parse(args.source).host is not None:
         raise UsageError("an s3:// destination takes a local source: run snapferry on the host that has the snapshots")
-    unfit = [
-        flag
-        for flag, given in (("--force", args.force), ("--mode", args.mode), ("--props", args.props), ("--keep-dest", args.keep_dest))
-        if given
-    ]
+    for_a_receiver = {
+        "--force": args.force,
+        "--mode": args.mode,
+        "--props": args.props,
+        "-x": args.x,
+        "-o": args.o,
+        "--keep-dest": args.keep_dest,
+        "--checkpoint": args.checkpoint,
+        "--compress": args.compress,
+        "--buffer": args.buffer,
+    }
+    unfit = [flag for flag, given in for_a_receiver.items() if given]
     if unfit:
         raise UsageError(f"{', '.join(unfit)}: not for an s3:// destination (--keep N prunes the bucket; properties are kept anyway)")
     chunk_size = common.parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE
     if chunk_size > MAX_CHUNK_SIZE:
         raise UsageError(f"--chunk-size is at most {MAX_CHUNK_SIZE >> 20}M (each chunk in flight is held in memory)")
-    from snapferry.transport.wire import parse_rate
-
     jobs = args.jobs or 4
     backend = common.backend(args, args.source)
     backend.check_sync_endpoint(args.source, remote=False)

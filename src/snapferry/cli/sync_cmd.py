@@ -192,7 +192,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument(
         "--jobs", type=int, metavar="N", help="with -r: sync N datasets at a time (default 1); to s3://: chunks in flight (default 4)"
     )
-    sync.add_argument("--chunk-size", metavar="SIZE", help="s3://: the size of each stored chunk (default 64M)")
+    sync.add_argument("--chunk-size", type=common.size_text, metavar="SIZE", help="s3://: the size of each stored chunk (default 64M)")
     sync.add_argument(
         "--full-every", type=int, metavar="N", help="s3://: store a full stream (a new chain) after N incrementals, so --keep can prune"
     )
