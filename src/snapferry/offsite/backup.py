@@ -90,9 +90,9 @@ class Backup:
         later = snapshots[common[-1] + 1 :]
         if self.options.no_stream:
             later = later[-1:]
-        by_name = {e.record.snapshot: e for e in entries if e.record.complete}
+        by_identity = {e.record.identity: e for e in entries if e.record.complete}
         base: SnapshotInfo | None = snapshots[common[-1]]
-        length = self._incrementals_before(by_name, snapshots[common[-1]].name)
+        length = self._incrementals_before(by_identity, snapshots[common[-1]].identity)
         pairs: list[tuple[SnapshotInfo | None, SnapshotInfo]] = []
         for snapshot in later:
             if self.options.full_every is not None and length >= self.options.full_every:
@@ -102,13 +102,13 @@ class Backup:
         return pairs
 
     @staticmethod
-    def _incrementals_before(by_name: dict[str, Entry], snapshot: str) -> int:
-        """How many incrementals the stored chain to `snapshot` has since its full stream."""
+    def _incrementals_before(by_identity: dict[str, Entry], identity: str) -> int:
+        """How many incrementals the stored chain to the snapshot `identity` has since its full stream."""
         count = 0
-        entry = by_name.get(snapshot)
-        while entry is not None and entry.record.base is not None:
+        entry = by_identity.get(identity)
+        while entry is not None and entry.record.base_identity is not None and count <= len(by_identity):
             count += 1
-            entry = by_name.get(entry.record.base)
+            entry = by_identity.get(entry.record.base_identity)
         return count
 
     def _resume_partial(self, entry: Entry, by_identity: dict[str, SnapshotInfo]) -> None:

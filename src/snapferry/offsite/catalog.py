@@ -74,10 +74,12 @@ def chain_to(entries: list[Entry], snapshot: str) -> list[Entry]:
     if entry is None or not entry.record.complete:
         state = "only partly stored (its upload was interrupted)" if entry else "not stored"
         raise DatasetMissing(f"{snapshot} is {state} there; `snapferry ls` shows what is")
+    # Bases are found by identity: a snapshot renamed on the source since is still the same snapshot.
+    by_identity = {e.record.identity: e for e in entries if e.record.complete}
     chain = [entry]
     while (base := chain[-1].record.base) is not None:
-        link = by_name.get(base)
-        if link is None or not link.record.complete or link.record.identity != chain[-1].record.base_identity:
+        link = by_identity.get(chain[-1].record.base_identity or "")
+        if link is None or link in chain:  # in chain: damaged manifests that make a loop
             raise Refused(
                 f"the chain to {snapshot} is broken: {chain[-1].record.snapshot} is an incremental from {base}, which is not stored whole"
             )
@@ -87,14 +89,14 @@ def chain_to(entries: list[Entry], snapshot: str) -> list[Entry]:
 
 def needed_by(entries: list[Entry], kept: list[Entry]) -> set[str]:
     """The snapshots `kept` need to be restored: themselves and every base down to their full streams."""
-    by_name = {e.record.snapshot: e for e in entries}
+    by_identity = {e.record.identity: e for e in entries}
     needed: set[str] = set()
     for entry in kept:
         current: Entry | None = entry
         while current is not None and current.record.snapshot not in needed:
             needed.add(current.record.snapshot)
-            base = current.record.base
-            current = by_name.get(base) if base else None
+            base = current.record.base_identity
+            current = by_identity.get(base) if base else None
     return needed
 
 
