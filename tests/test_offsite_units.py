@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapferry.errors import StoredChunkDamaged, StreamFormatError, StreamIntegrityError, UsageError
+from snapferry.errors import DatasetMissing, Refused, StoredChunkDamaged, StreamFormatError, StreamIntegrityError, UsageError
+from snapferry.offsite.catalog import Entry, chain_to, needed_by
 from snapferry.offsite.chunkseal import ChunkSeal
 from snapferry.offsite.layout import BucketUrl, StoredSnapshot, chunk_key, parse_chunk_key
 from snapferry.zfs.codec.records import RecordType
@@ -143,3 +144,35 @@ def test_a_stamped_stream_read_from_any_record_boundary_checks_to_its_end() -> N
     damaged[len(damaged) // 2] ^= 0x40
     with pytest.raises((StreamIntegrityError, StreamFormatError)):
         list(StreamReader(io.BytesIO(bytes(damaged))).records(begin_bytes, start, start, mid_stream=True))
+
+
+def _entry(name: str, identity: str, base: tuple[str, str] | None, complete: bool = True) -> Entry:
+    record = replace(
+        RECORD,
+        snapshot=name,
+        identity=identity,
+        base=base[0] if base else None,
+        base_identity=base[1] if base else None,
+        finished=1 if complete else None,
+        size=1 if complete else None,
+        chunks=((1, "a" * 64),) if complete else (),
+    )
+    return Entry("host1/tank/home", record, 1)
+
+
+def test_chains_are_followed_by_identity_and_pruning_keeps_what_they_need() -> None:
+    full = _entry("a", "1", None)
+    renamed_base = _entry("b-renamed", "2", ("a", "1"))
+    tip = _entry("c", "3", ("b", "2"))  # stored when its base was still called b
+    second_full = _entry("d", "4", None)
+    entries = [full, renamed_base, tip, second_full]
+    assert [e.record.snapshot for e in chain_to(entries, "c")] == ["a", "b-renamed", "c"]
+    assert needed_by(entries, [tip]) == {"a", "b-renamed", "c"}
+    assert needed_by(entries, [second_full]) == {"d"}
+    with pytest.raises(Refused, match="the chain to c is broken: b-renamed is an incremental from a, which is not stored whole"):
+        chain_to([renamed_base, tip], "c")
+    with pytest.raises(DatasetMissing, match="e is only partly stored"):
+        chain_to([*entries, _entry("e", "5", ("d", "4"), complete=False)], "e")
+    looped = [_entry("x", "7", ("y", "8")), _entry("y", "8", ("x", "7"))]
+    with pytest.raises(Refused, match="the chain to x is broken"):
+        chain_to(looped, "x")
