@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -38,6 +39,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +178,7 @@ def main() -> int:
     install_sigterm_cleanup()
     chunk, jobs = args.chunk_mib * MiB, args.jobs
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=jobs)
-    times: dict[str, list[float]] = {}
-    rss: dict[str, list[float]] = {}
+    samples: dict[str, list[dict[str, float]]] = {}
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "python": sys.version.split()[0]},
@@ -219,29 +221,34 @@ def main() -> int:
                 result = run_pipeline(stages, env=env)
                 if not result.ok:
                     raise RuntimeError(f"{name} failed: {[s.stderr[-2000:] for s in result.stages]}")
-                record(name, round_, result.wall, int(rss_file.read_text().split()[-1]) / 1024 if ours else None)
+                cpu = sum(s.user + s.sys for s in result.stages)
+                rss_mib = int(rss_file.read_text().split()[-1]) / 1024 if ours else 0.0
+                record(name, round_, {"wall_s": result.wall, "cpu_s": cpu, "daemon_cpu_s": result.daemon_cpu, "peak_rss_mib": rss_mib})
 
-            def record(name: str, round_: int, wall: float, maxrss_mib: float | None = None) -> None:
-                log(f"round {round_} {name:18s} {wall:6.2f} s" + (f"  {maxrss_mib:6.1f} MiB" if maxrss_mib else ""))
+            def in_process(name: str, round_: int, call: Callable[[], object]) -> None:
+                """boto3 in this process: the call's wall time and the CPU of all of this process's threads meanwhile."""
+                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                call()
+                wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+                cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                record(name, round_, {"wall_s": wall, "cpu_s": cpu, "daemon_cpu_s": 0.0, "peak_rss_mib": 0.0})
+
+            def record(name: str, round_: int, sample: dict[str, float]) -> None:
+                rss_note = f", {sample['peak_rss_mib']:.1f} MiB" if sample["peak_rss_mib"] else ""
+                log(f"round {round_} {name:18s} {sample['wall_s']:6.2f} s, CPU {sample['cpu_s']:5.2f} s{rss_note}")
                 if round_:
-                    times.setdefault(name, []).append(wall)
-                    if maxrss_mib:
-                        rss.setdefault(name, []).append(maxrss_mib)
+                    samples.setdefault(name, []).append(sample)
 
             store = [*SNAPFERRY, "sync", "-q", *endpoint, "--chunk-size", str(chunk), "--jobs", str(jobs)]
             for round_ in range(args.runs + 1):
                 key, prefix = f"boto3/r{round_}", f"sync-r{round_}"
                 with open(stream_file, "rb") as f:
-                    start = time.perf_counter()
-                    client.upload_fileobj(f, BUCKET, key, Config=transfer)
-                    record("upload-boto3", round_, time.perf_counter() - start)
+                    in_process("upload-boto3", round_, partial(client.upload_fileobj, f, BUCKET, key, Config=transfer))
                 timed("sync", round_, [[*store, dataset, f"s3://{BUCKET}/{prefix}"]])
                 timed("ls-empty-prefix", round_, [[*SNAPFERRY, "ls", "-q", *endpoint, f"s3://{BUCKET}/nothing-here"]])
                 url = f"s3://{BUCKET}/{prefix}/{dataset}@s"
                 with open(os.devnull, "wb") as null:
-                    start = time.perf_counter()
-                    client.download_fileobj(BUCKET, key, null, Config=transfer)
-                    record("download-boto3", round_, time.perf_counter() - start)
+                    in_process("download-boto3", round_, partial(client.download_fileobj, BUCKET, key, null, Config=transfer))
                 timed("get", round_, [[*SNAPFERRY, "get", "-q", *endpoint, "--jobs", str(jobs), url]])
                 destroy(f"{dst}/r")
                 timed("restore", round_, [[*SNAPFERRY, "restore", "-q", *endpoint, "--jobs", str(jobs), url, f"{dst}/r"]])
@@ -265,31 +272,31 @@ def main() -> int:
         finally:
             server.stop()
 
-    med = {name: median(values) for name, values in times.items()}
-    summary = {
-        name: {"median_s": med[name], "mb_per_s": stream / med[name] / 1e6, "runs_s": times[name], "peak_rss_mib": max(rss.get(name, [0]))}
-        for name in times
-    }
-    summary["sync"]["ratio"] = med["upload-boto3"] / med["sync"]
+    summary: dict[str, dict[str, Any]] = {}
+    for name, rows in samples.items():
+        row: dict[str, Any] = {k: median([r[k] for r in rows]) for k in ("wall_s", "cpu_s", "daemon_cpu_s")}
+        row.update(mb_per_s=stream / row["wall_s"] / 1e6, peak_rss_mib=max(r["peak_rss_mib"] for r in rows), runs=rows)
+        summary[name] = row
+    summary["sync"]["ratio"] = summary["upload-boto3"]["wall_s"] / summary["sync"]["wall_s"]
     for name in ("get", "restore", "zfs-receive-file"):
-        summary[name]["ratio"] = med["download-boto3"] / med[name]
+        summary[name]["ratio"] = summary["download-boto3"]["wall_s"] / summary[name]["wall_s"]
     out.update(results=summary, interruptions=interruptions)
 
     print(f"\nstream {stream:,} bytes, {args.chunk_mib} MiB chunks/parts, {jobs} jobs, median of {args.runs}")
-    print(f"{'variant':18s} {'median s':>9s} {'MB/s':>7s} {'ratio':>7s} {'peak RSS MiB':>13s}")
+    print(f"{'variant':18s} {'median s':>9s} {'MB/s':>7s} {'ratio':>6s} {'CPU s':>6s} {'zfs-fuse s':>10s} {'peak RSS MiB':>13s}")
     for name, row in summary.items():
-        ratio = f"{row['ratio']:7.2f}" if "ratio" in row else f"{'':7s}"
-        peak = f"{row['peak_rss_mib']:13.1f}" if row["peak_rss_mib"] else ""
-        rate = f"{row['mb_per_s']:7.1f}" if name != "ls-empty-prefix" else f"{'':7s}"
-        print(f"{name:18s} {row['median_s']:9.2f} {rate} {ratio} {peak}")
+        ratio = f"{row['ratio']:6.2f}" if "ratio" in row else ""
+        peak = f"{row['peak_rss_mib']:.1f}" if row["peak_rss_mib"] else ""
+        rate = f"{row['mb_per_s']:.1f}" if name != "ls-empty-prefix" else ""
+        print(f"{name:18s} {row['wall_s']:9.2f} {rate:>7s} {ratio:>6s} {row['cpu_s']:6.2f} {row['daemon_cpu_s']:10.2f} {peak:>13s}")
     print("(ratio: boto3 upload / sync; boto3 download / get, restore, zfs receive of the file)")
     for r in interruptions:
+        kills, wire = sum(a["killed"] for a in r["attempts"]), r["wire"]
+        print(f"jobs {r['jobs']}, {kills} kills after chunk events {r['kill_points']} of {r['chunks']}; read back ok: {r['read_back_ok']}")
+        print(f"  chunk events uploaded=true: {r['uploaded_bytes']:,} B, excess {r['excess_bytes']:,} B = {r['excess_chunks']:.2f} chunks")
         print(
-            f"jobs {r['jobs']}, {sum(a['killed'] for a in r['attempts'])} kills after chunk events {r['kill_points']}: uploaded (events) {r['uploaded_bytes']:,} B, "
-            f"excess {r['excess_bytes']:,} B = {r['excess_chunks']:.2f} chunks; on the wire {r['wire']['bytes']:,} B "
-            f"in {r['wire']['puts']} PUTs ({r['wire']['failed']} cut, {r['wire']['chunks_put_again']} of a chunk PUT before), "
-            f"excess {r['wire_excess_bytes']:,} B = {r['wire_excess_chunks']:.2f} chunks; "
-            f"read back {'ok' if r['read_back_ok'] else 'DIFFERENT'}"
+            f"  on the wire (proxy log): {wire['bytes']:,} B in {wire['puts']} PUTs ({wire['failed']} cut short, "
+            f"{wire['chunks_put_again']} of a chunk PUT before), excess {r['wire_excess_bytes']:,} B = {r['wire_excess_chunks']:.2f} chunks"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
