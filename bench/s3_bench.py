@@ -13,10 +13,14 @@ caches and is not counted), medians over --runs:
                                                   and snapferry restore s3://B/P/SRC@s DST/r  (includes zfs receive)
            plus `cat FILE | zfs receive DST/raw`: what receiving alone costs here
 
-Ratios are baseline_time / snapferry_time (1.0: as fast as boto3). Peak RSS of each snapferry process
-(wait4, children included). Then the cost of interruptions: a sync run with --json is SIGKILLed after a
-random number of `chunk` events, --kills times, and run again until it completes; reported are the bytes
-of `chunk` events with uploaded=true over all runs minus the stream (the event count), and the bytes the
+           plus `snapferry ls` of an empty prefix: the fixed cost of a snapferry process with boto3
+
+Ratios are baseline_time / snapferry_time (1.0: as fast as boto3). For each: CPU (user+sys, children
+included; boto3's is this process's during the call), zfs-fuse daemon CPU, and the snapferry process's
+peak RSS (from /usr/bin/time: wait4's ru_maxrss of a child starts from this process's RSS at the fork).
+Then the cost of interruptions: a sync run with --json is SIGKILLed at a random moment after a random
+number of `chunk` events, --kills times, and run again until it completes; reported are the bytes of
+`chunk` events with uploaded=true over all runs minus the stream (the event count), and the bytes the
 Swift proxy logged as received for the chunk PUTs (the wire: also what in-flight PUTs had sent when killed).
 Done with --jobs J and with --jobs 1. Every stored copy read back is checked against FILE's sha256.
 
