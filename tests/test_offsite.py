@@ -329,8 +329,18 @@ def test_a_tree_with_snapshot_dry_run_holds_and_metrics(store: Store, bed: tb.Be
         assert 'snapferry_sync_exit_code{source="' + top + '",target="' + store.url + '"} 0.0' in metrics.read_text()
         # The holds that kept the snapshots from a pruner while they were stored are gone.
         assert all(tb.snapferry("holds", name).stdout == b"" for name in (top, f"{top}/a", f"{top}/b"))
+        copy = bed.target("offtree-copy")
+        restored = store.run("restore", "-r", f"{store.url}/{top}@{taken[0]}", copy)
+        assert restored.returncode == 0, restored.stderr
+        for name in ("", "/a", "/b"):
+            assert tb.guid(f"{copy}{name}@{taken[0]}") == tb.guid(f"{top}{name}@{taken[0]}")
+            assert tb.manifest(tb.mountpoint(copy + name)) == tb.manifest(tb.mountpoint(top + name))
+        again = store.run("restore", "-r", f"{store.url}/{top}@{taken[0]}", copy)
+        assert again.returncode == 0, again.stderr
     finally:
         tb.destroy("-r", top)
+        if tb.exists(bed.target("offtree-copy")):
+            tb.destroy("-r", bed.target("offtree-copy"))
 
 
 def test_a_partial_upload_of_a_destroyed_snapshot(store: Store, source: str) -> None:

@@ -108,18 +108,19 @@ def run_get(args: argparse.Namespace) -> int:
 
 def run_restore(args: argparse.Namespace) -> int:
     from snapferry.core.lock import dataset_lock
-    from snapferry.offsite.restore import restore
+    from snapferry.offsite.restore import restore, restore_tree
 
     url = parse_url(args.url)
     backend = common.backend(args, args.target)
     bucket = open_bucket(args, url, args.jobs)
     started = time.time()
     with dataset_lock(f"restore-{args.target}", f"restore {url} {args.target}"), common.reporter(args, label=args.target) as events:
-        received = restore(
+        received = (restore_tree if args.r else restore)(
             backend, bucket, url, args.target, key_material(args), events, jobs=args.jobs, force=args.F, checkpoint=args.checkpoint
         )
     if not (args.quiet or args.json):
-        print(f"snapferry: restored {', '.join(received)} from {url} in {time.time() - started:.0f} s", file=sys.stderr)
+        done = f"restored {', '.join(received)}" if received else f"{args.target} already has {url.snapshot}: nothing to restore"
+        print(f"snapferry: {done} from {url} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -288,6 +289,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     get.add_argument("url", metavar="s3://BUCKET/PREFIX/DATASET@SNAP")
     get.set_defaults(func=run_get)
     restore = sub.add_parser("restore", parents=[common_options, store, jobs], help="receive a stored snapshot (and its chain), resumably")
+    restore.add_argument("-r", action="store_true", help="ZFS: every dataset stored below the prefix with that snapshot (sync -r)")
     restore.add_argument("-F", action="store_true", help="ZFS: roll the target back to its newest snapshot first (as zfs receive -F)")
     restore.add_argument(
         "--checkpoint",

@@ -65,7 +65,7 @@ class Bucket:
         # A listing, not a HEAD: a HEAD's refusal has no body, so it cannot tell bad credentials from a missing permission.
         self._call("reach", f"s3://{self.name}", lambda: self._client.list_objects_v2(Bucket=self.name, MaxKeys=1))
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         # Content-MD5 makes the store refuse a body damaged on the way, so that no damaged chunk is ever stored.
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         self._call("store", key, lambda: self._client.put_object(Bucket=self.name, Key=key, Body=data, ContentMD5=md5))

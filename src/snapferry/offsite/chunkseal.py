@@ -56,9 +56,9 @@ class ChunkSeal:
             return hashlib.sha256(plain).hexdigest()
         return hmac.new(self._mac_key, plain, hashlib.sha256).hexdigest()
 
-    def seal(self, plain: bytes | bytearray | memoryview, name: str) -> bytes:
+    def seal(self, plain: bytes | bytearray | memoryview, name: str) -> bytes | bytearray | memoryview:
         if self._aead is None:
-            return bytes(plain)
+            return plain  # no copy: a chunk in flight is held once
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, bytes(plain), name.encode())
 

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable, Sink, write_all
-from snapferry.errors import NothingToDo, SnapferryError, StoredChunkDamaged, UsageError
+from snapferry.errors import DatasetMissing, NothingToDo, SnapferryError, StoredChunkDamaged, UsageError
 from snapferry.interface import Backend, ReceiveRequest
 from snapferry.offsite.bucket import Bucket
-from snapferry.offsite.catalog import Entry, chain_to, dataset_entries
+from snapferry.offsite.catalog import Entry, chain_to, dataset_entries, walk
 from snapferry.offsite.chunkseal import ChunkSeal
 from snapferry.offsite.download import StoredStream
 from snapferry.offsite.layout import BucketUrl, StoredSnapshot, chunk_key, parse_chunk_key
@@ -96,6 +96,38 @@ def restore(
             continue
         events("resume", snapshot=entry.record.snapshot, source=where)
         received += _resume_link(backend, bucket, entry, seal, request, token, events, jobs)
+    return received
+
+
+def restore_tree(
+    backend: Backend,
+    bucket: Bucket,
+    url: BucketUrl,
+    target: str,
+    key_material: bytes | None,
+    events: EventSink,
+    *,
+    jobs: int,
+    force: bool,
+    checkpoint: int | None = None,
+) -> list[str]:
+    """restore -r: every dataset stored at and below url's path that has its snapshot, into the same places below
+    target, parents first; one that already has it is skipped, so that an interrupted run goes on where it stopped."""
+    snapshot = url.snapshot
+    if not snapshot:
+        raise UsageError(f"name the snapshot to restore: {url}@SNAPSHOT (snapferry ls {url} shows them)")
+    keys = list(dict.fromkeys(e.dataset_key for e in walk(bucket, url.path) if e.record.snapshot == snapshot and e.record.complete))
+    if not keys:
+        raise DatasetMissing(f"no dataset at or below {url} has {snapshot} stored whole; `snapferry ls` shows what is")
+    received: list[str] = []
+    for key in keys:
+        try:
+            received += restore(
+                backend, bucket, replace(url, path=key), target + key[len(url.path) :], key_material, events,
+                jobs=jobs, force=force, checkpoint=checkpoint,
+            )  # fmt: skip
+        except NothingToDo:
+            events("skip", dataset=target + key[len(url.path) :], reason=f"already has {snapshot}")
     return received
 
 
