@@ -19,6 +19,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snapferry_testkit.sshd_server import SshServer
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -238,6 +242,54 @@ def median(values: Sequence[float]) -> float:
 def snapferry_argv() -> list[str]:
     exe = shutil.which("snapferry")
     return [exe] if exe else [sys.executable, "-m", "snapferry.cli.main"]
+
+
+SYNCOID_SSH_OPTIONS = ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR")
+SYNCOID_FALLBACK_BUG = "return getsnapsfallback($type,$rhost,$fs,$isroot,%snaps);"
+
+
+def patched_syncoid(directory: Path) -> str:
+    """A copy of the installed syncoid in directory, able to list a remote's snapshots on zfs-fuse.
+
+    zfs-fuse's `zfs get` has no `-t`, so syncoid falls back to listing without it, and syncoid 2.1.0
+    (Debian's sanoid) then puts the ssh command in front twice (`bash: root@HOST: command not found`,
+    sanoid issue #749): every sync to a remote that already has the dataset fails. The copy passes the
+    fallback the host as given, as later syncoids do; nothing else changes."""
+    installed = shutil.which("syncoid")
+    if installed is None:
+        raise RuntimeError("syncoid is not installed (apt-get install sanoid)")
+    text = Path(installed).read_text()
+    copy = directory / "syncoid"
+    copy.write_text(text.replace(SYNCOID_FALLBACK_BUG, SYNCOID_FALLBACK_BUG.replace("$rhost", "$_[1]")))
+    copy.chmod(0o755)
+    if SYNCOID_FALLBACK_BUG not in text:
+        log("syncoid: the snapshot-listing fallback looks fixed already; running it unchanged")
+    return str(copy)
+
+
+def syncoid_argv(syncoid: str, server: SshServer, port: int, source: str, target: str, compress: str, *options: str) -> list[str]:
+    """`syncoid` (Debian's sanoid) from source to target (`root@127.0.0.1:DST`) over the test sshd at port.
+
+    --no-sync-snap: it sends the snapshots that exist, as snapferry does; compress is `none` or one of
+    syncoid's names (`lzo` is its default). options (e.g. `-r`, or `--sshoption=...`) come first."""
+    argv = [syncoid, *options, "--no-sync-snap", f"--compress={compress}", "--quiet", f"--sshport={port}"]
+    argv += [f"--sshkey={server.client_key}", *(f"--sshoption={o}" for o in SYNCOID_SSH_OPTIONS)]
+    return [*argv, source, target]
+
+
+def syncoid_sockets() -> set[Path]:
+    """The ssh ControlMaster sockets syncoid has in /tmp (it names them /tmp/syncoid-HOST-TIME)."""
+    return set(Path("/tmp").glob("syncoid-*"))
+
+
+def close_syncoid_masters(before: set[Path]) -> None:
+    """Close the ssh masters of sockets syncoid left since `before` (a killed run leaves its master).
+
+    A master that is gone leaves its socket file; it is removed, so that no later ssh trips on it."""
+    for socket in syncoid_sockets() - before:
+        run("ssh", "-S", str(socket), "-O", "exit", "placeholder", check=False)
+        with contextlib.suppress(FileNotFoundError):
+            socket.unlink()
 
 
 def install_sigterm_cleanup() -> None:

@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""`snapferry sync` over ssh on loopback against `zfs send | ssh host zfs receive`, in one run.
+"""`snapferry sync` and `syncoid` over ssh on loopback against `zfs send | ssh host zfs receive`, in one run.
 
 A real OpenSSH server on 127.0.0.1 (generated keys, as in the tests) is the "remote" host. Two
 datasets are sent: incompressible random data and compressible text. Variants, interleaved:
 
-  raw        zfs send SRC@s | ssh root@127.0.0.1 zfs receive DST/raw
-  sync-none  snapferry sync --compress none SRC root@127.0.0.1:DST/x
-  sync-zstd  snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x   (the default for remote)
+  raw           zfs send SRC@s | ssh root@127.0.0.1 zfs receive DST/x
+  sync-none     snapferry sync --compress none SRC root@127.0.0.1:DST/x
+  sync-zstd     snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x   (the default for remote)
+  syncoid-none  syncoid --no-sync-snap --compress=none SRC root@127.0.0.1:DST/x   (Debian's sanoid)
+  syncoid-lzo   syncoid --no-sync-snap SRC root@127.0.0.1:DST/x   (its default compression, lzop; only
+                when lzop is installed)
+
+syncoid runs as shipped: mbuffer at both ends when it is installed, and its own ssh ControlMaster
+connection (a socket in /tmp, closed with `-O exit` at its end; the bench closes any it leaves), from
+a copy with one line fixed so that it can list a remote's snapshots on zfs-fuse (see _zfsbench's
+patched_syncoid). The syncoid variants are left out when syncoid is not installed.
 
 Prints the median wall time and the ratio raw_time / time (target >= 0.9). Then the cost of planning
-alone: `sync` of a destination that is already up to date, its median wall time and the number of ssh
-connections it opens (counted by a wrapper around ssh).
+alone: `sync` (and `syncoid --compress=none`) of a destination that is already up to date, its median
+wall time, the ssh processes it starts (counted by a wrapper first on PATH) and the connections they
+open (counted in sshd's log: with a ControlMaster, most ssh processes share one).
 
     sudo python3 bench/sync_bench.py --size-mib 512 --json bench/results/sync.json
 """
@@ -19,16 +28,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _zfsbench import MiB, ScratchPools, destroy, fill_random, install_sigterm_cleanup, log, median, run, run_pipeline
+from _zfsbench import (
+    MiB,
+    ScratchPools,
+    close_syncoid_masters,
+    destroy,
+    fill_random,
+    install_sigterm_cleanup,
+    log,
+    median,
+    patched_syncoid,
+    run,
+    run_pipeline,
+    syncoid_argv,
+    syncoid_sockets,
+)
 
-from snapferry_testkit.sshd_server import remote_snapferry, start_sshd
+from snapferry_testkit.sshd_server import SshServer, remote_snapferry, start_sshd
 
 
 def fill_text(directory: str, total_mib: int) -> None:
@@ -40,23 +65,34 @@ def fill_text(directory: str, total_mib: int) -> None:
             out.writelines(lines)
 
 
-def planning_cost(snapferry: list[str], ssh: str, source: str, target: str, tmp: Path, rounds: int = 5) -> dict[str, float]:
-    """A sync with nothing to send: what planning costs (its wall time, and the ssh connections it opens)."""
+def planning_cost(name: str, argv: list[str], server: SshServer, tmp: Path, rounds: int = 5) -> dict[str, float]:
+    """A run with nothing to send: what planning costs (its wall time, the ssh processes it starts and the
+    connections sshd accepts).
+
+    `ssh` is counted by a wrapper first on PATH (and also given to snapferry as `--ssh`): with a
+    ControlMaster, most ssh processes are clients of one connection, which sshd's log counts."""
     calls = tmp / "ssh-calls"
-    wrapper = tmp / "counting-ssh"
-    wrapper.write_text(f"#!/bin/sh\necho x >> {shlex.quote(str(calls))}\nexec {ssh} \"$@\"\n")
+    bin_dir = tmp / "counting-bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "ssh"
+    real_ssh = shutil.which("ssh") or "/usr/bin/ssh"
+    wrapper.write_text(f'#!/bin/sh\necho x >> {shlex.quote(str(calls))}\nexec {shlex.quote(real_ssh)} "$@"\n')
     wrapper.chmod(0o755)
-    argv = [*snapferry, "sync", "-q", "--ssh", str(wrapper), "--remote-snapferry", remote_snapferry(), source, target]
-    walls = []
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    walls, processes, connections = [], [], []
     for _ in range(rounds):
         calls.write_text("")
-        result = run_pipeline([argv])
+        accepted = server.log.read_text().count("Accepted publickey")
+        sockets = syncoid_sockets()
+        result = run_pipeline([argv], env=env)
+        close_syncoid_masters(sockets)
         if not result.ok:
-            raise RuntimeError(f"up-to-date sync failed: {[s.stderr for s in result.stages]}")
+            raise RuntimeError(f"up-to-date {name} failed: {[s.stderr for s in result.stages]}")
         walls.append(result.wall)
-    connections = len(calls.read_text().split())
-    log(f"up-to-date sync: {median(walls):.2f} s, {connections} ssh connection(s)")
-    return {"median_s": median(walls), "ssh_connections": connections}
+        processes.append(len(calls.read_text().split()))
+        connections.append(server.log.read_text().count("Accepted publickey") - accepted)
+    log(f"up-to-date {name}: {median(walls):.2f} s, {median(processes):.0f} ssh process(es), {median(connections):.0f} connection(s)")
+    return {"median_s": median(walls), "ssh_processes": median(processes), "ssh_connections": median(connections)}
 
 
 def main() -> int:
@@ -68,9 +104,13 @@ def main() -> int:
     args = parser.parse_args()
     install_sigterm_cleanup()
     snapferry = [sys.executable, "-m", "snapferry"]
+    lzop = shutil.which("lzop")
+    if shutil.which("syncoid") is None:
+        log("syncoid is not installed (apt-get install sanoid): its variants are left out")
     results: dict[str, dict[str, float]] = {}
     with ScratchPools(args.workdir, "sy") as pools, tempfile.TemporaryDirectory(prefix="sfbench-ssh-") as tmp:
         server = start_sshd(Path(tmp))
+        syncoid = patched_syncoid(Path(tmp)) if shutil.which("syncoid") else None
         try:
             ssh = shlex.split(server.command)
             src = pools.create("s", args.size_mib * MiB * 3 + (2 << 30))
@@ -85,16 +125,20 @@ def main() -> int:
                     argv = [*snapferry, "sync", "-q", "--compress", compress, "--ssh", server.command]
                     return [[*argv, "--remote-snapferry", remote_snapferry(), dataset, target]]
 
-                variants = {
-                    "raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]],
-                    "sync-none": sync("none"),
-                    "sync-zstd": sync("zstd:3"),
-                }
+                variants = {"raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]]}
+                if syncoid is not None:
+                    variants["syncoid-none"] = [syncoid_argv(syncoid, server, server.port, f"{src}/{kind}", remote, "none")]
+                    if lzop is not None:
+                        variants["syncoid-lzo"] = [syncoid_argv(syncoid, server, server.port, f"{src}/{kind}", remote, "lzo")]
+                variants["sync-none"] = sync("none")
+                variants["sync-zstd"] = sync("zstd:3")
                 times: dict[str, list[float]] = {name: [] for name in variants}
                 for round_ in range(args.repeat + 1):
                     for name, stages in variants.items():
                         destroy(f"{dst}/{kind}")
+                        sockets = syncoid_sockets()
                         result = run_pipeline(stages)
+                        close_syncoid_masters(sockets)
                         if not result.ok:
                             raise RuntimeError(f"{name} failed: {[s.stderr for s in result.stages]}")
                         if round_:  # the first round warms caches and is not counted
@@ -103,7 +147,13 @@ def main() -> int:
                 raw = median(times["raw"])
                 for name, values in times.items():
                     results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
-            results["up-to-date"] = planning_cost(snapferry, server.command, f"{src}/text", f"root@127.0.0.1:{dst}/text", Path(tmp))
+            # The text dataset was last received by sync-zstd: nothing is left to send to it.
+            argv = [*snapferry, "sync", "-q", "--ssh", server.command, "--remote-snapferry", remote_snapferry()]
+            up_to_date = [f"{src}/text", f"root@127.0.0.1:{dst}/text"]
+            results["up-to-date/sync"] = planning_cost("sync", [*argv, *up_to_date], server, Path(tmp))
+            if syncoid is not None:
+                argv = syncoid_argv(syncoid, server, server.port, *up_to_date, "none")
+                results["up-to-date/syncoid"] = planning_cost("syncoid", argv, server, Path(tmp))
         finally:
             server.stop()
     print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}")
@@ -112,7 +162,8 @@ def main() -> int:
         if "ratio" in row:
             print(f"{name:24s} {row['median_s']:9.2f} {row['ratio']:7.2f}")
         else:
-            print(f"{name:24s} {row['median_s']:9.2f}   ({row['ssh_connections']:.0f} ssh connections)")
+            counts = f"{row['ssh_processes']:.0f} ssh processes, {row['ssh_connections']:.0f} connections"
+            print(f"{name:24s} {row['median_s']:9.2f}   ({counts})")
     if args.json:
         Path(args.json).write_text(json.dumps({"size_mib": args.size_mib, "results": results}, indent=2))
     return 0

@@ -9,8 +9,13 @@ through a byte-counting TCP proxy), from scratch, by each tool:
                   time into each run, then run once more to the end; the time is the sum of the runs
 
 Both without compression. syncoid on zfs-fuse has no resume token, so after a kill it sends the
-interrupted dataset again from its start; snapferry goes on from the last checkpoint. Prints the wall
-time of each, the ratio syncoid_time / snapferry_time, and the bytes that crossed the link.
+interrupted dataset again from its start; snapferry goes on from the last checkpoint. syncoid runs
+from a copy with one line fixed (without it, it cannot list the snapshots of a remote dataset that
+exists on zfs-fuse, so no run after a kill works: see _zfsbench's patched_syncoid), and the ssh
+ControlMaster a killed syncoid leaves is closed between runs.
+
+Prints the wall time of each, the ratio syncoid_time / snapferry_time, and the bytes that crossed the
+link.
 
     sudo python3 bench/tree_bench.py --large-mib 128 --json bench/results/tree.json
 """
@@ -28,7 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _zfsbench import MiB, ScratchPools, fill_random, install_sigterm_cleanup, log, run
+from _zfsbench import (
+    MiB,
+    ScratchPools,
+    close_syncoid_masters,
+    fill_random,
+    install_sigterm_cleanup,
+    log,
+    patched_syncoid,
+    run,
+    syncoid_argv,
+    syncoid_sockets,
+)
 
 from snapferry_testkit.faultproxy import FaultProxy
 from snapferry_testkit.sshd_server import SshServer, remote_snapferry, start_sshd
@@ -47,26 +63,22 @@ def make_tree(src: str, small_mib: int, large_mib: int) -> None:
     run("zfs", "snapshot", "-r", f"{src}/tree@s1")
 
 
-def tool_argv(tool: str, server: SshServer, port: int, src: str, dst: str) -> list[str]:
+def tool_argv(tool: str, server: SshServer, port: int, src: str, dst: str, syncoid: str = "syncoid") -> list[str]:
     if tool == "snapferry":
         ssh = server.ssh_command(port, keepalive=True)
         return [sys.executable, "-m", "snapferry", "sync", "-q", "-r", "--compress", "none", "--checkpoint", "8M"] + [
             "--ssh", ssh, "--remote-snapferry", remote_snapferry(), f"{src}/tree", f"root@127.0.0.1:{dst}/{tool}",
         ]  # fmt: skip
-    options = [
-        "StrictHostKeyChecking=no",
-        "UserKnownHostsFile=/dev/null",
-        "BatchMode=yes",
-        "ServerAliveInterval=1",
-        "ServerAliveCountMax=3",
-    ]
-    return ["syncoid", "-r", "--no-sync-snap", "--compress=none", "--quiet", f"--sshport={port}", f"--sshkey={server.client_key}"] + [
-        *(f"--sshoption={o}" for o in options), f"{src}/tree", f"root@127.0.0.1:{dst}/{tool}",
-    ]  # fmt: skip
+    keepalive = ("--sshoption=ServerAliveInterval=1", "--sshoption=ServerAliveCountMax=3")
+    return syncoid_argv(syncoid, server, port, f"{src}/tree", f"root@127.0.0.1:{dst}/{tool}", "none", "-r", *keepalive)
 
 
 def timed(argv: list[str], kill_after: float | None = None) -> tuple[float, int]:
-    """(wall seconds, exit status) of one run; killed with its process group after kill_after seconds."""
+    """(wall seconds, exit status) of one run; killed with its process group after kill_after seconds.
+
+    An ssh ControlMaster that syncoid leaves behind (a killed run does not close it) is closed after
+    the run, outside the time."""
+    sockets = syncoid_sockets()
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -74,11 +86,13 @@ def timed(argv: list[str], kill_after: float | None = None) -> tuple[float, int]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    wall = time.monotonic() - started
+    close_syncoid_masters(sockets)
     assert proc.stderr is not None
     said = proc.stderr.read().decode(errors="replace").strip()
     if proc.returncode not in (0, -9) and kill_after is None:
         raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {said[-2000:]}")
-    return time.monotonic() - started, proc.returncode
+    return wall, proc.returncode
 
 
 def trees_match(src: str, dst: str) -> bool:
@@ -104,6 +118,7 @@ def main() -> int:
     size = (SMALL * args.small_mib + 2 * args.large_mib) * MiB
     with ScratchPools(args.workdir, "tr") as pools, tempfile.TemporaryDirectory(prefix="sfbench-tree-") as tmp:
         server = start_sshd(Path(tmp))
+        syncoid = patched_syncoid(Path(tmp))
         try:
             src = pools.create("s", size * 2 + (2 << 30))
             dst = pools.create("d", size * 4 + (2 << 30))
@@ -111,7 +126,7 @@ def main() -> int:
             run("zfs", "create", f"{dst}/p")
             for tool in ("snapferry", "syncoid"):
                 proxy = FaultProxy(server.port)
-                wall, _ = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/p"))
+                wall, _ = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/p", syncoid))
                 assert trees_match(f"{src}/tree", f"{dst}/p/{tool}"), f"{tool}: the replica differs"
                 results[f"{tool}/uninterrupted"] = {"wall_s": wall, "wire_bytes": proxy.up_bytes}
                 log(f"{tool:9s} uninterrupted {wall:7.2f} s {proxy.up_bytes / MiB:9.1f} MiB on the wire")
@@ -121,10 +136,10 @@ def main() -> int:
                 proxy = FaultProxy(server.port)
                 total, kills = 0.0, 0
                 for fraction in (0.25, 0.5, 0.75):
-                    spent, rc = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/k"), kill_after=fraction * wall)
+                    spent, rc = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/k", syncoid), kill_after=fraction * wall)
                     total += spent
                     kills += rc == -9
-                spent, _ = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/k"))
+                spent, _ = timed(tool_argv(tool, server, proxy.port, src, f"{dst}/k", syncoid))
                 total += spent
                 assert trees_match(f"{src}/tree", f"{dst}/k/{tool}"), f"{tool}: the replica differs after kills"
                 results[f"{tool}/3 kills"] = {"wall_s": total, "wire_bytes": proxy.up_bytes, "kills": kills}
