@@ -96,13 +96,14 @@ class Side:
         """Another dataset on the same host, reached the same way."""
         return Side(Endpoint(dataset, self.endpoint.host, self.endpoint.user), self.shell)
 
-    def tree(self) -> list[tuple[Side, dict[str, Any]]]:
-        """Every dataset at and below this one, parents first, each with its status: one call (over ssh, one round trip)."""
+    def tree(self, also: tuple[str, ...] = ()) -> list[tuple[Side, dict[str, Any]]]:
+        """Every dataset at and below this one, parents first, each with its status, and the status of each name in
+        `also` (which may not exist yet): one call (over ssh, one round trip)."""
         if not self.remote:
             names = self.backend.descendants(self.endpoint.dataset)
-            return [(self.child(name), self.backend.status(name)) for name in names]
+            return [(self.child(name), self.backend.status(name)) for name in [*names, *also]]
         answers = []
-        for line in self.run("status", "--json", "-r", self.endpoint.dataset).decode(errors="replace").splitlines():
+        for line in self.run("status", "--json", "-r", self.endpoint.dataset, *also).decode(errors="replace").splitlines():
             try:
                 answer = json.loads(line)
             except ValueError:

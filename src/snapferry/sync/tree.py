@@ -109,9 +109,10 @@ class TreeSync:
             raise Refused(f"{self.source.endpoint} does not exist")
         wanted = [name for name in sources if self._wanted(name)]
         mapped = {self._target_of(name) for name in sources}
-        targets = {side.endpoint.dataset: status for side, status in self.target.tree()}
+        # The destination's datasets, and in the same call the status of every place the source's map to.
+        targets = {side.endpoint.dataset: status for side, status in self.target.tree(also=tuple(sorted(mapped)))}
         self._target_statuses = targets
-        gone = [name for name in targets if name not in mapped]
+        gone = [name for name, status in targets.items() if name not in mapped and status.get("exists", True)]
         return wanted, [name for name in gone if self._wanted(name)]
 
     def plan(self) -> list[str]:
