@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import replace
@@ -14,6 +15,7 @@ from snapferry.errors import DatasetMissing, Refused, StoredChunkDamaged, Stream
 from snapferry.offsite.catalog import Entry, chain_to, needed_by
 from snapferry.offsite.chunkseal import ChunkSeal
 from snapferry.offsite.layout import BucketUrl, StoredSnapshot, chunk_key, parse_chunk_key
+from snapferry.offsite.upload import _Chunker
 from snapferry.zfs.codec.records import RecordType
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry_testkit.shared_data import OPENZFS_DATA
@@ -176,3 +178,37 @@ def test_chains_are_followed_by_identity_and_pruning_keeps_what_they_need() -> N
     looped = [_entry("x", "7", ("y", "8")), _entry("y", "8", ("x", "7"))]
     with pytest.raises(Refused, match="the chain to x is broken"):
         chain_to(looped, "x")
+
+
+@given(st.lists(st.integers(0, 300_000), min_size=1, max_size=40), st.integers(1, 4))
+def test_the_chunker_cuts_any_writes_into_whole_chunks_in_order(sizes: list[int], jobs: int) -> None:
+    data = os.urandom(sum(sizes) + 1)
+    shipped: dict[int, bytes] = {}
+
+    def ship(index: int, chunk: bytearray) -> str:
+        shipped[index] = bytes(chunk)
+        return hashlib.sha256(chunk).hexdigest()
+
+    chunker = _Chunker(1 << 20, jobs, ship)
+    position = 0
+    for size in [*sizes, 1]:
+        chunker([data[position : position + size]])
+        position += size
+    chunks = chunker.finish()
+    assert b"".join(shipped[i] for i in range(len(shipped))) == data
+    assert chunks == [(len(shipped[i]), hashlib.sha256(shipped[i]).hexdigest()) for i in range(len(shipped))]
+    assert all(size == 1 << 20 for size, _ in chunks[:-1]) and 0 < chunks[-1][0] <= 1 << 20
+
+
+def test_a_failed_chunk_stops_the_stream() -> None:
+    def ship(index: int, chunk: bytearray) -> str:
+        if index == 1:
+            raise Refused("quota")
+        return "0" * 64
+
+    chunker = _Chunker(1 << 20, 1, ship)
+    with pytest.raises(Refused, match="quota"):
+        for _ in range(10):
+            chunker([bytes(1 << 20)])
+        chunker.finish()
+    chunker.abandon()
