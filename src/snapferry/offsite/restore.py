@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -200,8 +201,8 @@ def verify(bucket: Bucket, entries: list[Entry], key_material: bytes | None, eve
                 expected = [chunk_key(i, fp) for i, (_, fp) in enumerate(entry.record.chunks)]
             else:
                 expected = sorted(n for n in names if parse_chunk_key(n))
-            missing = [n for n in expected if n not in names]
-            problems += [f"{where}: chunk {entry.prefix}{n} is missing" for n in missing]
+            missing = {n for n in expected if n not in names}
+            problems += [f"{where}: chunk {entry.prefix}{n} is missing" for n in sorted(missing)]
 
             def check(name: str, seal: ChunkSeal = seal, entry: Entry = entry) -> int:
                 parsed = parse_chunk_key(name)
@@ -209,10 +210,16 @@ def verify(bucket: Bucket, entries: list[Entry], key_material: bytes | None, eve
                 key = entry.prefix + name
                 return len(seal.open(bucket.get(key), key, parsed[1]))
 
-            futures = [pool.submit(check, n) for n in expected if n not in missing]
-            for future in futures:
+            # At most 2 x jobs chunks asked for at once: a big backup has hundreds of thousands.
+            window: deque[Future[int]] = deque()
+            present = (n for n in expected if n not in missing)
+            while True:
+                while len(window) < 2 * jobs and (name := next(present, None)) is not None:
+                    window.append(pool.submit(check, name))
+                if not window:
+                    break
                 try:
-                    checked += future.result()
+                    checked += window.popleft().result()
                 except StoredChunkDamaged as exc:
                     problems.append(str(exc))
                 events("progress", bytes=checked)
