@@ -53,10 +53,14 @@ class Shell:
 
     def close(self) -> None:
         """Stop the shared connection, if one was started (it would otherwise linger for ControlPersist)."""
-        if self.host is not None and self._shares_connections():
+        if self.host is None or not self._shares_connections():
+            return
+        try:
             subprocess.run(
                 [*self.ssh, "-o", f"ControlPath={self.control_dir}/%C", "-O", "exit", self.destination],
                 capture_output=True,
                 check=False,
                 timeout=10,
             )
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # the master then ends by itself after ControlPersist; the sync's outcome stands
