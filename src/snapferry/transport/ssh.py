@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -55,12 +56,11 @@ class Shell:
         """Stop the shared connection, if one was started (it would otherwise linger for ControlPersist)."""
         if self.host is None or not self._shares_connections():
             return
-        try:
+        # If this fails the master ends by itself after ControlPersist; the sync's outcome stands.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
                 [*self.ssh, "-o", f"ControlPath={self.control_dir}/%C", "-O", "exit", self.destination],
                 capture_output=True,
                 check=False,
                 timeout=10,
             )
-        except (OSError, subprocess.TimeoutExpired):
-            pass  # the master then ends by itself after ControlPersist; the sync's outcome stands
