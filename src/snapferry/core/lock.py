@@ -1,4 +1,4 @@
-"""One receive per destination at a time: an advisory lock file per dataset, freed when its holder dies."""
+"""One receive per destination at a time, and one mount change per host: advisory lock files, freed when their holder dies."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ def dataset_lock(dataset: str, purpose: str) -> Iterator[None]:
             raise Locked(f"{Locked.PREFIX} {dataset} ({holder}); wait for it or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {purpose}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """Wait for, then hold, the host-wide lock `name` (in the same directory as the dataset locks)."""
+    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

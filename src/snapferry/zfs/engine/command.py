@@ -10,10 +10,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from snapferry.core.lock import host_lock
 from snapferry.core.process import Tool, last_line
 from snapferry.errors import DatasetMissing, OutOfSpace, PartialReceiveInTheWay, Refused, TransferInterrupted, ZfsCommandError
 
 ZFS_ENV = "SNAPFERRY_ZFS"
+MOUNT_LOCK = "#zfs-mount"  # "#" is in no dataset name: no dataset lock is this file
 
 # stderr patterns, each seen from real zfs-fuse 0.7 / OpenZFS runs.
 _OUT_OF_SPACE = re.compile(r"out of space|no space left|quota exceeded", re.I)
@@ -229,11 +231,15 @@ class Zfs:
     def is_mounted(self, dataset: str) -> bool:
         return self.run(f"cannot read mounted of {dataset}", "get", "-H", "-o", "value", "mounted", dataset).strip() == "yes"
 
+    # One mount or unmount at a time on this host: zfs-fuse can deadlock (a `zfs mount` stuck in the kernel
+    # for good) when a tree's receives, --jobs of them at once, mount and unmount side by side.
     def unmount(self, dataset: str) -> None:
-        self.run(f"cannot unmount {dataset}", "unmount", dataset)
+        with host_lock(MOUNT_LOCK):
+            self.run(f"cannot unmount {dataset}", "unmount", dataset)
 
     def mount(self, dataset: str) -> None:
-        self.run(f"cannot mount {dataset}", "mount", dataset)
+        with host_lock(MOUNT_LOCK):
+            self.run(f"cannot mount {dataset}", "mount", dataset)
 
     def zpool_argv(self, *args: str) -> list[str]:
         """`zpool` beside the zfs command in use (a --zfs path names its directory)."""
