@@ -23,6 +23,7 @@ MODE_HELP = (
     "native: OpenZFS's own zfs receive -s / send -t (no re-reading of the source); pieces: snapferry's "
     "checkpoint snapshots (any ZFS). Default: native where both ends' ZFS can do it"
 )
+_SEND_FLAGS = ("-L", "-e", "-c", "-w")
 _SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.I)
 
 
@@ -77,3 +78,12 @@ def stdin_stream() -> Iterator[Readable]:
     # A small buffer: reads of a payload beyond it go straight into the parser's buffer, not through a copy in this one.
     with io.BufferedReader(io.FileIO(sys.stdin.fileno(), closefd=False), buffer_size=1 << 16) as source:
         yield LazyWire(source)
+
+
+def send_flags(text: str | None) -> tuple[str, ...]:
+    """--send-flags "-L -e -c": zfs send's flags that keep blocks as they are on disk (OpenZFS)."""
+    flags = tuple(f"-{letter}" for word in shlex.split(text or "") for letter in word.lstrip("-"))
+    unknown = [f for f in flags if f not in _SEND_FLAGS]
+    if unknown:
+        raise UsageError(f"--send-flags takes {' '.join(_SEND_FLAGS)}, not {' '.join(unknown)}")
+    return tuple(dict.fromkeys(flags))

@@ -210,7 +210,7 @@ def run_sync(args: argparse.Namespace) -> int:
         restart_on_stale=args.on_stale == "restart",
         retries=args.retries,
         deadline=args.deadline,
-        send_flags=_flags(args.send_flags),
+        send_flags=common.send_flags(args.send_flags),
     )
     bucket = open_bucket(args, url, jobs)
     seal = ChunkSeal(key_material(args))
@@ -270,12 +270,6 @@ def run_sync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _flags(text: str | None) -> tuple[str, ...]:
-    from snapferry.cli.sync_cmd import send_flags
-
-    return send_flags(text)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:

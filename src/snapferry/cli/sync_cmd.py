@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         set_props=tuple(args.o or ()),
         mode=args.mode,
         hold_tag=None if args.no_hold else hold_tag(str(target)),
-        send_flags=send_flags(args.send_flags),
+        send_flags=common.send_flags(args.send_flags),
         progress=reporter.mode != "quiet",
     )
     started = time.time()
@@ -107,22 +107,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_SEND_FLAGS = ("-L", "-e", "-c", "-w")
-
-
 def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"keeps at least 1 snapshot: {text!r}")
     return int(text)
-
-
-def send_flags(text: str | None) -> tuple[str, ...]:
-    """--send-flags "-L -e -c": zfs send's flags that keep blocks as they are on disk (OpenZFS)."""
-    flags = tuple(f"-{letter}" for word in shlex.split(text or "") for letter in word.lstrip("-"))
-    unknown = [f for f in flags if f not in _SEND_FLAGS]
-    if unknown:
-        raise UsageError(f"--send-flags takes {' '.join(_SEND_FLAGS)}, not {' '.join(unknown)}")
-    return tuple(dict.fromkeys(flags))
 
 
 def _report(

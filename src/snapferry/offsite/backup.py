@@ -52,6 +52,7 @@ class Backup:
         self.dataset_key = url.below(source)
         self.stats = BackupStats()
         self._rate = RateLimit(options.rate)
+        self._stored_properties: tuple[tuple[str, str], ...] | None = None
 
     def plan(self) -> list[str]:
         """--dry-run: what a run would store (and resume), without changing anything."""
@@ -68,10 +69,11 @@ class Backup:
             raise UsageError(f"{self.source} has no snapshots to store: take one first (or give --snapshot)")
         by_identity = {s.identity: s for s in snapshots}
         entries = dataset_entries(self.bucket, self.dataset_key)
-        for entry in entries:
-            if not entry.record.complete:
-                self._resume_partial(entry, by_identity)
-        entries = dataset_entries(self.bucket, self.dataset_key)
+        partial = [e for e in entries if not e.record.complete]
+        for entry in partial:
+            self._resume_partial(entry, by_identity)
+        if partial:
+            entries = dataset_entries(self.bucket, self.dataset_key)
         for base, snapshot in self._todo(snapshots, entries):
             self._store(snapshot, base)
         self.stats.newest = snapshots[-1]
@@ -145,7 +147,7 @@ class Backup:
             encryption=self.seal.encryption,
             started=int(time.time()),
             send_flags=request.flags,
-            properties=tuple(sorted(self.backend.stored_properties(self.source).items())),
+            properties=self._properties(),
         )
         held = self._hold([name for name in (request.snapshot, request.base) if name])
         started = time.monotonic()
@@ -177,6 +179,12 @@ class Backup:
                 self.backend.release(held, [name for name in (request.snapshot, request.base) if name])
             except SnapferryError as exc:
                 self.events("warning", message=f"cannot release the hold {held}: {exc}")
+
+    def _properties(self) -> tuple[tuple[str, str], ...]:
+        """The source's own properties, read once per run (one `zfs get` however many snapshots it stores)."""
+        if self._stored_properties is None:
+            self._stored_properties = tuple(sorted(self.backend.stored_properties(self.source).items()))
+        return self._stored_properties
 
     def _hold(self, snapshots: list[str]) -> str | None:
         """Hold what is being stored until its manifest is written (kept on failure: the resume needs it); the tag."""
