@@ -15,7 +15,7 @@ from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import MAX_DEPTH, NvList, NvPair, NvType
 from snapferry.zfs.codec.nvlist_xdr import decode_xdr, encode_xdr
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin
-from snapferry.zfs.codec.replication import ReplicationHeader, compound_begin, header_records, read_header
+from snapferry.zfs.codec.replication import FINAL_END, ReplicationHeader, compound_begin, header_records, property_package, read_header
 from tests.test_openzfs_token import damages, nvlists
 
 DATA = Path(__file__).parent / "data" / "zfs-fuse-R"
@@ -372,3 +372,22 @@ def test_zfs_fuse_clone_and_snapshot_properties() -> None:
     assert (root.origin, a.origin, c.origin) == (None, None, a.snaps["s1"])
     assert [p.name for p in c.nvlist] == ["name", "parentfromsnap", "origin", "props", "snaps", "snapprops"]
     assert dict(c.props) == {} and list(c.snaps) == ["s2"]
+
+
+def test_a_property_package_carries_one_file_system_and_one_snapshot() -> None:
+    """The records that make a substream a `zfs send -p` package: one file system, its properties less those left
+    out, the one snapshot with its own properties, no fromsnap (so zfs receive renames nothing), and a final END."""
+    _, header, _ = read_header(FULL)
+    x = header.filesystems[0]
+    before, after = property_package(x, "tp/x@b", 1234, leave_out={"compression"}, features=4)
+    begin, package, end = read_header(before + b"substream")
+    assert end == len(before)
+    assert (begin.toname, begin.features) == ("tp/x@b", 4)
+    assert (package.tosnap, package.fromsnap, package.recursive) == ("b", None, False)
+    (only,) = package.filesystems
+    assert (only.guid, only.name, dict(only.props), dict(only.snaps)) == (x.guid, "tp/x", {}, {"b": 1234})
+    assert {k: dict(v) for k, v in only.snapprops.items()} == {"b": {}}
+    assert after == FINAL_END
+    kept, _ = property_package(x, "tp/x@new", 5)
+    assert dict(read_header(kept)[1].filesystems[0].props) == {"compression": 1}
+    assert "snapprops" not in [p.name for p in read_header(kept)[1].filesystems[0].nvlist]

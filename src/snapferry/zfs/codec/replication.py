@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import cast
@@ -198,6 +198,40 @@ def header_records(begin: Begin, payload: bytes) -> bytes:
         raise ValueError(f"a -R header of {len(payload)} bytes cannot be sent (whole words, at most {MAX_BEGIN_PAYLOAD})")
     head = replace(begin, payloadlen=len(payload)).encode() + payload
     return head + bytes(end_header(Fletcher4().update(head), 0))
+
+
+# What ends a compound stream: an END record with no checksum and no guid.
+FINAL_END = RecordType.END.to_bytes(4, "little") + bytes(HEADER_SIZE - 4)
+
+
+def property_package(
+    filesystem: FileSystem, toname: str, toguid: int, *, leave_out: Collection[str] = (), features: int = 0
+) -> tuple[bytes, bytes]:
+    """What makes one substream into `toname` (guid `toguid`) a one-file-system package, as `zfs send -p` writes it:
+    (the records before the substream, the record after it). `zfs receive` then sets the file system's properties,
+    less `leave_out`, and the snapshot's own, as *received*, which `zfs set` cannot do. No `fromsnap` is named, so
+    zfs receive renames and destroys nothing around it."""
+    snapname = toname.partition("@")[2]
+    props = NvList(tuple(p for p in _nvlist_or_empty(filesystem.nvlist, "props") if p.name not in leave_out))
+    fs_pairs = [
+        NvPair("name", NvType.STRING, filesystem.name),
+        NvPair("parentfromsnap", NvType.UINT64, filesystem.parent_from_snap_guid),
+        NvPair("props", NvType.NVLIST, props),
+        NvPair("snaps", NvType.NVLIST, NvList((NvPair(snapname, NvType.UINT64, toguid),))),
+    ]
+    snapprops = _nvlist_or_empty(filesystem.nvlist, "snapprops").get(snapname)
+    if snapprops is not None:
+        fs_pairs.append(NvPair("snapprops", NvType.NVLIST, NvList((snapprops,))))
+    fss = NvList((NvPair(f"0x{filesystem.guid:x}", NvType.NVLIST, NvList(tuple(fs_pairs))),))
+    package = NvList(
+        (NvPair("tosnap", NvType.STRING, snapname), NvPair("not_recursive", NvType.BOOLEAN, None), NvPair("fss", NvType.NVLIST, fss))
+    )
+    return header_records(compound_begin(toname, features=features), encode_xdr(package)), FINAL_END
+
+
+def _nvlist_or_empty(nvl: NvList, name: str) -> NvList:
+    pair = nvl.get(name)
+    return _as_nvlist(pair) if pair is not None and pair.type is NvType.NVLIST else NvList()
 
 
 def read_header(data: bytes | bytearray | memoryview) -> tuple[Begin, ReplicationHeader, int]:

@@ -9,16 +9,12 @@ from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
 from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, SnapferryError, StaleToken
-from snapferry.zfs.codec.records import HEADER_SIZE, RecordType
-from snapferry.zfs.codec.replication import read_compound_header
+from snapferry.zfs.codec.replication import FINAL_END, read_compound_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TreeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import is_piece
 from snapferry.zfs.resume.sender import send_continuation, send_one
-
-# What ends a compound stream: an END record with no checksum and no guid.
-FINAL_END = RecordType.END.to_bytes(4, "little") + bytes(HEADER_SIZE - 4)
 
 
 @dataclass(frozen=True)
