@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.zfs.codec.replication import read_compound_header
+from snapferry.zfs.codec.stream import StreamReader
 from snapferry_testkit import zfs_testbed as tb
 
 # With the root, 9 file systems, 3 levels below it.
@@ -158,11 +161,15 @@ def test_an_incremental_R_I_stream_cut_anywhere_resumes(bed: tb.Bed, tree: str, 
     _assert_same_tree(f"{target}/{tree.partition('/')[2]}", reference)
 
 
-def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree: str) -> None:
-    stream = subprocess.run(["zfs", "send", "-R", f"{tree}@s3"], capture_output=True, check=True).stdout
-    target = bed.target("rkilled")
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "R_I"])
+def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree: str, incremental: bool) -> None:
+    target = bed.target(f"rkilled{int(incremental)}")
     tb.sh("zfs", "create", target)
-    argv = [*tb.SNAPFERRY, "receive", "-s", "-d", "--checkpoint", CHECKPOINT, target]
+    send = ["-I", "@s1"] if incremental else []
+    if incremental:
+        assert tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "-d", checkpoint=CHECKPOINT).returncode == 0
+    stream = subprocess.run(["zfs", "send", "-R", *send, f"{tree}@s3"], capture_output=True, check=True).stdout
+    argv = [*tb.SNAPFERRY, "receive", "-s", "-d", *(["-F"] if incremental else []), "--checkpoint", CHECKPOINT, target]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):  # it may have stopped on its own (zfs-fuse's EIO): the same to resume
@@ -182,8 +189,58 @@ def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree
     decoded = json.loads(tb.snapferry("token", "--decode", token).stdout)
     # The partial dataset's last piece may not have been named a checkpoint yet: then it starts over.
     assert decoded["snapshots_received"] > 0 and (decoded["partial"] is None or decoded["partial"]["dataset"].startswith(top))
-    _finish(target, stream)
+    _finish(target, stream, *(["-F"] if incremental else []))
     _assert_same_tree(top, _reference(bed, tree, "rref_all", f"{tree}@s3"))
+
+
+def _substream_starts(stream: bytes) -> list[int]:
+    """Where each substream of a -R stream begins."""
+    source = io.BytesIO(stream)
+    header, _, _ = read_compound_header(source)
+    reader = StreamReader(source)
+    starts = []
+    while (first := reader.read_begin(compound=True)) is not None:
+        starts.append(len(header) + reader.bytes_read - len(first[1]))
+        for _ in reader.records(first[1], len(first[1]), len(first[1])):
+            pass
+    return starts
+
+
+def test_three_interruptions_cost_three_checkpoints_and_send_t_reads_only_what_is_left(bed: tb.Bed, tree: str) -> None:
+    """Bytes re-sent after k cuts stay within k checkpoints (and headers); each `send -t` reads from the source only
+    the partial dataset's stream and those after it (its json events say where in the partial one it picks up)."""
+    stream = tb.send_bytes("-R", f"{tree}@s3")
+    starts = _substream_starts(stream)
+    target = bed.target("rkcuts")
+    tb.sh("zfs", "create", target)
+    checkpoint = 1 << 20
+    # Three cuts, each inside a dataset's first snapshot past its first checkpoint, then the rest whole.
+    sizes = [end - start for start, end in zip(starts, [*starts[1:], len(stream)], strict=True)]
+    big = [start for start, size in zip(starts, sizes, strict=True) if size > checkpoint * 5 // 4]
+    cut_at = [big[1] + checkpoint * 9 // 8, big[4] + checkpoint * 9 // 8, big[7] + checkpoint * 9 // 8, len(stream)]
+    cuts, data, sent, partials = 0, stream, 0, 0
+    for at in cut_at:
+        cut = len(data) - (len(stream) - at)  # the rest ends as the whole stream does, byte for byte
+        sent += cut
+        done = tb.receive(target, data[:cut], "-d", checkpoint=CHECKPOINT)
+        if at == len(stream) and done.returncode == 0:
+            break
+        assert done.returncode == 3 or "I/O error" in done.stderr, done.stderr
+        rest = tb.snapferry("send", "--json", "-t", tb.token(target))
+        assert rest.returncode == 0, rest.stderr
+        events = [json.loads(line) for line in rest.stderr.splitlines()]
+        plan = next(e for e in events if e["event"] == "stream" and "of" in e)
+        # The partial dataset's continuation regenerates its stream up to the checkpoint, and sends from there.
+        regenerated = next((e["offset"] for e in events if e["event"] == "stream" and "of" not in e and e["offset"]), 0)
+        read = regenerated + len(rest.stdout)
+        picks_up = len(stream) - len(rest.stdout) - regenerated  # the partial substream's start, give or take its BEGIN
+        partial_start = max(s for s in starts if s <= picks_up + (16 << 10))
+        assert read <= len(stream) - partial_start + (64 << 10), (read, len(stream), partial_start)
+        assert plan["substreams"] < plan["of"]
+        cuts, data, partials = cuts + 1, rest.stdout, partials + bool(regenerated)
+    assert partials > 0  # at least one cut fell inside a dataset past its first checkpoint
+    _assert_same_tree(f"{target}/{tree.partition('/')[2]}", _reference(bed, tree, "rref_all", f"{tree}@s3"))
+    assert sent - len(stream) <= cuts * (checkpoint + (64 << 10)), (sent, len(stream), cuts)
 
 
 def test_receive_A_of_a_tree_keeps_what_it_completed(bed: tb.Bed, tree: str) -> None:
