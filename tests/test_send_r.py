@@ -94,7 +94,7 @@ def _assert_same_tree(top: str, reference: str) -> None:
         for key in got[part].keys() | want[part].keys()
         if got[part].get(key) != want[part].get(key)
     }
-    assert not differences, differences
+    assert not differences, sorted(differences)
 
 
 def _finish(target: str, stream: bytes, *flags: str) -> list[int]:
@@ -287,3 +287,22 @@ def test_x_and_o_change_what_the_tree_receives(bed: tb.Bed, tree: str) -> None:
     assert props[("/a", "compression")][1] != "received"  # sent as "on", left out
     assert props[("/a/b/c", "atime")] == ("off", "received")  # the rest arrives as received
     assert set(tb.sh("zfs", "get", "-H", "-r", "-o", "value", "mounted", top).stdout.decode().split()) == {"no", "-"}
+
+
+def test_F_of_an_incremental_tree_destroys_what_the_source_does_not_have(bed: tb.Bed, tree: str) -> None:
+    """As zfs receive -F -d of an -R -I stream does: snapshots and file systems below the tree that the source does not
+    have are destroyed first (here, ones made on the destination only), then the tree is received. (zfs-fuse's own
+    receive -F of it fails now and then, with no message, so it is no reference here.)"""
+    stream = tb.send_bytes("-R", "-I", "@s1", f"{tree}@s3")
+    target = bed.target("rprune")
+    tb.sh("zfs", "create", target)
+    assert tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "-d", checkpoint=CHECKPOINT).returncode == 0
+    top = f"{target}/{tree.partition('/')[2]}"
+    tb.sh("zfs", "snapshot", f"{top}/a/b@only_here")
+    tb.sh("zfs", "create", f"{top}/d/only_here")
+    cut = tb.receive(target, stream[: len(stream) // 2], "-d", "-F", checkpoint=CHECKPOINT)
+    assert cut.returncode == 3 or "I/O error" in cut.stderr, cut.stderr
+    assert "snapferry: destroyed " + f"{top}/d/only_here: not in the -R stream's tree (receive -F)" in cut.stderr
+    assert not tb.exists(f"{top}/d/only_here") and not tb.exists(f"{top}/a/b@only_here")
+    _finish(target, stream, "-F")
+    _assert_same_tree(top, _reference(bed, tree, "rref_all", f"{tree}@s3"))

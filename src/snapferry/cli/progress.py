@@ -11,13 +11,15 @@ from typing import Any
 
 _BAR_INTERVAL = 0.1
 _JSON_INTERVAL = 1.0
-_NOTICES = ("warning", "discard")
+_NOTICES = ("warning", "discard", "destroyed")
 
 
 def _notice(event: str, fields: dict[str, Any]) -> str:
-    """A warning or a discard as the one line a person reads."""
+    """A warning, a discard or a destruction as the one line a person reads."""
     if event == "warning":
         return f"snapferry: warning: {fields.get('message', '')}"
+    if event == "destroyed":
+        return f"snapferry: destroyed {fields.get('name')}: {fields.get('reason')}"
     where = fields.get("target") or "the destination"
     what = fields.get("reason", "unfinished transfer")
     return f"snapferry: {where}: discarded the {what}; it holds no checkpoint, so this transfer starts from the beginning"

@@ -10,7 +10,7 @@ from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.zfs.codec.records import Begin
-from snapferry.zfs.codec.replication import FileSystem, property_package, read_compound_header
+from snapferry.zfs.codec.replication import FileSystem, ReplicationHeader, property_package, read_compound_header
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import TreeToken
 from snapferry.zfs.engine.command import Zfs
@@ -69,6 +69,8 @@ class TreeReceiver:
         top = layout.target_of(root)
         self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
         self._make_parents(top)
+        if self.force and header.fromsnap is not None and self.zfs.exists(top):
+            self._prune(layout, header, top)
         reader = StreamReader(source)
         overridden = False
         while (first := reader.read_begin(compound=True)) is not None:
@@ -86,6 +88,22 @@ class TreeReceiver:
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
         return self.received
+
+    def _prune(self, layout: TreeLayout, header: ReplicationHeader, top: str) -> None:
+        """receive -F of an incremental -R stream, as zfs receive does it before receiving: the snapshots and file
+        systems below the top that the source does not have are destroyed (so each incremental's base is the latest
+        snapshot again). Which is which goes by name (the layout's), and for snapshots by guid; snapferry's own
+        checkpoints are left to their transfers."""
+        sent = {layout.target_of(fs.name): set(fs.snaps.values()) for fs in header.filesystems}
+        for dataset in reversed(self.zfs.descendants(top)):  # children first
+            if dataset not in sent:
+                self.zfs.destroy(dataset, recursive=True)
+                self.events("destroyed", name=dataset, reason="not in the -R stream's tree (receive -F)")
+                continue
+            for snapshot in self.zfs.snapshots(dataset):
+                if not is_piece(snapshot) and snapshot.guid not in sent[dataset]:
+                    self.zfs.destroy(snapshot.name)
+                    self.events("destroyed", name=snapshot.name, reason="no longer on the source (receive -F)")
 
     def _package(self, filesystem: FileSystem | None, features: int) -> Package | None:
         """The source's properties go as `zfs receive` sends an -R stream's, as received: less -x, and less -o's (the
