@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from snapferry.errors import StreamFormatError
 from snapferry.transport import wire
-from snapferry.transport.wire import WireSink
+from snapferry.transport.wire import Compression, WireSink
 from snapferry.zfs.codec import nvlist
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 from snapferry.zfs.codec.records import chained_begin_payload
@@ -135,7 +135,7 @@ def test_chained_begin_refuses_a_mistyped_to_ivset_guid(kind: NvType) -> None:
 
 def _through_wire_sink(data: bytes, *, parts: int) -> bytes:
     with tempfile.TemporaryFile() as f:
-        sink = WireSink(f.fileno(), zstd_level=3)
+        sink = WireSink(f.fileno(), compression=Compression(3))
         step = -(-len(data) // parts)
         for start in range(0, len(data), step):
             sink([data[start : start + step]])

@@ -66,7 +66,7 @@ def stdout_sink(args: argparse.Namespace) -> WireSink:
     fd = sys.stdout.fileno()
     enlarge_pipe(fd)
     rate = parse_rate(args.bwlimit) if args.bwlimit else None
-    return WireSink(fd, zstd_level=parse_compression(args.compress), rate=rate, buffer=args.buffer or 0)
+    return WireSink(fd, compression=parse_compression(args.compress), rate=rate, buffer=args.buffer or 0)
 
 
 @contextmanager

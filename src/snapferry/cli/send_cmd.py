@@ -67,7 +67,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         help="ZFS: zfs send -c, compressed blocks as they are on disk (OpenZFS); btrfs: -c CLONE_SRC, a clone source (repeatable)",
     )
     send.add_argument("-w", action="store_true", help="zfs send -w: raw, encrypted blocks as they are (OpenZFS)")
-    send.add_argument("--compress", default="none", metavar="zstd[:LEVEL]|none", help="compress the stream (receive detects it)")
+    send.add_argument(
+        "--compress",
+        default="none",
+        metavar="auto[:LEVEL]|zstd[:LEVEL]|none",
+        help="compress the stream (receive detects it); auto: zstd only while the output takes it faster that way",
+    )
     send.add_argument("--bwlimit", metavar="RATE", help="cap the output rate, e.g. 10M (bytes per second)")
     send.add_argument(
         "--buffer", type=common.parse_size, metavar="SIZE", help="hold up to SIZE in memory to smooth a bursty link (like mbuffer)"

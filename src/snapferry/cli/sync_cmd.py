@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     source, target = Endpoint.parse(args.source), Endpoint.parse(args.target)
     ssh, remote_snapferry = tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))
     remote = source.host is not None or target.host is not None
-    compress = args.compress or ("zstd:3" if remote else "none")
+    compress = args.compress or ("auto" if remote else "none")
     parse_compression(compress)
     if args.bwlimit:
         parse_rate(args.bwlimit)
@@ -156,7 +156,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     sync.add_argument("--ssh", default="ssh", metavar="CMD", help="ssh command for remote ends (default: ssh)")
     sync.add_argument("--remote-snapferry", default="snapferry", metavar="CMD", help="snapferry on the remote host")
     sync.add_argument("--checkpoint", type=common.size_text, metavar="SIZE", help="as for receive -s (default 1G for ZFS, 256M for btrfs)")
-    sync.add_argument("--compress", metavar="zstd[:LEVEL]|none", help="on the wire (default: zstd:3 when a side is remote)")
+    sync.add_argument(
+        "--compress",
+        metavar="auto[:LEVEL]|zstd[:LEVEL]|none",
+        help="on the wire; auto: zstd only while the link takes the stream faster that way (default when a side is remote)",
+    )
     sync.add_argument("--bwlimit", metavar="RATE", help="cap the transfer rate, e.g. 10M (bytes per second)")
     sync.add_argument("--buffer", type=common.size_text, metavar="SIZE", help="memory buffer on the sending side (like mbuffer), e.g. 256M")
     sync.add_argument("--snapshot", action="store_true", help="take a snapshot of SRC first")

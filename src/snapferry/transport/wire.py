@@ -8,29 +8,39 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, cast
 
 import zstandard
 
 from snapferry.core.streamio import Buffer, Readable, write_all
 from snapferry.errors import StreamFormatError, StreamTruncated, UsageError
+from snapferry.transport.adaptive import ZSTD_MAGIC, AdaptiveCompressor, WriteInto
 
-ZSTD_MAGIC = bytes.fromhex("28b52ffd")
-_COMPRESS = re.compile(r"^(none|zstd)(?::(-?\d+))?$")
+_COMPRESS = re.compile(r"^(none|zstd|auto)(?::(-?\d+))?$")
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)i?B?(?:/s)?$", re.I)
 
 
-def parse_compression(text: str) -> int | None:
-    """`zstd[:LEVEL]` gives a zstd level, `none` gives None."""
+@dataclass(frozen=True)
+class Compression:
+    """What a sender does to the stream's bytes: nothing (`level` None), zstd at `level`, or, `adaptive`, zstd at
+    `level` only while the link takes the stream faster that way."""
+
+    level: int | None = None
+    adaptive: bool = False
+
+
+def parse_compression(text: str) -> Compression:
+    """`none`, `zstd[:LEVEL]` or `auto[:LEVEL]` (LEVEL 1-19, 3 if not given)."""
     match = _COMPRESS.match(text.strip().lower())
     if not match:
-        raise UsageError(f"unknown compression {text!r}: use zstd, zstd:LEVEL (1-19) or none")
+        raise UsageError(f"unknown compression {text!r}: use auto, zstd, zstd:LEVEL (1-19) or none")
     if match[1] == "none":
-        return None
+        return Compression()
     level = int(match[2] or 3)
     if not 1 <= level <= 19:
         raise UsageError(f"zstd level {level} is outside 1-19")
-    return level
+    return Compression(level, adaptive=match[1] == "auto")
 
 
 def parse_rate(text: str) -> float:
@@ -47,19 +57,24 @@ class WireSink:
     close() flushes everything and reports a failure of the writing thread.
     """
 
-    def __init__(self, fd: int, *, zstd_level: int | None = None, rate: float | None = None, buffer: int = 0) -> None:
+    def __init__(self, fd: int, *, compression: Compression = Compression(), rate: float | None = None, buffer: int = 0) -> None:
         self._fd = fd
         self._rate = rate
         self._started = time.monotonic()
         self._sent = 0
         self._smoother = _Smoother(self._output, buffer) if buffer else None
         self._compressor = None
-        if zstd_level is not None:
-            target = cast(IO[bytes], _RawFd(lambda data: self._raw([data])))
-            self._compressor = zstandard.ZstdCompressor(level=zstd_level).stream_writer(target, write_size=1 << 20, closefd=False)
+        self.adaptive: AdaptiveCompressor | None = None
+        if compression.level is not None and compression.adaptive:
+            self.adaptive = AdaptiveCompressor(self._raw, compression.level)
+        elif compression.level is not None:
+            target = cast(IO[bytes], WriteInto(self._raw))
+            self._compressor = zstandard.ZstdCompressor(level=compression.level).stream_writer(target, write_size=1 << 20, closefd=False)
 
     def __call__(self, parts: Sequence[Buffer]) -> None:
-        if self._compressor is None:
+        if self.adaptive is not None:
+            self.adaptive(parts)
+        elif self._compressor is None:
             self._raw(parts)
         else:
             for part in parts:
@@ -81,6 +96,8 @@ class WireSink:
                 time.sleep(ahead)
 
     def close(self) -> None:
+        if self.adaptive is not None:
+            self.adaptive.close()
         if self._compressor is not None:
             self._compressor.flush(zstandard.FLUSH_FRAME)
         if self._smoother is not None:
@@ -138,20 +155,6 @@ class _Smoother:
         self._thread.join()
         if self._error is not None:
             raise self._error
-
-
-class _RawFd(io.RawIOBase):
-    """The file-like object zstandard writes compressed bytes into."""
-
-    def __init__(self, write: Callable[[Buffer], None]) -> None:
-        self._write = write
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Buffer) -> int:  # type: ignore[override]
-        self._write(data)
-        return len(data)
 
 
 _SKIPPABLE_MAGICS = range(0x184D2A50, 0x184D2A60)
