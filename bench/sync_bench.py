@@ -6,7 +6,8 @@ datasets are sent: incompressible random data and compressible text. Variants, i
 
   raw           zfs send SRC@s | ssh root@127.0.0.1 zfs receive DST/x
   sync-none     snapferry sync --compress none SRC root@127.0.0.1:DST/x
-  sync-zstd     snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x   (the default for remote)
+  sync-zstd     snapferry sync --compress zstd:3 SRC root@127.0.0.1:DST/x
+  sync-auto     snapferry sync --compress auto SRC root@127.0.0.1:DST/x   (the default for remote)
   syncoid-none  syncoid --no-sync-snap --compress=none SRC root@127.0.0.1:DST/x   (Debian's sanoid)
   syncoid-lzo   syncoid --no-sync-snap SRC root@127.0.0.1:DST/x   (its default compression, lzop; only
                 when lzop is installed)
@@ -22,6 +23,10 @@ wall time, the ssh processes it starts (counted by a wrapper first on PATH) and 
 open (counted in sshd's log: with a ControlMaster, most ssh processes share one).
 
     sudo python3 bench/sync_bench.py --size-mib 512 --json bench/results/sync.json
+
+With `--slow-link RATE` (bytes a second, e.g. 40M) every stream crosses a link of that speed instead
+(snapferry_testkit.throttle in front of ssh, for the raw pipe too); syncoid, whose ssh cannot be
+wrapped that way, is left out then.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from _zfsbench import (
     syncoid_sockets,
 )
 
+from snapferry.transport.wire import parse_rate
 from snapferry_testkit.sshd_server import SshServer, remote_snapferry, start_sshd
 
 
@@ -101,6 +107,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--slow-link", metavar="RATE", help="send every stream through a link of this many bytes a second")
     args = parser.parse_args()
     install_sigterm_cleanup()
     snapferry = [sys.executable, "-m", "snapferry"]
@@ -110,9 +117,13 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     with ScratchPools(args.workdir, "sy") as pools, tempfile.TemporaryDirectory(prefix="sfbench-ssh-") as tmp:
         server = start_sshd(Path(tmp))
-        syncoid = patched_syncoid(Path(tmp)) if shutil.which("syncoid") else None
+        syncoid = patched_syncoid(Path(tmp)) if shutil.which("syncoid") and not args.slow_link else None
         try:
             ssh = shlex.split(server.command)
+            if args.slow_link:
+                rate = str(parse_rate(args.slow_link))
+                ssh = [sys.executable, "-m", "snapferry_testkit.throttle", os.devnull, rate, f"{tmp}/never", *ssh]
+            ssh_command = shlex.join(ssh)
             src = pools.create("s", args.size_mib * MiB * 3 + (2 << 30))
             dst = pools.create("d", args.size_mib * MiB * 3 + (2 << 30))
             for kind, fill in (("random", lambda d: fill_random(d, args.size_mib)), ("text", lambda d: fill_text(d, args.size_mib))):
@@ -122,7 +133,7 @@ def main() -> int:
                 remote = f"root@127.0.0.1:{dst}/{kind}"
 
                 def sync(compress: str, dataset: str = f"{src}/{kind}", target: str = remote) -> list[list[str]]:
-                    argv = [*snapferry, "sync", "-q", "--compress", compress, "--ssh", server.command]
+                    argv = [*snapferry, "sync", "-q", "--compress", compress, "--ssh", ssh_command]
                     return [[*argv, "--remote-snapferry", remote_snapferry(), dataset, target]]
 
                 variants = {"raw": [["zfs", "send", f"{src}/{kind}@s"], [*ssh, "root@127.0.0.1", f"zfs receive {dst}/{kind}"]]}
@@ -132,6 +143,7 @@ def main() -> int:
                         variants["syncoid-lzo"] = [syncoid_argv(syncoid, server, server.port, f"{src}/{kind}", remote, "lzo")]
                 variants["sync-none"] = sync("none")
                 variants["sync-zstd"] = sync("zstd:3")
+                variants["sync-auto"] = sync("auto")
                 times: dict[str, list[float]] = {name: [] for name in variants}
                 for round_ in range(args.repeat + 1):
                     for name, stages in variants.items():
@@ -147,8 +159,8 @@ def main() -> int:
                 raw = median(times["raw"])
                 for name, values in times.items():
                     results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
-            # The text dataset was last received by sync-zstd: nothing is left to send to it.
-            argv = [*snapferry, "sync", "-q", "--ssh", server.command, "--remote-snapferry", remote_snapferry()]
+            # The text dataset was last received by sync-auto: nothing is left to send to it.
+            argv = [*snapferry, "sync", "-q", "--ssh", ssh_command, "--remote-snapferry", remote_snapferry()]
             up_to_date = [f"{src}/text", f"root@127.0.0.1:{dst}/text"]
             results["up-to-date/sync"] = planning_cost("sync", [*argv, *up_to_date], server, Path(tmp))
             if syncoid is not None:
@@ -156,7 +168,8 @@ def main() -> int:
                 results["up-to-date/syncoid"] = planning_cost("syncoid", argv, server, Path(tmp))
         finally:
             server.stop()
-    print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}")
+    link = f", over a {args.slow_link}/s link" if args.slow_link else ""
+    print(f"\n{args.size_mib} MiB per dataset, median of {args.repeat}{link}")
     print(f"{'variant':24s} {'median s':>9s} {'raw/x':>7s}")
     for name, row in results.items():
         if "ratio" in row:
@@ -165,7 +178,7 @@ def main() -> int:
             counts = f"{row['ssh_processes']:.0f} ssh processes, {row['ssh_connections']:.0f} connections"
             print(f"{name:24s} {row['median_s']:9.2f}   ({counts})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size_mib": args.size_mib, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"size_mib": args.size_mib, "slow_link": args.slow_link, "results": results}, indent=2))
     return 0
 
 

@@ -31,41 +31,6 @@ SYNC_TIMEOUT = 120
 # the interruption surely lands mid-transfer, and count the bytes that crossed it.
 RATE = 8 << 20
 
-# `--ssh` wrapper: `python3 THIS LOG RATE DOWN ssh ARGS...` runs ssh, feeding it our stdin at RATE bytes/s,
-# and appends the number of bytes it passed on to LOG when ssh ends. While the file DOWN exists the
-# link is down: ssh is pointed at the port written in it (default 1, closed: "Connection refused").
-THROTTLE = """
-import os, subprocess, sys, threading, time
-log, rate, down, ssh = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
-if os.path.exists(down):
-    # ssh takes the first -p and -o ConnectTimeout it is given
-    port = open(down).read().strip() or "1"
-    ssh = [ssh[0], "-p", port, "-o", "ConnectTimeout=1", *ssh[1:]]
-child = subprocess.Popen(ssh, stdin=subprocess.PIPE)
-total = 0
-def pump():
-    global total
-    start = time.monotonic()
-    try:
-        while chunk := os.read(0, 1 << 16):
-            child.stdin.write(chunk)
-            child.stdin.flush()
-            total += len(chunk)
-            ahead = total / rate - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-        child.stdin.close()
-    except OSError:
-        pass
-thread = threading.Thread(target=pump, daemon=True)
-thread.start()
-rc = child.wait()
-thread.join(timeout=2)
-with open(log, "a") as out:
-    out.write(f"{total}\\n")
-sys.exit(rc if rc >= 0 else 128 - rc)
-"""
-
 
 @dataclass
 class SyncRun:
@@ -199,16 +164,9 @@ def remote_receives(dataset: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.fixture(scope="module")
-def throttle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    script = tmp_path_factory.mktemp("throttle") / "throttle.py"
-    script.write_text(THROTTLE)
-    return script
-
-
-def slow_ssh(throttle: Path, ssh: str, log: Path, down: Path | None = None) -> str:
+def slow_ssh(ssh: str, log: Path, down: Path | None = None) -> str:
     """The --ssh CMD through the throttle; the link is down while the file `down` exists."""
-    words = [sys.executable, str(throttle), str(log), str(RATE), str(down or log.with_suffix(".never"))]
+    words = [sys.executable, "-m", "snapferry_testkit.throttle", str(log), str(RATE), str(down or log.with_suffix(".never"))]
     return f"{shlex.join(words)} {ssh}"
 
 
@@ -332,13 +290,12 @@ def test_cut_connection_is_retried_until_done(
     ssh_command: str,
     remote_snapferry: str,
     big_source: tuple[str, dict[str, str], int],
-    throttle: Path,
     tmp_path: Path,
     background: list[subprocess.Popen[bytes]],
 ) -> None:
     src, files, _ = big_source
     dst = bed.target("cut")
-    ssh = slow_ssh(throttle, ssh_command, tmp_path / "bytes.log")
+    ssh = slow_ssh(ssh_command, tmp_path / "bytes.log")
     err = tmp_path / "sync.err"
     proc = start_sync(background, sync_argv(ssh, remote_snapferry, "--json", "--checkpoint", "1M", src, f"{REMOTE}:{dst}"), err)
 
@@ -375,7 +332,6 @@ def test_link_down_for_a_while_is_retried(
     ssh_command: str,
     remote_snapferry: str,
     big_source: tuple[str, dict[str, str], int],
-    throttle: Path,
     tmp_path: Path,
     background: list[subprocess.Popen[bytes]],
 ) -> None:
@@ -383,7 +339,7 @@ def test_link_down_for_a_while_is_retried(
     src, files, _ = big_source
     dst = bed.target("outage")
     down, err = tmp_path / "link-down", tmp_path / "sync.err"
-    ssh = slow_ssh(throttle, ssh_command, tmp_path / "bytes.log", down)
+    ssh = slow_ssh(ssh_command, tmp_path / "bytes.log", down)
     proc = start_sync(background, sync_argv(ssh, remote_snapferry, "--json", "--checkpoint", "1M", src, f"{REMOTE}:{dst}"), err)
 
     wait_for(lambda: checkpoints(dst), 60, "a checkpoint on the destination", proc, err)
@@ -407,13 +363,13 @@ def test_link_down_for_a_while_is_retried(
 
 
 def test_gives_up_with_exit_3_after_retries_or_deadline(
-    bed: tb.Bed, ssh_command: str, remote_snapferry: str, throttle: Path, tmp_path: Path
+    bed: tb.Bed, ssh_command: str, remote_snapferry: str, tmp_path: Path
 ) -> None:
     """A host that stays unreachable: --retries N, or --deadline, ends the sync with exit 3 (run it again later)."""
     src, _ = make_source(bed, "unreachable", ["a"], seed=90, megabytes=1)
     down = tmp_path / "link-down"
     down.write_text("1")
-    ssh = slow_ssh(throttle, ssh_command, tmp_path / "bytes.log", down)
+    ssh = slow_ssh(ssh_command, tmp_path / "bytes.log", down)
     target = f"{REMOTE}:{bed.target('unreachable')}"
 
     result = sync(ssh, remote_snapferry, "--json", "--retries", "2", src, target, timeout=60)
@@ -435,7 +391,6 @@ def test_zfs_daemon_restart_is_retried(
     ssh_command: str,
     remote_snapferry: str,
     big_source: tuple[str, dict[str, str], int],
-    throttle: Path,
     tmp_path: Path,
     background: list[subprocess.Popen[bytes]],
 ) -> None:
@@ -443,7 +398,7 @@ def test_zfs_daemon_restart_is_retried(
     src, files, _ = big_source
     dst = bed.target("restart")
     err = tmp_path / "sync.err"
-    ssh = slow_ssh(throttle, ssh_command, tmp_path / "bytes.log")
+    ssh = slow_ssh(ssh_command, tmp_path / "bytes.log")
     proc = start_sync(background, sync_argv(ssh, remote_snapferry, "--json", "--checkpoint", "1M", src, f"{REMOTE}:{dst}"), err)
 
     wait_for(lambda: checkpoints(dst), 60, "a checkpoint on the destination", proc, err)
@@ -460,7 +415,6 @@ def test_killed_sync_resumes_where_it_stopped(
     ssh_command: str,
     remote_snapferry: str,
     big_source: tuple[str, dict[str, str], int],
-    throttle: Path,
     tmp_path: Path,
     background: list[subprocess.Popen[bytes]],
 ) -> None:
@@ -469,7 +423,7 @@ def test_killed_sync_resumes_where_it_stopped(
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     args = ["--json", "--checkpoint", "1M", src, f"{REMOTE}:{dst}"]
     err = tmp_path / "first.err"
-    proc = start_sync(background, sync_argv(slow_ssh(throttle, ssh_command, first_log), remote_snapferry, *args), err)
+    proc = start_sync(background, sync_argv(slow_ssh(ssh_command, first_log), remote_snapferry, *args), err)
 
     # A "reboot" of the sending host: the sync and everything it started die at once.
     wait_for(lambda: len(checkpoints(dst)) >= 2, 60, "two checkpoints on the destination", proc, err)
@@ -482,7 +436,7 @@ def test_killed_sync_resumes_where_it_stopped(
     committed = json.loads(tb.snapferry("token", "--decode", token.stdout.decode().strip()).stdout)["offset"]
     assert 0 < committed < stream_len
 
-    second = sync(slow_ssh(throttle, ssh_command, second_log), remote_snapferry, *args)
+    second = sync(slow_ssh(ssh_command, second_log), remote_snapferry, *args)
     assert second.returncode == 0, second.stderr
     assert_replica(src, dst, ["s1"], files)
     assert any("resum" in step.lower() for step in second.steps()), second.steps()

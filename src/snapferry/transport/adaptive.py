@@ -11,12 +11,13 @@ import zstandard
 from snapferry.core.streamio import Buffer
 
 ZSTD_MAGIC = bytes.fromhex("28b52ffd")
-# How much input each measurement covers; every so many windows the other way gets one window again, since the
-# link's speed and the data's compressibility both change along a stream.
+# How much input each measurement covers; after so many windows one way, the other gets one window again, since
+# the link's speed and the data's compressibility both change along a stream.
 WINDOW = 16 << 20
 RECHECK_EVERY = 32
-# zstd costs CPU on both ends: it is chosen only when the link takes the stream clearly faster that way.
-MARGIN = 1.1
+# zstd costs CPU on both ends, CPU that the rest of the pipeline (zfs send and receive, ssh) wants too on a busy
+# host, which this sink's own timing does not see: zstd is chosen only when it gets the stream across twice as fast.
+MARGIN = 2.0
 # A stored block's largest size (zstd's Block_Maximum_Size for a 128 KiB window).
 STORED_BLOCK = 128 << 10
 # A frame header with no content size, no checksum and no dictionary, whose window is 128 KiB (2^(10+7)).
@@ -47,20 +48,31 @@ class WriteInto:
 
 
 class AdaptiveCompressor:
-    """A Sink that measures how fast each way (zstd, or stored) gets a window of input onto the link, and keeps the
-    faster. What it writes is plain zstd, so any receiver that reads zstd reads it. `bytes_in` counts the input sent
-    each way."""
+    """A Sink that keeps to whichever way, zstd or stored, gets the stream onto the link faster. What it writes is
+    plain zstd either way, so any receiver that reads zstd reads it. `bytes_in` counts the input sent each way.
+
+    Each window of input measures the time spent in this sink alone (what the producer takes is the same both
+    ways), split into waiting for the link and compressing:
+    - a stored window measures the link: its bytes over its time;
+    - a zstd window measures the compressor (its speed and ratio), and the link too when the link was the
+      bottleneck (waiting took most of the window: the link was busy all of it).
+    So a slow link with compressible data never needs a stored window to stay compressed. zstd goes on while
+    min(compressor, link / ratio) beats the link by MARGIN; the other way is tried again every RECHECK_EVERY
+    windows where its figure may be stale."""
 
     def __init__(self, write: Write, level: int) -> None:
         self._write = write
-        into = cast(IO[bytes], WriteInto(write))
-        self._compressor = zstandard.ZstdCompressor(level=level).stream_writer(into, write_size=1 << 20, closefd=False)
+        into = cast(IO[bytes], WriteInto(self._timed_write))
+        # Output goes out every 128 KiB: a window must see the link wait even when its data compresses 100 to 1.
+        self._compressor = zstandard.ZstdCompressor(level=level).stream_writer(into, write_size=128 << 10, closefd=False)
         self._way = "zstd"
         self._stored_frame_open = False
-        self._rates: dict[str, float] = {}
-        self._window_bytes = 0
-        self._window_seconds = 0.0
-        self._windows = 0
+        self._link: float | None = None  # bytes a second the link takes
+        self._compressor_speed = 0.0  # input bytes a second of compressing alone
+        self._ratio = 1.0  # compressed size over input size
+        self._window_in = self._window_out = 0
+        self._window_seconds = self._window_waiting = 0.0
+        self._windows_this_way = 0
         self.bytes_in = {"zstd": 0, "stored": 0}
 
     def __call__(self, parts: Sequence[Buffer]) -> None:
@@ -72,10 +84,16 @@ class AdaptiveCompressor:
             self._store(parts)
         self._window_seconds += time.perf_counter() - started
         size = sum(len(part) for part in parts)
-        self._window_bytes += size
+        self._window_in += size
         self.bytes_in[self._way] += size
-        if self._window_bytes >= WINDOW:
+        if self._window_in >= WINDOW:
             self._next_window()
+
+    def _timed_write(self, parts: Sequence[Buffer]) -> None:
+        started = time.perf_counter()
+        self._write(parts)
+        self._window_waiting += time.perf_counter() - started
+        self._window_out += sum(len(part) for part in parts)
 
     def _store(self, parts: Sequence[Buffer]) -> None:
         """Each part as raw blocks, headers and the caller's own bytes side by side: nothing is copied."""
@@ -88,28 +106,39 @@ class AdaptiveCompressor:
             for start in range(0, len(view), STORED_BLOCK):
                 block = view[start : start + STORED_BLOCK]
                 out += (stored_block_header(len(block)), block)
-        self._write(out)
+        self._timed_write(out)
 
     def _next_window(self) -> None:
-        self._rates[self._way] = self._window_bytes / max(self._window_seconds, 1e-9)
-        self._window_bytes, self._window_seconds = 0, 0.0
-        self._windows += 1
-        other = "stored" if self._way == "zstd" else "zstd"
-        if other not in self._rates or self._windows % RECHECK_EVERY == 0:
-            self._switch(other)
+        seconds = max(self._window_seconds, 1e-9)
+        # The link was the bottleneck, so busy all the window, when waiting for it took most of the window.
+        link_measured = self._way == "stored" or self._window_waiting > seconds / 2
+        if link_measured:
+            self._link = self._window_out / seconds
+        if self._way == "zstd":
+            self._compressor_speed = self._window_in / max(seconds - self._window_waiting, 1e-9)
+            self._ratio = max(self._window_out, 1) / self._window_in
+        self._window_in = self._window_out = 0
+        self._window_seconds = self._window_waiting = 0.0
+        self._windows_this_way += 1
+        if self._link is None:
+            self._switch("stored")  # the compressor kept ahead of the link: how fast is the link?
+        elif self._windows_this_way >= RECHECK_EVERY and not (self._way == "zstd" and link_measured):
+            self._switch("stored" if self._way == "zstd" else "zstd")
         else:
-            self._switch("zstd" if self._rates["zstd"] > MARGIN * self._rates["stored"] else "stored")
+            zstd = min(self._compressor_speed, self._link / self._ratio)
+            self._switch("zstd" if zstd > MARGIN * self._link else "stored")
 
     def _switch(self, way: str) -> None:
         if way != self._way:
             self._end_frame()
             self._way = way
+            self._windows_this_way = 0
 
     def _end_frame(self) -> None:
         if self._way == "zstd":
             self._compressor.flush(zstandard.FLUSH_FRAME)
         elif self._stored_frame_open:
-            self._write([LAST_EMPTY_BLOCK])
+            self._timed_write([LAST_EMPTY_BLOCK])
             self._stored_frame_open = False
 
     def close(self) -> None:
