@@ -13,7 +13,7 @@ from snapferry.errors import Refused, SnapferryError, StreamFormatError, Transfe
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.replication import read_compound_header
 from snapferry.zfs.codec.stream import StreamReader
-from snapferry.zfs.codec.tree_token import TreeToken
+from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
 from snapferry.zfs.resume.receiver import PieceReceiver, resume_hint
@@ -146,7 +146,7 @@ def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
     part of or holds, or None."""
     answer = zfs.run(f"cannot read {TREE_PROPERTY} of {target}", "get", "-H", "-o", "value,source", TREE_PROPERTY, target)
     value, _, source = answer.rstrip("\n").partition("\t")
-    if source == "local":
+    if source in ("local", "received"):  # received: native mode's first package carries it (tree_native.py)
         return target, value
     if source.startswith("inherited from "):
         top = source.removeprefix("inherited from ")
@@ -170,11 +170,13 @@ def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
     except (ValueError, KeyError, TypeError):
         raise Refused(f"{top}: its {TREE_PROPERTY} property is damaged; clear it with: zfs inherit {TREE_PROPERTY} {top}") from None
     have: set[int] = set()
-    partial = None
+    partial: Partial | None = None
     for dataset in [name for name in zfs.get_properties(top, "type", recursive_depth=1 << 16) if "@" not in name]:
         snapshots = zfs.snapshots(dataset)
         have |= {s.guid for s in snapshots if not is_piece(s)}
         partial = partial or latest_token(find_transfers(snapshots, dataset))
+    if partial is None:
+        partial = next((NativePartial(name, text) for name, text in zfs.resume_tokens(top).items()), None)
     return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(have), partial)
 
 
