@@ -83,8 +83,9 @@ class NativeTreeReceiver:
 
     The tree's state (TREE_PROPERTY) must be on the top dataset from the moment anything of the tree exists, even when
     the very first substream is cut by a SIGKILL: a new top gets it as a *received* property in its first package (the
-    kernel sets a package's properties when the receive begins, so a cut partial dataset already carries it); an
-    existing top gets it with `zfs set` before its receive starts. At the final END `zfs inherit` takes it away.
+    kernel sets a package's properties when the receive begins, so a cut partial dataset already carries it), and in
+    every later one; an existing top gets it with `zfs set` before its receive starts (a local value wins over the
+    received one). At the final END `zfs inherit` takes it away.
     """
 
     zfs: Zfs
@@ -172,9 +173,11 @@ class NativeTreeReceiver:
         out); none for a substream the header does not describe."""
         if filesystem is None:
             return b"", b""
-        state = None
-        if into == top and not self._top_exists:
-            state = self._recorded = self._state_text()
+        # Every package into the top carries the state: a completed package's received properties replace the
+        # dataset's (seen in the VM), so one without it would take it away while the tree is unfinished.
+        state = self._state_text() if into == top else None
+        if state is not None and not self._top_exists:
+            self._recorded = state
         leave_out = {*self.exclude_props, *(name for name, _ in self.set_props)} - {TREE_PROPERTY}
         return property_package(_with_tree_state(filesystem, state), sub.toname, sub.toguid, leave_out=leave_out)
 
