@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.zfs.codec.replication import read_compound_header
+from snapferry.zfs.codec.stream import StreamReader
 from snapferry_testkit import zfs_testbed as tb
 
 # With the root, 9 file systems, 3 levels below it.
@@ -34,6 +37,7 @@ def tree(bed: tb.Bed) -> str:
         for n, dataset in enumerate(_names(root)):
             _write(tb.mountpoint(dataset) / "data", random.Random(100 * step + n), step)
         tb.sh("zfs", "snapshot", "-r", f"{root}@{snap}")
+    tb.sh("zfs", "set", "snapferry:note=kept", f"{root}/a/b@s2")  # a snapshot's own property travels too
     return root
 
 
@@ -63,22 +67,34 @@ def _reference(bed: tb.Bed, tree: str, name: str, *send: str) -> str:
     return top
 
 
-def _state(top: str) -> dict[str, object]:
-    """Every file system below `top`: its snapshots by guid, its files, and its local and received properties."""
-    out = tb.sh("zfs", "get", "-H", "-p", "-r", "-o", "name,value", "guid", top).stdout.decode()
-    state: dict[str, object] = {}
-    for line in out.splitlines():
+def _state(top: str) -> dict[str, dict[str, object]]:
+    """Every file system below `top`: its snapshots by guid, its files, and every property as
+    `zfs get -s local,received` shows it (value and source), the snapshots' own included."""
+    snapshots: dict[str, object] = {}
+    files: dict[str, object] = {}
+    for line in tb.sh("zfs", "get", "-H", "-p", "-r", "-o", "name,value", "guid", top).stdout.decode().splitlines():
         name, guid = line.split("\t")
-        dataset, _, snap = name.partition("@")
-        entry = state.setdefault(dataset[len(top) :], {"snapshots": {}, "props": {}, "files": None})
-        assert isinstance(entry, dict)
-        if snap:
-            entry["snapshots"][snap] = int(guid)
+        if "@" in name:
+            snapshots[name[len(top) :]] = int(guid)
         else:
-            entry["files"] = tb.manifest(tb.mountpoint(dataset) / "data")
-            props = tb.sh("zfs", "get", "-H", "-s", "local,received", "-o", "property,value", "all", dataset).stdout.decode()
-            entry["props"] = dict(p.split("\t") for p in props.splitlines() if not p.startswith("snapferry:rtree"))
-    return state
+            files[name[len(top) :]] = tb.manifest(tb.mountpoint(name) / "data")
+    props: dict[str, object] = {}
+    shown = tb.sh("zfs", "get", "-H", "-r", "-s", "local,received", "-o", "name,property,value,source", "all", top)
+    for line in shown.stdout.decode().splitlines():
+        name, prop, value, source = line.split("\t")
+        props[f"{name[len(top) :]} {prop}"] = (value, source)
+    return {"snapshots": snapshots, "files": files, "props": props}
+
+
+def _assert_same_tree(top: str, reference: str) -> None:
+    got, want = _state(top), _state(reference)
+    differences = {
+        f"{part} {key}": (got[part].get(key), want[part].get(key))
+        for part in want
+        for key in got[part].keys() | want[part].keys()
+        if got[part].get(key) != want[part].get(key)
+    }
+    assert not differences, differences
 
 
 def _finish(target: str, stream: bytes, *flags: str) -> list[int]:
@@ -118,14 +134,14 @@ def test_a_full_R_stream_cut_anywhere_resumes_to_the_same_tree(bed: tb.Bed, tree
     cut = int(len(stream) * fraction)
     sizes = _cut_then_resume(target, stream, cut)
     top = f"{target}/{tree.partition('/')[2]}"
-    assert _state(top) == _state(reference)
+    _assert_same_tree(top, reference)
     # Only what was not committed travels again: at most one checkpoint, plus the header.
     assert sizes[0] <= len(stream) - cut + (1 << 20) + (64 << 10)
     assert tb.snapferry("token", target).returncode != 0  # nothing left to resume
     assert tb.sh("zfs", "get", "-H", "-r", "-s", "local", "-o", "name", "snapferry:rtree", target).stdout == b""
 
 
-@pytest.mark.parametrize("fraction", [0.01, 0.2, 0.45, 0.7, 0.9, 0.99])
+@pytest.mark.parametrize("fraction", [0.01, 0.2, 0.45, 0.6, 0.7, 0.9, 0.99])
 def test_an_incremental_R_I_stream_cut_anywhere_resumes(bed: tb.Bed, tree: str, fraction: float) -> None:
     target = bed.target(f"rincr{int(fraction * 100)}")
     tb.sh("zfs", "create", target)
@@ -142,14 +158,18 @@ def test_an_incremental_R_I_stream_cut_anywhere_resumes(bed: tb.Bed, tree: str, 
         assert decoded["source"] == f"{tree}@s3" and decoded["incremental_from"] == "@s1" and decoded["intermediates"] is True
     sizes = _finish(target, stream, "-F")
     assert sizes[0] <= len(stream) - cut + (1 << 20) + (64 << 10)
-    assert _state(f"{target}/{tree.partition('/')[2]}") == _state(reference)
+    _assert_same_tree(f"{target}/{tree.partition('/')[2]}", reference)
 
 
-def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree: str) -> None:
-    stream = subprocess.run(["zfs", "send", "-R", f"{tree}@s3"], capture_output=True, check=True).stdout
-    target = bed.target("rkilled")
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "R_I"])
+def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree: str, incremental: bool) -> None:
+    target = bed.target(f"rkilled{int(incremental)}")
     tb.sh("zfs", "create", target)
-    argv = [*tb.SNAPFERRY, "receive", "-s", "-d", "--checkpoint", CHECKPOINT, target]
+    send = ["-I", "@s1"] if incremental else []
+    if incremental:
+        assert tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "-d", checkpoint=CHECKPOINT).returncode == 0
+    stream = subprocess.run(["zfs", "send", "-R", *send, f"{tree}@s3"], capture_output=True, check=True).stdout
+    argv = [*tb.SNAPFERRY, "receive", "-s", "-d", *(["-F"] if incremental else []), "--checkpoint", CHECKPOINT, target]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):  # it may have stopped on its own (zfs-fuse's EIO): the same to resume
@@ -169,8 +189,58 @@ def test_a_plain_zfs_send_R_killed_receiver_and_daemon_restart(bed: tb.Bed, tree
     decoded = json.loads(tb.snapferry("token", "--decode", token).stdout)
     # The partial dataset's last piece may not have been named a checkpoint yet: then it starts over.
     assert decoded["snapshots_received"] > 0 and (decoded["partial"] is None or decoded["partial"]["dataset"].startswith(top))
-    _finish(target, stream)
-    assert _state(top) == _state(_reference(bed, tree, "rref_all", f"{tree}@s3"))
+    _finish(target, stream, *(["-F"] if incremental else []))
+    _assert_same_tree(top, _reference(bed, tree, "rref_all", f"{tree}@s3"))
+
+
+def _substream_starts(stream: bytes) -> list[int]:
+    """Where each substream of a -R stream begins."""
+    source = io.BytesIO(stream)
+    header, _, _ = read_compound_header(source)
+    reader = StreamReader(source)
+    starts = []
+    while (first := reader.read_begin(compound=True)) is not None:
+        starts.append(len(header) + reader.bytes_read - len(first[1]))
+        for _ in reader.records(first[1], len(first[1]), len(first[1])):
+            pass
+    return starts
+
+
+def test_three_interruptions_cost_three_checkpoints_and_send_t_reads_only_what_is_left(bed: tb.Bed, tree: str) -> None:
+    """Bytes re-sent after k cuts stay within k checkpoints (and headers); each `send -t` reads from the source only
+    the partial dataset's stream and those after it (its json events say where in the partial one it picks up)."""
+    stream = tb.send_bytes("-R", f"{tree}@s3")
+    starts = _substream_starts(stream)
+    target = bed.target("rkcuts")
+    tb.sh("zfs", "create", target)
+    checkpoint = 1 << 20
+    # Three cuts, each inside a dataset's first snapshot past its first checkpoint, then the rest whole.
+    sizes = [end - start for start, end in zip(starts, [*starts[1:], len(stream)], strict=True)]
+    big = [start for start, size in zip(starts, sizes, strict=True) if size > checkpoint * 5 // 4]
+    cut_at = [big[1] + checkpoint * 9 // 8, big[4] + checkpoint * 9 // 8, big[7] + checkpoint * 9 // 8, len(stream)]
+    cuts, data, sent, partials = 0, stream, 0, 0
+    for at in cut_at:
+        cut = len(data) - (len(stream) - at)  # the rest ends as the whole stream does, byte for byte
+        sent += cut
+        done = tb.receive(target, data[:cut], "-d", checkpoint=CHECKPOINT)
+        if at == len(stream) and done.returncode == 0:
+            break
+        assert done.returncode == 3 or "I/O error" in done.stderr, done.stderr
+        rest = tb.snapferry("send", "--json", "-t", tb.token(target))
+        assert rest.returncode == 0, rest.stderr
+        events = [json.loads(line) for line in rest.stderr.splitlines()]
+        plan = next(e for e in events if e["event"] == "stream" and "of" in e)
+        # The partial dataset's continuation regenerates its stream up to the checkpoint, and sends from there.
+        regenerated = next((e["offset"] for e in events if e["event"] == "stream" and "of" not in e and e["offset"]), 0)
+        read = regenerated + len(rest.stdout)
+        picks_up = len(stream) - len(rest.stdout) - regenerated  # the partial substream's start, give or take its BEGIN
+        partial_start = max(s for s in starts if s <= picks_up + (16 << 10))
+        assert read <= len(stream) - partial_start + (64 << 10), (read, len(stream), partial_start)
+        assert plan["substreams"] < plan["of"]
+        cuts, data, partials = cuts + 1, rest.stdout, partials + bool(regenerated)
+    assert partials > 0  # at least one cut fell inside a dataset past its first checkpoint
+    _assert_same_tree(f"{target}/{tree.partition('/')[2]}", _reference(bed, tree, "rref_all", f"{tree}@s3"))
+    assert sent - len(stream) <= cuts * (checkpoint + (64 << 10)), (sent, len(stream), cuts)
 
 
 def test_receive_A_of_a_tree_keeps_what_it_completed(bed: tb.Bed, tree: str) -> None:
@@ -200,3 +270,20 @@ def test_R_stream_damage_and_misuse_are_one_line_errors(bed: tb.Bed, tree: str) 
     assert single.returncode == 2 and "-d, -e, -x and -u are for -R (compound) streams" in single.stderr
     native = tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "--mode", "native")
     assert native.returncode != 0 and "cannot be received in --mode native" in native.stderr
+
+
+def test_x_and_o_change_what_the_tree_receives(bed: tb.Bed, tree: str) -> None:
+    """-x leaves a property out of what is received; -o sets it on the top file system, which its descendants then
+    inherit (zfs receive's rules; zfs-fuse's own receive has neither option). -u leaves the tree unmounted."""
+    target = bed.target("rprops")
+    tb.sh("zfs", "create", target)
+    done = tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "-d", "-u", "-x", "compression", "-o", "snapferry:role=offsite")
+    assert done.returncode == 0, done.stderr
+    top = f"{target}/{tree.partition('/')[2]}"
+    shown = tb.sh("zfs", "get", "-H", "-r", "-o", "name,property,value,source", "compression,atime,snapferry:role", top).stdout.decode()
+    props = {(name[len(top) :], prop): (value, source) for name, prop, value, source in (line.split("\t") for line in shown.splitlines())}
+    assert props[("", "snapferry:role")] == ("offsite", "local")
+    assert props[("/a/b", "snapferry:role")] == ("offsite", f"inherited from {top}")  # sent as "backup", overridden
+    assert props[("/a", "compression")][1] != "received"  # sent as "on", left out
+    assert props[("/a/b/c", "atime")] == ("off", "received")  # the rest arrives as received
+    assert set(tb.sh("zfs", "get", "-H", "-r", "-o", "value", "mounted", top).stdout.decode().split()) == {"no", "-"}

@@ -58,6 +58,8 @@ class ReceiveProcess:
         assert self._proc.stdin is not None
         self._fd = self._proc.stdin.fileno()
         enlarge_pipe(self._fd)
+        # What it printed on a success: zfs receive warns there, e.g. of a received property it could not set.
+        self.said = ""
 
     def write(self, parts: Sequence[Buffer]) -> None:
         try:
@@ -73,6 +75,7 @@ class ReceiveProcess:
         stderr = self._proc.stderr.read().decode(errors="replace")
         status = self._proc.wait()
         if status == 0:
+            self.said = stderr
             return None
         if status < 0 and not stderr.strip():
             # Killed, most often by SIGPIPE when the ZFS service it talks to went away: nothing was committed.

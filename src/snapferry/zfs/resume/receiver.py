@@ -27,6 +27,10 @@ from snapferry.zfs.resume.mounts import mount_replica
 
 MAX_DATASET_NAME = 255
 
+# The records that make a piece's stream (given its BEGIN) a one-file-system package, before and after it: zfs
+# receive then sets the source's properties as received (replication.property_package).
+Package = Callable[[Begin], tuple[bytes, bytes]]
+
 
 def resume_hint(dataset: str) -> str:
     return hints.resume_hint(dataset, dataset)
@@ -49,7 +53,9 @@ class _Position:
 class _Piece:
     """One piece in flight: a `zfs receive` fed with a BEGIN of our own and the stream's records."""
 
-    def __init__(self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool, unmounted: bool) -> None:
+    def __init__(
+        self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool, unmounted: bool, package: Package | None = None
+    ) -> None:
         self.begin = begin
         self._zfs = zfs
         self._dataset = dataset
@@ -57,6 +63,10 @@ class _Piece:
         self.start: int | None = None
         argv = zfs.receive_argv(dataset, force=force, unmounted=unmounted)
         self._proc = ReceiveProcess(argv, f"cannot receive into {dataset}", ZFS_TOOL)
+        self._package_end = b""
+        if package is not None:
+            before, self._package_end = package(begin)
+            self._proc.write([before])
         self._writer = StampedWriter(self._proc.write)
         self._writer.begin(begin, begin_payload)
 
@@ -70,22 +80,33 @@ class _Piece:
             raise self._corruption_or(exc) from None
         self.size += record.size
 
-    def commit(self) -> None:
+    def commit(self) -> str:
+        """Returns what zfs receive printed although it succeeded (its warnings)."""
         with self._corruption_found_by_zfs():
             self._writer.end(self.begin.toguid)
+            if self._package_end:
+                self._proc.write([self._package_end])
             try:
                 self._proc.finish()
             except ZfsCommandError as exc:
-                if not self._received_but_not_mounted(str(exc)):
+                if not self._committed_anyway(str(exc)):
                     raise
+                return str(exc)
+        return self._proc.said
 
-    def _received_but_not_mounted(self, message: str) -> bool:
-        """zfs receive says "cannot mount" only after it has received; a full parent or quota can keep it from
-        making the mountpoint (found by the chaos runner). The partial dataset stays unmounted anyway."""
+    def _committed_anyway(self, message: str) -> bool:
+        """Whether zfs receive failed only after it had committed the piece's snapshot:
+        - it says "cannot mount" only after it has received; a full parent or quota can keep it from making the
+          mountpoint (found by the chaos runner);
+        - zfs-fuse can answer "I/O error" after committing, when taking the mounted file system down and up around
+          the commit fails (docs/RELIABILITY.md).
+        Either way the snapshot exists with the piece's guid, and what is left to do is the receiver's own."""
         said = message.partition(": ")[2]
-        if not said.startswith("cannot mount '") or "cannot receive" in said:
-            return False
-        return self._zfs.exists(f"{self._dataset}@{self.begin.snapshot_name}")
+        if said.startswith("cannot mount '") and "cannot receive" not in said:
+            return self._zfs.exists(f"{self._dataset}@{self.begin.snapshot_name}")
+        if said.endswith(": I/O error"):
+            return any(s.guid == self.begin.toguid for s in self._zfs.snapshots(self._dataset))
+        return False
 
     @contextmanager
     def _corruption_found_by_zfs(self) -> Iterator[None]:
@@ -128,12 +149,15 @@ class PieceReceiver:
         modern_zfs: bool = False,
         mount: bool = True,
         on_checkpoint: Callable[[], None] | None = None,
+        package: Package | None = None,
     ) -> None:
         """`modern_zfs`: the destination runs OpenZFS 0.7+, which verifies every record's stamp (so
         payload checksums can come from the stream's own stamps instead of being summed here) and
         can receive without mounting (which 2.1 otherwise tries, and fails, between pieces).
         `mount`: mount the completed dataset (receive -u: leave it unmounted). `on_checkpoint` runs
-        after each checkpoint is named (a tree receive records the tree's state there once it exists)."""
+        after each checkpoint is named (a tree receive records the tree's state there once it exists). `package`
+        wraps the first piece of a new dataset (so its data is written with the properties, as zfs receive does) and
+        the last piece of each snapshot (which also sets the snapshot's own properties)."""
         if "@" in dataset:
             raise Refused(f"receive into a file system, not a snapshot: {dataset}")
         if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
@@ -146,6 +170,7 @@ class PieceReceiver:
         self.modern_zfs = modern_zfs
         self.mount = mount
         self.on_checkpoint = on_checkpoint
+        self.package = package
         self.received: list[str] = []
 
     def receive(self, source: Readable) -> list[str]:
@@ -240,11 +265,18 @@ class PieceReceiver:
             piece_begin = begin.derive(toguid=guid, fromguid=pos.base_guid, toname=f"{self.dataset}@{name}")
         if pos.base_guid != pos.transfer_fromguid:
             begin_payload = chained_begin_payload(begin, begin_payload)
-        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force, unmounted=self.modern_zfs)
+        makes_dataset = pos.seq == 0 and not pos.transfer_fromguid
+        package = self.package if final or makes_dataset else None
+        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force, self.modern_zfs, package)
+
+    def _warn(self, said: str) -> None:
+        for line in said.splitlines():
+            if line.strip():
+                self.events("warning", message=f"{self.dataset}: zfs receive: {line.strip()}")
 
     def _commit(self, piece: _Piece, begin: Begin, pos: _Position, boundary: Record) -> None:
         """Commit a piece and name it as a checkpoint ending right before `boundary`."""
-        piece.commit()
+        self._warn(piece.commit())
         name = checkpoint_name(
             begin.toguid,
             pos.transfer_fromguid,
@@ -259,7 +291,9 @@ class PieceReceiver:
         if self.on_checkpoint is not None:
             self.on_checkpoint()
         if not pos.unmounted:
-            self._unmount_partial()
+            # A partial dataset can name objects that have not arrived yet, and zfs-fuse hangs the reader of such a
+            # directory for good: it stays unmounted until the transfer completes.
+            self._unmount()
             pos.unmounted = True
         pos.seq += 1
         pos.base_guid = piece.begin.toguid
@@ -298,7 +332,7 @@ class PieceReceiver:
                 if reader.bytes_read >= next_progress:
                     self.events("progress", bytes=reader.bytes_read)
                     next_progress = reader.bytes_read + PROGRESS_STEP
-            self._open_piece(begin, payload, pos, final=True).commit()
+            self._warn(self._open_piece(begin, payload, pos, final=True).commit())
         except StreamIntegrityError as exc:
             if piece is not None:
                 piece.abort()
@@ -321,17 +355,17 @@ class PieceReceiver:
             self.events("warning", message=f"{exc}; remove the leftover checkpoints with: snapferry receive -A {self.dataset}")
         if self.mount:
             mount_replica(self.zfs, self.dataset, self.events)
+        elif self.package is not None and not self.modern_zfs:
+            self._unmount()  # zfs-fuse's zfs receive has no -u, and mounts what a package brings
         self.received.append(f"{self.dataset}@{begin.snapshot_name}")
         self.events("done", dataset=self.dataset, snapshot=begin.snapshot_name, bytes=reader.bytes_read)
 
-    def _unmount_partial(self) -> None:
-        """A partial dataset can name objects that have not arrived yet, and zfs-fuse hangs the
-        reader of such a directory for good: keep it unmounted until the transfer completes."""
+    def _unmount(self) -> None:
         try:
             if self.zfs.is_mounted(self.dataset):
                 self.zfs.unmount(self.dataset)
         except SnapferryError as exc:
-            self.events("warning", message=f"{exc}; the partial dataset stays mounted")
+            self.events("warning", message=f"{exc}; {self.dataset} stays mounted")
 
     def _progress_note(self, pos: _Position, start_seq: int) -> str:
         committed = pos.seq - start_seq

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable
-from snapferry.errors import Refused, SnapferryError, StreamFormatError, TransferInterrupted
+from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.zfs.codec.records import Begin
-from snapferry.zfs.codec.replication import read_compound_header
+from snapferry.zfs.codec.replication import FileSystem, property_package, read_compound_header
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
-from snapferry.zfs.resume.receiver import PieceReceiver, resume_hint
-from snapferry.zfs.resume.tree_props import settable_properties
+from snapferry.zfs.resume.receiver import Package, PieceReceiver, resume_hint
 
 # Set on the dataset that receives the source root while a tree transfer is unfinished: the tree's
 # identity, which its token needs and the stream no longer says once it is cut. A user property is
@@ -72,7 +70,7 @@ class TreeReceiver:
         self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
         self._make_parents(top)
         reader = StreamReader(source)
-        propertied: set[str] = set()
+        overridden = False
         while (first := reader.read_begin(compound=True)) is not None:
             sub, sub_bytes = first
             dataset, _, snap = sub.toname.partition("@")
@@ -80,15 +78,24 @@ class TreeReceiver:
             filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
             if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
                 self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
-            self._receive_one(reader, sub, sub_bytes, into, top)
-            if into not in propertied and filesystem is not None:
-                propertied.add(into)
-                self._apply_properties(into, filesystem.props, top=into == top)
+            self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem, begin.features))
+            if into == top and not overridden:
+                overridden = True
+                for name, value in self.set_props:  # -o: set on the top, and so inherited below it
+                    self.zfs.set_property(top, name, value)
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
         return self.received
 
-    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, top: str) -> None:
+    def _package(self, filesystem: FileSystem | None, features: int) -> Package | None:
+        """The source's properties go as `zfs receive` sends an -R stream's, as received: less -x, and less -o's (the
+        top file system gets those set, and its descendants inherit them)."""
+        if filesystem is None:
+            return None
+        leave_out = {*self.exclude_props, *(name for name, _ in self.set_props), TREE_PROPERTY}
+        return lambda piece: property_package(filesystem, piece.toname, piece.toguid, leave_out=leave_out, features=features)
+
+    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, top: str, package: Package | None) -> None:
         receiver = PieceReceiver(
             self.zfs,
             into,
@@ -98,6 +105,7 @@ class TreeReceiver:
             modern_zfs=self.modern_zfs,
             mount=self.mount,
             on_checkpoint=lambda: self._record_state(top),
+            package=package,
         )
         try:
             receiver.receive_substream(reader, sub, sub_bytes)
@@ -121,24 +129,6 @@ class TreeReceiver:
         parent = top.rpartition("/")[0]
         if self.prefix and parent and not self.zfs.exists(parent):
             self.zfs.run(f"cannot create {parent}", "create", "-p", parent)
-
-    def _apply_properties(self, dataset: str, props: Mapping[str, object], *, top: bool) -> None:
-        """The source's properties, as `zfs receive` applies an -R stream's: less -x, and -o's values on the top
-        file system only (its descendants inherit them)."""
-        overridden = {name for name, _ in self.set_props}
-        chosen, skipped = settable_properties(props)
-        for name, value in chosen.items():
-            if name in self.exclude_props or name in overridden or name == TREE_PROPERTY:
-                continue
-            try:
-                self.zfs.set_property(dataset, name, value)
-            except SnapferryError as exc:
-                self.events("warning", message=f"{exc}; the property stays as it is on {dataset}")
-        for name, value in (self.set_props if top else ()):
-            self.zfs.set_property(dataset, name, value)
-        for name in skipped:
-            if name not in self.exclude_props:
-                self.events("warning", message=f"{dataset}: property {name} ({props[name]}) is not one snapferry can set; set it by hand")
 
 
 def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
