@@ -44,7 +44,7 @@ def _write(root: Path, seed: int, step: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(seed * 10 + step)
     # Two file systems big enough for pieces mode to checkpoint inside their first substream.
-    size = 1_600_000 if step == 1 and seed in (1, 5) else 40_000 + 7_000 * (seed % 5)
+    size = 1_200_000 if step == 1 and seed in (1, 5) else 40_000 + 7_000 * (seed % 5)
     (root / f"data{step}.bin").write_bytes(rnd.randbytes(size))
     (root / "log.txt").open("a").write(f"step {step}\n" * 200)
     if step == 2:
@@ -177,10 +177,9 @@ def _token(dst: str) -> tuple[str, dict[str, object]] | None:
     return text, TreeToken.decode(text).describe()
 
 
+# Each mode meets both senders and both kinds of tree, in four runs rather than eight (the VM runs at TCG speed).
 SCENARIOS = [
     ("full", "native", "zfs"),
-    ("full", "native", "snapferry"),
-    ("full", "pieces", "zfs"),
     ("full", "pieces", "snapferry"),
     ("incremental", "native", "snapferry"),
     ("incremental", "pieces", "zfs"),
