@@ -9,11 +9,12 @@ from typing import Any
 
 from snapferry.core.events import EventSink
 from snapferry.core.lock import dataset_lock
-from snapferry.core.streamio import Prefixed, Readable, Sink
+from snapferry.core.streamio import Prefixed, Readable, Sink, read_exact
 from snapferry.errors import DatasetMissing, NothingToDo, Refused, SnapferryError, UsageError
 from snapferry.interface import HOLD_PREFIX, ReceiveRequest, SendRequest, SnapshotInfo, Summary, SyncPolicy
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
-from snapferry.zfs.codec.records import COMPOUNDSTREAM, Begin
+from snapferry.zfs.codec.records import COMPOUNDSTREAM, HEADER_SIZE, Begin
+from snapferry.zfs.codec.replication import read_compound_header
 from snapferry.zfs.codec.stream import read_header
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TreeToken, is_tree_token
@@ -26,6 +27,7 @@ from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, 
 from snapferry.zfs.resume.receiver import PieceReceiver
 from snapferry.zfs.resume.sender import send_continuation, send_snapshot
 from snapferry.zfs.resume.stored import send_stored_continuation
+from snapferry.zfs.resume.tree_native import NativeTreeReceiver, choose_tree_mode
 from snapferry.zfs.resume.tree_receiver import TreeReceiver, forget_tree, tree_token
 from snapferry.zfs.resume.tree_sender import send_tree, send_tree_rest
 
@@ -157,10 +159,31 @@ class ZfsBackend:
         return done
 
     def _receive_tree(self, request: ReceiveRequest, stream: Readable, events: EventSink) -> list[str]:
-        """A -R stream: always through the piece chain (one kernel token per tree does not exist)."""
-        if request.mode == "native":
-            raise Refused("a -R stream cannot be received in --mode native (OpenZFS keeps no token for a tree): drop --mode")
-        events("mode", mode="pieces")
+        """A -R stream: natively (one `zfs receive -s` per substream) where the pool and the sender can resume, else
+        through the piece chain; an interrupted tree goes on in the mode it began in."""
+        head, _, _ = read_compound_header(stream)
+        first = bytearray(HEADER_SIZE)
+        got = read_exact(stream, memoryview(first))
+        stream = Prefixed(head + bytes(first[:got]), stream)
+        # An OpenZFS sender sets FREERECORDS in every substream's BEGIN (and a continuation's is RESUMING): judged
+        # from the first, as for one dataset. A tree without substreams can go either way.
+        sub = Begin.decode(first, supported_only=False) if got == HEADER_SIZE and first[:4] == bytes(4) else None
+        tree = tree_token(self.zfs, request.target) if self.zfs.exists(request.target) else None
+        sender_can_resume = sub is None or sub.sender_can_resume
+        mode = choose_tree_mode(self.zfs, request.target, _mode(request.mode), sender_can_resume=sender_can_resume, tree=tree)
+        events("mode", mode=mode)
+        if mode == "native":
+            native = NativeTreeReceiver(
+                self.zfs,
+                request.target,
+                prefix=request.prefix,
+                force=request.force,
+                mount=request.mount,
+                exclude_props=request.exclude_properties,
+                set_props=request.properties,
+                events=events,
+            )
+            return native.receive(stream)
         size = (request.checkpoint or DEFAULT_CHECKPOINT) if request.resumable else _UNLIMITED
         receiver = TreeReceiver(
             self.zfs,

@@ -7,6 +7,7 @@ from typing import Any
 
 from snapferry.core.seal import UNSEAL_ERRORS, seal, unseal
 from snapferry.errors import MalformedToken
+from snapferry.zfs.codec.openzfs_token import OpenZfsToken
 from snapferry.zfs.codec.token import ResumeToken, is_dataset_name
 
 TREE_TOKEN_PREFIX = "sf1r-"
@@ -20,10 +21,37 @@ def is_tree_token(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class NativePartial:
+    """A substream the kernel keeps partial (`zfs receive -s`, native mode): the dataset and its OpenZFS token."""
+
+    dataset: str
+    text: str  # the kernel's token as `zfs get receive_resume_token` gives it (`zfs send -t` takes it)
+
+    @property
+    def token(self) -> OpenZfsToken:
+        return OpenZfsToken.decode(self.text)
+
+    @property
+    def toguid(self) -> int:
+        return self.token.toguid
+
+    @property
+    def fromguid(self) -> int:
+        return self.token.fromguid or 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "native", "dataset": self.dataset, "token": self.text, **self.token.as_json()}
+
+
+Partial = ResumeToken | NativePartial
+
+
+@dataclass(frozen=True)
 class TreeToken:
     """An interrupted -R transfer: the source tree's root and snapshots (which the sender regenerates the
     plan from), every snapshot the destination tree already has (by guid: those substreams are not sent
-    again), and the one substream that is partial, as its own `sf1-` token."""
+    again), and the one substream that is partial: its own `sf1-` token (pieces) or the kernel's `1-` token and the
+    dataset that holds it (native)."""
 
     target: str  # the destination dataset that receives the source root
     root: str  # the source tree's root file system
@@ -31,7 +59,7 @@ class TreeToken:
     fromsnap: str | None  # -R -i/-I: the base snapshot's name; None for a full -R
     intermediates: bool  # -I (every snapshot between) rather than -i
     have: frozenset[int]
-    partial: ResumeToken | None
+    partial: Partial | None
 
     def encode(self) -> str:
         fields: dict[str, object] = {
@@ -41,8 +69,10 @@ class TreeToken:
             "fromsnap": self.fromsnap,
             "intermediates": self.intermediates,
             "have": sorted(f"{guid:x}" for guid in self.have),
-            "partial": self.partial.encode() if self.partial else None,
+            "partial": self._partial_text(),
         }
+        if isinstance(self.partial, NativePartial):
+            fields["partial_dataset"] = self.partial.dataset
         return seal(TREE_TOKEN_PREFIX, fields)
 
     @classmethod
@@ -59,7 +89,7 @@ class TreeToken:
                 fromsnap=fields["fromsnap"],
                 intermediates=fields["intermediates"],
                 have=frozenset(int(guid, 16) for guid in fields["have"]),
-                partial=ResumeToken.decode(fields["partial"]) if fields["partial"] is not None else None,
+                partial=_partial(fields["partial"], fields.get("partial_dataset")),
             )
         except (*UNSEAL_ERRORS, KeyError, AttributeError) as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
@@ -75,6 +105,13 @@ class TreeToken:
                 raise MalformedToken(f"malformed token: {snap!r} is not a snapshot name")
         if not isinstance(self.intermediates, bool) or any(not 0 < guid < 1 << 64 for guid in self.have):
             raise MalformedToken("malformed token: bad intermediates flag or snapshot guid")
+        if isinstance(self.partial, NativePartial) and not is_dataset_name(self.partial.dataset):
+            raise MalformedToken(f"malformed token: {self.partial.dataset!r} is not a dataset name")
+
+    def _partial_text(self) -> str | None:
+        if isinstance(self.partial, NativePartial):
+            return self.partial.text
+        return self.partial.encode() if self.partial else None
 
     def describe(self) -> dict[str, Any]:
         """Token --decode: the tree, what the destination has, and the partial substream's own state."""
@@ -85,5 +122,22 @@ class TreeToken:
             "incremental_from": f"@{self.fromsnap}" if self.fromsnap else None,
             "intermediates": self.intermediates,
             "snapshots_received": len(self.have),
-            "partial": self.partial.describe() if self.partial else None,
+            "partial": self._describe_partial(),
         }
+
+    def _describe_partial(self) -> dict[str, Any] | None:
+        if isinstance(self.partial, NativePartial):
+            return self.partial.describe()
+        return {"mode": "pieces", **self.partial.describe()} if self.partial else None
+
+
+def _partial(text: Any, dataset: Any) -> Partial | None:
+    """A tree token's partial substream: an `sf1-` token, or a kernel token with the dataset that holds it."""
+    if text is None:
+        return None
+    if isinstance(text, str) and text.startswith("1-"):
+        OpenZfsToken.decode(text)  # checked now: a damaged one is refused before anything is sent
+        if not isinstance(dataset, str):
+            raise MalformedToken("malformed token: its native partial substream names no dataset")
+        return NativePartial(dataset, text)
+    return ResumeToken.decode(text)

@@ -176,9 +176,12 @@ class Zfs:
         self.run(f"cannot clear {name} on {dataset}", "inherit", name, dataset)
 
     def locally_set(self, dataset: str, name: str) -> dict[str, str]:
-        """{dataset: value} for `dataset` and its descendants where property `name` is set on the dataset itself."""
-        out = self.run(f"cannot read {name} below {dataset}", "get", "-H", "-r", "-s", "local", "-o", "name,value", name, dataset)
-        return dict(line.split("\t", 1) for line in out.splitlines() if line.count("\t") == 1 and "@" not in line.split("\t")[0])
+        """{dataset: value} for `dataset` and its descendants where property `name` is set on the dataset itself,
+        locally or as received (not inherited, not a default)."""
+        # Filtered here, not with -s: zfs-fuse may not know the source "received".
+        out = self.run(f"cannot read {name} below {dataset}", "get", "-H", "-r", "-o", "name,value,source", name, dataset)
+        rows = (line.split("\t") for line in out.splitlines() if line.count("\t") == 2)
+        return {where: value for where, value, source in rows if "@" not in where and source in ("local", "received")}
 
     def snapshot(self, name: str, *, recursive: bool = False) -> None:
         self.run(f"cannot snapshot {name}", "snapshot", *(["-r"] if recursive else []), name)
@@ -287,6 +290,21 @@ class Zfs:
             raise
         value = value.strip()
         return None if value in ("", "-") else value
+
+    def resume_tokens(self, dataset: str) -> dict[str, str]:
+        """{file system: OpenZFS token} for `dataset` and every file system below it that holds an interrupted
+        `zfs receive -s`, in one call; {} where this zfs has no kernel resume."""
+        try:
+            out = self.run(
+                f"cannot read the receive_resume_token below {dataset}",
+                "get", "-H", "-r", "-o", "name,value", "receive_resume_token", dataset,
+            )  # fmt: skip
+        except ZfsCommandError as exc:
+            if _NO_SUCH_PROPERTY.search(str(exc)):
+                return {}
+            raise
+        found = (line.split("\t", 1) for line in out.splitlines() if line.count("\t") == 1)
+        return {name: value.strip() for name, value in found if "@" not in name and value.strip() not in ("", "-")}
 
     def abort_receive(self, dataset: str) -> None:
         self.run(f"cannot abort the interrupted receive into {dataset}", "receive", "-A", dataset)

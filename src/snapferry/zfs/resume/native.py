@@ -96,9 +96,12 @@ def _find(snapshots: list[Snapshot], guid: int) -> Snapshot | None:
     return next((s for s in snapshots if s.guid == guid), None)
 
 
-def check_native_token(zfs: Zfs, token: OpenZfsToken, flags: Sequence[str], visible: Callable[[str], bool]) -> Snapshot:
-    """The source snapshot the token resumes, or the precise reason it cannot be resumed here."""
-    discard = "discard the partial receive on the destination with: snapferry receive -A DATASET, then send again"
+def check_native_token(
+    zfs: Zfs, token: OpenZfsToken, flags: Sequence[str], visible: Callable[[str], bool], *, discard: str = "snapferry receive -A DATASET"
+) -> Snapshot:
+    """The source snapshot the token resumes, or the precise reason it cannot be resumed here. `discard`: the command
+    that gives up on the destination (a tree's names the tree)."""
+    discard = f"discard the partial receive on the destination with: {discard}, then send again"
     for flag in flags:
         if not getattr(token, _TOKEN_FLAGS[flag]):
             raise Refused(

@@ -12,7 +12,7 @@ from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.zfs.codec.records import Begin
 from snapferry.zfs.codec.replication import FileSystem, ReplicationHeader, property_package, read_compound_header
 from snapferry.zfs.codec.stream import StreamReader
-from snapferry.zfs.codec.tree_token import TreeToken
+from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
 from snapferry.zfs.resume.receiver import Package, PieceReceiver, resume_hint
@@ -68,9 +68,7 @@ class TreeReceiver:
         layout = TreeLayout(self.target, root, self.prefix)
         top = layout.target_of(root)
         self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
-        self._make_parents(top)
-        if self.force and header.fromsnap is not None and self.zfs.exists(top):
-            self._prune(layout, header, top)
+        prepare_target(self.zfs, layout, header, top, force=self.force, events=self.events)
         reader = StreamReader(source)
         overridden = False
         while (first := reader.read_begin(compound=True)) is not None:
@@ -88,22 +86,6 @@ class TreeReceiver:
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
         return self.received
-
-    def _prune(self, layout: TreeLayout, header: ReplicationHeader, top: str) -> None:
-        """receive -F of an incremental -R stream, as zfs receive does it before receiving: the snapshots and file
-        systems below the top that the source does not have are destroyed (so each incremental's base is the latest
-        snapshot again). Which is which goes by name (the layout's), and for snapshots by guid; snapferry's own
-        checkpoints are left to their transfers."""
-        sent = {layout.target_of(fs.name): set(fs.snaps.values()) for fs in header.filesystems}
-        for dataset in reversed(self.zfs.descendants(top)):  # children first
-            if dataset not in sent:
-                self.zfs.destroy(dataset, recursive=True)
-                self.events("destroyed", name=dataset, reason="not in the -R stream's tree (receive -F)")
-                continue
-            for snapshot in self.zfs.snapshots(dataset):
-                if not is_piece(snapshot) and snapshot.guid not in sent[dataset]:
-                    self.zfs.destroy(snapshot.name)
-                    self.events("destroyed", name=snapshot.name, reason="no longer on the source (receive -F)")
 
     def _package(self, filesystem: FileSystem | None, features: int) -> Package | None:
         """The source's properties go as `zfs receive` sends an -R stream's, as received: less -x, and less -o's (the
@@ -142,11 +124,27 @@ class TreeReceiver:
             self.zfs.set_property(top, TREE_PROPERTY, text)
             self._recorded = text
 
-    def _make_parents(self, top: str) -> None:
-        """As zfs receive -d/-e does: the file systems above the tree's top are created as needed."""
-        parent = top.rpartition("/")[0]
-        if self.prefix and parent and not self.zfs.exists(parent):
-            self.zfs.run(f"cannot create {parent}", "create", "-p", parent)
+
+def prepare_target(zfs: Zfs, layout: TreeLayout, header: ReplicationHeader, top: str, *, force: bool, events: EventSink) -> None:
+    """What zfs receive does before an -R stream's substreams: with -d or -e, the file systems above the tree's top
+    are created as needed; with -F and an incremental stream, the snapshots and file systems below the top that the
+    source does not have are destroyed (so each incremental's base is the latest snapshot again). Which is which
+    goes by name (the layout's), and for snapshots by guid; snapferry's own checkpoints are left to their transfers."""
+    parent = top.rpartition("/")[0]
+    if layout.prefix and parent and not zfs.exists(parent):
+        zfs.run(f"cannot create {parent}", "create", "-p", parent)
+    if not force or header.fromsnap is None or not zfs.exists(top):
+        return
+    sent = {layout.target_of(fs.name): set(fs.snaps.values()) for fs in header.filesystems}
+    for dataset in reversed(zfs.descendants(top)):  # children first
+        if dataset not in sent:
+            zfs.destroy(dataset, recursive=True)
+            events("destroyed", name=dataset, reason="not in the -R stream's tree (receive -F)")
+            continue
+        for snapshot in zfs.snapshots(dataset):
+            if not is_piece(snapshot) and snapshot.guid not in sent[dataset]:
+                zfs.destroy(snapshot.name)
+                events("destroyed", name=snapshot.name, reason="no longer on the source (receive -F)")
 
 
 def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
@@ -154,7 +152,7 @@ def tree_top(zfs: Zfs, target: str) -> tuple[str, str] | None:
     part of or holds, or None."""
     answer = zfs.run(f"cannot read {TREE_PROPERTY} of {target}", "get", "-H", "-o", "value,source", TREE_PROPERTY, target)
     value, _, source = answer.rstrip("\n").partition("\t")
-    if source == "local":
+    if source in ("local", "received"):  # received: native mode's first package carries it (tree_native.py)
         return target, value
     if source.startswith("inherited from "):
         top = source.removeprefix("inherited from ")
@@ -178,11 +176,13 @@ def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
     except (ValueError, KeyError, TypeError):
         raise Refused(f"{top}: its {TREE_PROPERTY} property is damaged; clear it with: zfs inherit {TREE_PROPERTY} {top}") from None
     have: set[int] = set()
-    partial = None
+    partial: Partial | None = None
     for dataset in [name for name in zfs.get_properties(top, "type", recursive_depth=1 << 16) if "@" not in name]:
         snapshots = zfs.snapshots(dataset)
         have |= {s.guid for s in snapshots if not is_piece(s)}
         partial = partial or latest_token(find_transfers(snapshots, dataset))
+    if partial is None:
+        partial = next((NativePartial(name, text) for name, text in zfs.resume_tokens(top).items()), None)
     return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(have), partial)
 
 

@@ -11,9 +11,10 @@ from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, SnapferryError, StaleToken
 from snapferry.zfs.codec.replication import FINAL_END, read_compound_header
 from snapferry.zfs.codec.token import ResumeToken
-from snapferry.zfs.codec.tree_token import TreeToken
+from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import is_piece
+from snapferry.zfs.resume.native import check_native_token, send_native_continuation
 from snapferry.zfs.resume.sender import send_continuation, send_one
 
 
@@ -96,9 +97,12 @@ def send_tree_rest(
     if base and not zfs.exists(base):
         raise StaleToken(f"stale token: the tree's base snapshot {base} no longer exists; discard the partial transfer with: "
                          f"snapferry receive -A {token.target}")  # fmt: skip
+    partial = token.partial
+    if isinstance(partial, NativePartial):
+        # The kernel's own checks first, each with its reason: snapshot gone, replaced, base gone.
+        check_native_token(zfs, partial.token, (), _within(token.root), discard=f"snapferry receive -A {token.target}")
     plan = plan_tree(zfs, token.root, token.tosnap, token.fromsnap, token.intermediates)
     rest = [sub for sub in plan if sub.snapshot.guid not in token.have]
-    partial = token.partial
     if partial is not None and not any(s.snapshot.guid == partial.toguid and _guid(s.base) == partial.fromguid for s in rest):
         raise StaleToken(
             f"stale token: the snapshot its partial dataset was receiving (guid {partial.toguid}) is no longer part of "
@@ -123,14 +127,18 @@ def _emit(
     header: bytes,
     substreams: list[Substream],
     sink: Sink,
-    partial: ResumeToken | None,
+    partial: Partial | None,
     within: Callable[[str], bool],
     events: EventSink,
 ) -> int:
     sink([header])
     written = len(header)
     for sub in substreams:
-        if partial is not None and sub.snapshot.guid == partial.toguid:
+        if isinstance(partial, NativePartial) and sub.snapshot.guid == partial.toguid:
+            # The kernel's continuation names the source snapshot, as the receiver's layout wants.
+            written += send_native_continuation(zfs, partial.text, sink, events=events, visible=within)
+            continue
+        if isinstance(partial, ResumeToken) and sub.snapshot.guid == partial.toguid:
             written += send_continuation(zfs, partial, sink, events=events, visible=within, named_as_source=True)
             continue
         base = sub.base.name if sub.base else None
