@@ -180,7 +180,7 @@ def _send_rest(token: str) -> tuple[bytes, dict[str, object], dict[str, object],
 def _kill_mid_receive(dst: str, data: bytes) -> None:
     """Feed part of `data` to a receive and SIGKILL it once it has committed another checkpoint."""
     before = len(piece_names(dst))
-    proc = subprocess.Popen([*SNAPFERRY, "receive", "-s", "--checkpoint", "4M", dst], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*SNAPFERRY, "receive", "-s", "--checkpoint", "1M", dst], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     proc.stdin.write(data[: len(data) * 2 // 3])
     proc.stdin.flush()
@@ -261,11 +261,11 @@ def test_send_t_jumps_to_the_checkpoint(pool: str, flags: tuple[str, ...]) -> No
     # Cut 3, a plain end of input, in the next jump's continuation.
     second, jump, _, _ = _send_rest(token)
     assert jump["taken"] is True
-    cut = snapferry("receive", "-s", "--checkpoint", "4M", dst, input=second[: len(second) // 2])
+    cut = snapferry("receive", "-s", "--checkpoint", "1M", dst, input=second[: len(second) // 2])
     assert cut.returncode == 3, cut.stderr
     rest_stream, jump, _, _ = _send_rest(snapferry("token", dst).stdout.decode().strip())
     assert jump["taken"] is True
-    done_rc = snapferry("receive", "-s", "--checkpoint", "4M", dst, input=rest_stream)
+    done_rc = snapferry("receive", "-s", "--checkpoint", "1M", dst, input=rest_stream)
     assert done_rc.returncode == 0, done_rc.stderr
     assert guid(f"{dst}@{final}") == final_guid and piece_names(dst) == []
     sh("zfs", "mount", dst, check=False)
