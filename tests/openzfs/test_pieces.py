@@ -279,7 +279,7 @@ def test_send_t_falls_back_or_refuses_when_the_position_is_wrong(pool: str) -> N
     snap_guid, files = snapshot(f"{fs}@s1")
     stream = send_bytes(f"{fs}@s1")
     dst = f"{pool}/dst"
-    cut = snapferry("receive", "-s", "--checkpoint", "2M", dst, input=stream[: len(stream) // 2])
+    cut = snapferry("receive", "-s", "--mode", "pieces", "--checkpoint", "2M", dst, input=stream[: len(stream) // 2])
     assert cut.returncode == 3, cut.stderr
     token = ResumeToken.decode(snapferry("token", dst).stdout.decode().strip())
     assert token.next_kind == RecordType.WRITE and token.next_offset is not None, token
