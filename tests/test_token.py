@@ -131,7 +131,8 @@ def test_describe() -> None:
 @given(tokens())
 def test_describe_prints_guids_as_decimal_strings(token: ResumeToken) -> None:
     described = token.describe()
-    assert list(described) == [f.name for f in dataclasses.fields(ResumeToken)]
+    # A position (next_*) is shown only when the token has one.
+    assert list(described) == [f.name for f in dataclasses.fields(ResumeToken) if getattr(token, f.name) is not None]
     for key in ("toguid", "fromguid", "checkpoint_guid"):
         assert described[key] == str(getattr(token, key))
         assert isinstance(described[key], str)

@@ -20,7 +20,7 @@ from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TreeToken, is_tree_token
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.plan import NOT_COPIED, ZfsSyncPlanner, summarize
-from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, latest_token, read_transfers
+from snapferry.zfs.resume.checkpoints import Transfer, find_transfers, is_piece, positioned_token, read_transfers
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
 from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import MODES, Mode, abort_native, choose_mode, kernel_token, receive_native, send_native_continuation
@@ -206,7 +206,7 @@ class ZfsBackend:
         if tree is not None:
             return tree.encode()
         _, transfers = read_transfers(self.zfs, target)
-        token = latest_token(transfers)
+        token = positioned_token(self.zfs, transfers)
         if token is not None:
             return token.encode()
         if mode != "pieces" and (native := kernel_token(self.zfs, target, transfers)):
@@ -266,7 +266,7 @@ class ZfsBackend:
         exists = zfs.exists(target)
         snapshots = zfs.snapshots(target) if exists else []
         transfers = find_transfers(snapshots, target)
-        token = latest_token(transfers)
+        token = positioned_token(zfs, transfers)
         text = token.encode() if token is not None else (kernel_token(zfs, target, transfers) if exists else None)
         modern = zfs.is_modern(target)
         return {

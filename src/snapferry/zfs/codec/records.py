@@ -238,3 +238,32 @@ def end_header(checksum: Fletcher4, toguid: int) -> bytearray:
 
 def end_checksum(header: bytes | bytearray | memoryview) -> Fletcher4:
     return Fletcher4.from_bytes(memoryview(header)[8:40])
+
+
+# Where a record sits in the object order a stream follows, read from its header (object at byte 8
+# for every record after BEGIN; the offset's place differs): (object, offset), offset 0 where there is none.
+_OFFSET_AT = {RecordType.WRITE: 24, RecordType.FREE: 16, RecordType.WRITE_EMBEDDED: 16}
+
+
+def record_position(kind: RecordType, header: bytes | bytearray | memoryview) -> tuple[int, int]:
+    (obj,) = struct.unpack_from("<Q", header, 8)
+    at = _OFFSET_AT.get(kind)
+    return obj, struct.unpack_from("<Q", header, at)[0] if at else 0
+
+
+_RESUME_PAIRS = ("resume_object", "resume_offset")
+
+
+def unresumed_begin(begin: Begin, payload: bytes) -> tuple[Begin, bytes]:
+    """The BEGIN (and payload) of the whole stream a `zfs send -t` stream resumes: without the RESUMING
+    feature and the resume_object/resume_offset pairs the kernel adds; no payload if nothing else was in it."""
+    if not begin.is_resuming:
+        return begin, payload
+    pairs = tuple(pair for pair in nvlist.decode(payload) if pair.name not in _RESUME_PAIRS) if payload else ()
+    if not pairs:
+        stripped = b""
+    else:
+        top = nvlist.decode(payload)
+        stripped = nvlist.encode(nvlist.NvList(pairs, top.nvflag), big_endian=False)
+    versioninfo = begin.versioninfo & ~(FEATURE_RESUMING << 2)
+    return replace(begin, versioninfo=versioninfo, payloadlen=len(stripped)), stripped

@@ -11,6 +11,8 @@ from snapferry.errors import MalformedToken
 TOKEN_PREFIX = "sf1-"
 # A token's JSON is a few hundred bytes; the bound keeps a forged one from inflating without limit.
 MAX_BODY = 1 << 16
+# Record types are small numbers (BEGIN 0 .. REDACT 10); a position names one after BEGIN.
+MAX_RECORD_TYPE = 64
 
 
 # ZFS's own rule for dataset names: components of letters, digits and "_.: -", at most 255 bytes.
@@ -40,9 +42,19 @@ class ResumeToken:
     fingerprint: str
     # Letters of the `zfs send` flags (-L -e -c -w) the interrupted stream was made with.
     send_flags: str = ""
+    # The record the next piece starts with (its type, object and offset), when the receiver recorded
+    # it: an OpenZFS source then resumes there with `zfs send -t` instead of re-reading up to `offset`.
+    next_kind: int | None = None
+    next_object: int | None = None
+    next_offset: int | None = None
+
+    @property
+    def has_position(self) -> bool:
+        return self.next_kind is not None
 
     def encode(self) -> str:
-        return seal(TOKEN_PREFIX, asdict(self))
+        # Absent, not null, when unknown: a token without a position stays what older snapferry made and reads.
+        return seal(TOKEN_PREFIX, {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("next_")})
 
     @classmethod
     def decode(cls, text: str) -> ResumeToken:
@@ -68,10 +80,15 @@ class ResumeToken:
             raise MalformedToken("malformed token: its destination is not a ZFS dataset name")
         if not isinstance(self.send_flags, str) or not set(self.send_flags) <= set("Lecw"):
             raise MalformedToken("malformed token: bad send flags")
+        position = (self.next_kind, self.next_object, self.next_offset)
+        # All three or none; a record type after BEGIN.
+        in_range = all(type(v) is int and 0 <= v < 1 << 64 for v in position) and 0 < (self.next_kind or 0) < MAX_RECORD_TYPE
+        if position != (None, None, None) and not in_range:
+            raise MalformedToken("malformed token: its next record's position is out of range")
 
     def describe(self) -> dict[str, object]:
         """Fields for `token --decode`; guids as decimal strings, as `zfs get guid` prints them."""
-        fields: dict[str, object] = asdict(self)
+        fields: dict[str, object] = {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("next_")}
         for key in ("toguid", "fromguid", "checkpoint_guid"):
             fields[key] = str(fields[key])
         return fields

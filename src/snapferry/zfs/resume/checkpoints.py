@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from snapferry.zfs.codec.token import ResumeToken
+from snapferry.errors import SnapferryError
+from snapferry.zfs.codec.token import MAX_RECORD_TYPE, ResumeToken
 from snapferry.zfs.engine.command import Snapshot, Zfs
 
 PREFIX = "snapferry"
@@ -17,6 +18,11 @@ _CHECKPOINT = re.compile(
     rf"^{PREFIX}-(?P<toguid>[0-9a-f]{{16}})-(?P<fromguid>[0-9a-f]{{16}})-(?P<seq>\d+)"
     r"-(?P<end>[0-9a-f]+)-(?P<fpfrom>[0-9a-f]+)-(?P<fp>[0-9a-f]{16})(?:-(?P<flags>[Lecw]+))?$"
 )
+# The user property on a checkpoint that names the record the next piece starts with (see docs/design.md,
+# "Jumping"): `<type>:<object hex>:<offset hex>`. Set right after the rename; without it there is no jump.
+NEXT_PROPERTY = "snapferry:next"
+_NEXT = re.compile(r"^(?P<kind>\d{1,2}):(?P<object>[0-9a-f]{1,16}):(?P<offset>[0-9a-f]{1,16})$")
+
 # The longest checkpoint name: prefix, two guids, generous widths for seq and offsets, send flags.
 MAX_CHECKPOINT_NAME = len(PREFIX) + 1 + 17 + 17 + 9 + 17 + 17 + 16 + 5
 
@@ -63,10 +69,12 @@ class Transfer:
     def pieces(self) -> list[Snapshot]:
         return [c.snapshot for c in self.checkpoints] + self.open_pieces
 
-    def token(self) -> ResumeToken | None:
+    def token(self, next_record: tuple[int, int, int] | None = None) -> ResumeToken | None:
+        """`next_record`: the last checkpoint's (type, object, offset) of the record after it, if recorded."""
         last = self.last
         if last is None:
             return None
+        kind, obj, offset = next_record or (None, None, None)
         return ResumeToken(
             dataset=self.dataset,
             toguid=self.toguid,
@@ -77,6 +85,9 @@ class Transfer:
             fingerprint_from=last.fingerprint_from,
             fingerprint=last.fingerprint,
             send_flags=last.send_flags,
+            next_kind=kind,
+            next_object=obj,
+            next_offset=offset,
         )
 
 
@@ -103,10 +114,31 @@ def find_transfers(snapshots: list[Snapshot], dataset: str) -> list[Transfer]:
     return list(transfers.values())
 
 
-def latest_token(transfers: list[Transfer]) -> ResumeToken | None:
-    """The token of the newest unfinished transfer that has a checkpoint, if any."""
-    tokens = [t.token() for t in transfers if not t.complete]
-    return next((t for t in reversed(tokens) if t is not None), None)
+def positioned_token(zfs: Zfs, transfers: list[Transfer]) -> ResumeToken | None:
+    """The token of the newest unfinished transfer that has a checkpoint, if any, with the position of the next
+    record when its checkpoint has one recorded (a source on OpenZFS can then jump there)."""
+    unfinished = [t for t in transfers if not t.complete and t.last is not None]
+    if not unfinished:
+        return None
+    transfer = unfinished[-1]
+    assert transfer.last is not None
+    return transfer.token(read_next_record(zfs, transfer.last.snapshot.name))
+
+
+def next_record_value(kind: int, obj: int, offset: int) -> str:
+    return f"{kind}:{obj:x}:{offset:x}"
+
+
+def read_next_record(zfs: Zfs, checkpoint: str) -> tuple[int, int, int] | None:
+    """The (type, object, offset) recorded on a checkpoint; None if it has none (or it cannot be read: then no jump)."""
+    try:
+        table = zfs.get_properties(checkpoint, NEXT_PROPERTY)
+    except SnapferryError:
+        return None
+    match = _NEXT.match(table.get(checkpoint, {}).get(NEXT_PROPERTY, ""))
+    if match is None or not 0 < int(match["kind"]) < MAX_RECORD_TYPE:
+        return None
+    return int(match["kind"]), int(match["object"], 16), int(match["offset"], 16)
 
 
 def read_transfers(zfs: Zfs, dataset: str) -> tuple[list[Snapshot], list[Transfer]]:

@@ -12,14 +12,17 @@ from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
-from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
+from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload, record_position
 from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import (
     MAX_CHECKPOINT_NAME,
+    NEXT_PROPERTY,
     Transfer,
     checkpoint_name,
+    next_record_value,
     open_name,
+    read_next_record,
     read_transfers,
 )
 from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_pieces
@@ -48,6 +51,8 @@ class _Position:
     fingerprint_from: int
     force: bool
     unmounted: bool = False
+    # A continuation's first record (at fingerprint_from) as the last checkpoint recorded it: (type, object, offset).
+    expect_first: tuple[int, int, int] | None = None
 
 
 class _Piece:
@@ -243,7 +248,8 @@ class PieceReceiver:
         self.events("resume", dataset=self.dataset, offset=last.end, seq=last.seq)
         # A raw continuation starts with a copy of the OBJECT_RANGE in effect, placed just before `end`.
         first = last.end - HEADER_SIZE if begin.is_raw else last.end
-        return _Position(transfer.fromguid, last.seq + 1, last.snapshot.guid, first, last.end, force=True)
+        expect = read_next_record(self.zfs, last.snapshot.name)
+        return _Position(transfer.fromguid, last.seq + 1, last.snapshot.guid, first, last.end, force=True, expect_first=expect)
 
     def _start(self, begin: Begin, begin_bytes: bytes, snapshots: list[Snapshot]) -> _Position:
         if any(s.guid == begin.toguid for s in snapshots):
@@ -288,6 +294,8 @@ class PieceReceiver:
         )
         self.zfs.rename(f"{self.dataset}@{piece.begin.snapshot_name}", f"{self.dataset}@{name}")
         self.events("checkpoint", dataset=self.dataset, seq=pos.seq, offset=boundary.offset, piece_bytes=piece.size)
+        if begin.sender_can_resume and boundary.kind != RecordType.END:
+            self._record_next(f"{self.dataset}@{name}", boundary)
         if self.on_checkpoint is not None:
             self.on_checkpoint()
         if not pos.unmounted:
@@ -298,6 +306,27 @@ class PieceReceiver:
         pos.seq += 1
         pos.base_guid = piece.begin.toguid
         pos.force = True
+
+    def _check_first(self, record: Record, expected: tuple[int, int, int]) -> None:
+        """A continuation made by a jump (jump.py) is only as right as its token's position: it must start with the
+        record this checkpoint was cut before, or it would skip or repeat part of the stream."""
+        found = (record.kind, *record_position(record.kind, record.header))
+        if found != expected:
+            kind = RecordType(expected[0]).name if expected[0] in RecordType._value2member_map_ else str(expected[0])
+            raise Refused(
+                f"this continuation starts with a {record.kind.name} record of object {found[1]} offset {found[2]:#x}, but the "
+                f"checkpoint is followed by a {kind} record of object {expected[1]} offset {expected[2]:#x}: its token was altered; "
+                f"get a fresh one with: snapferry token {self.dataset}"
+            )
+
+    def _record_next(self, checkpoint: str, boundary: Record) -> None:
+        """Name on the checkpoint the record the next piece starts with, so that an OpenZFS source can resume
+        there with `zfs send -t` (docs/design.md, "Jumping"). Without it a resume re-reads the prefix: no harm."""
+        value = next_record_value(boundary.kind, *record_position(boundary.kind, boundary.header))
+        try:
+            self.zfs.set_property(checkpoint, NEXT_PROPERTY, value)
+        except SnapferryError as exc:
+            self.events("warning", message=f"{exc}; a resume from this checkpoint re-reads the stream up to it")
 
     def receive_substream(self, reader: StreamReader, begin: Begin, begin_bytes: bytes) -> None:
         """One substream (its BEGIN already read) into the dataset, checkpointing as it goes."""
@@ -318,6 +347,9 @@ class PieceReceiver:
                     break
                 if begin.is_raw and record.offset < pos.fingerprint_from and record.kind != RecordType.OBJECT_RANGE:
                     raise StreamFormatError("this continuation of a raw stream does not start with its OBJECT_RANGE record")
+                if pos.expect_first is not None and record.offset == pos.fingerprint_from:
+                    self._check_first(record, pos.expect_first)
+                    pos.expect_first = None
                 can_cut = not begin.is_raw or object_range is not None
                 if piece is not None and piece.size and piece.size + record.size > self.checkpoint_size and can_cut:
                     self._commit(piece, begin, pos, record)

@@ -14,6 +14,7 @@ from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fing
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import is_piece
+from snapferry.zfs.resume.jump import send_jump, why_no_jump
 
 
 @contextmanager
@@ -102,7 +103,8 @@ def send_continuation(
     visible: Callable[[str], bool] = lambda dataset: True,
     named_as_source: bool = False,
 ) -> int:
-    """Regenerate the source stream, check its prefix against the token, and send the rest.
+    """Send the rest: from the checkpoint's next record with `zfs send -t` where the source can (jump.py), else by
+    regenerating the source stream and checking its prefix against the token.
 
     The output is an incremental stream from the token's checkpoint snapshot to the source
     snapshot, so `snapferry receive -s` continues the chain and plain `zfs receive` accepts it.
@@ -125,6 +127,14 @@ def send_continuation(
                 f"stale token: the base snapshot of this incremental (guid {token.fromguid}) no longer exists "
                 f"in {source.dataset}; discard the partial transfer with: snapferry receive -A {token.dataset}"
             )
+    fs = source.dataset if named_as_source else token.dataset
+    reason = why_no_jump(zfs, token, source)
+    if reason is None:
+        jumped = send_jump(zfs, token, source, f"{fs}@{source.short_name}", sink, events)
+        if jumped is not None:
+            return jumped
+    else:
+        events("jump", taken=False, reason=reason)
     flags = [f"-{letter}" for letter in token.send_flags]
     with zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
@@ -156,7 +166,6 @@ def send_continuation(
                         f"{token.fingerprint}); discard the partial transfer with: snapferry receive -A {token.dataset}"
                     )
                 writer = StampedWriter(sink)
-                fs = source.dataset if named_as_source else token.dataset
                 writer.begin(
                     begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
                     chained_begin_payload(begin, begin_bytes[HEADER_SIZE:]),
@@ -173,6 +182,7 @@ def send_continuation(
             if writer.bytes_written >= next_progress:
                 events("progress", bytes=writer.bytes_written, offset=record.end_offset)
                 next_progress = writer.bytes_written + PROGRESS_STEP
+        source_bytes = reader.bytes_read
     assert writer is not None
-    events("done", bytes=writer.bytes_written)
+    events("done", bytes=writer.bytes_written, source_bytes=source_bytes)
     return writer.bytes_written

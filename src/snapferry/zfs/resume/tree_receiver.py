@@ -14,7 +14,7 @@ from snapferry.zfs.codec.replication import FileSystem, ReplicationHeader, prope
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import Zfs
-from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, latest_token
+from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, positioned_token
 from snapferry.zfs.resume.receiver import Package, PieceReceiver, resume_hint
 
 # Set on the dataset that receives the source root while a tree transfer is unfinished: the tree's
@@ -180,7 +180,7 @@ def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
     for dataset in [name for name in zfs.get_properties(top, "type", recursive_depth=1 << 16) if "@" not in name]:
         snapshots = zfs.snapshots(dataset)
         have |= {s.guid for s in snapshots if not is_piece(s)}
-        partial = partial or latest_token(find_transfers(snapshots, dataset))
+        partial = partial or positioned_token(zfs, find_transfers(snapshots, dataset))
     if partial is None:
         partial = next((NativePartial(name, text) for name, text in zfs.resume_tokens(top).items()), None)
     return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(have), partial)
