@@ -12,7 +12,7 @@ from pathlib import Path
 from snapferry_testkit import zfs_testbed as tb
 from snapferry_testkit.sshd_server import SshServer
 from tests.test_serve import restricted_key
-from tests.test_sync import (  # noqa: F401  (throttle and background are fixtures)
+from tests.test_sync import (  # noqa: F401  (background is a fixture)
     background,
     checkpoints,
     logged_bytes,
@@ -20,7 +20,6 @@ from tests.test_sync import (  # noqa: F401  (throttle and background are fixtur
     ssh_clients,
     start_sync,
     sync_argv,
-    throttle,
     wait_for,
 )
 
@@ -216,7 +215,6 @@ def test_a_tree_over_a_link_that_is_cut_then_a_daemon_restart(  # noqa: F811  (f
     bed: tb.Bed,
     ssh_command: str,
     remote_snapferry: str,
-    throttle: Path,  # noqa: F811
     tmp_path: Path,
     background: list[subprocess.Popen[bytes]],  # noqa: F811
 ) -> None:
@@ -227,7 +225,7 @@ def test_a_tree_over_a_link_that_is_cut_then_a_daemon_restart(  # noqa: F811  (f
     dst = bed.target("cuttree")
     log, err = tmp_path / "bytes.log", tmp_path / "sync.err"
     args = ["--json", "--compress", "none", "--checkpoint", "1M", "-r", src, f"{REMOTE}:{dst}"]
-    proc = start_sync(background, sync_argv(slow_ssh(throttle, ssh_command, log), remote_snapferry, *args), err)
+    proc = start_sync(background, sync_argv(slow_ssh(ssh_command, log), remote_snapferry, *args), err)
     wait_for(lambda: checkpoints(f"{dst}/a"), 120, "a checkpoint in the second dataset", proc, err)
     for pid in ssh_clients(proc.pid):
         os.kill(pid, signal.SIGKILL)
@@ -241,7 +239,7 @@ def test_a_tree_over_a_link_that_is_cut_then_a_daemon_restart(  # noqa: F811  (f
 
     _change(src, "s2", seed=500)
     err2 = tmp_path / "sync2.err"
-    proc = start_sync(background, sync_argv(slow_ssh(throttle, ssh_command, tmp_path / "bytes2.log"), remote_snapferry, *args), err2)
+    proc = start_sync(background, sync_argv(slow_ssh(ssh_command, tmp_path / "bytes2.log"), remote_snapferry, *args), err2)
     wait_for(lambda: any(checkpoints(f"{dst}{c}") for c in ("", "/a", "/e", "/h")), 120, "a checkpoint of an incremental", proc, err2)
     tb.reboot_daemon([bed.src.directory, bed.dst.directory], [bed.src.name, bed.dst.name])
     assert proc.wait(timeout=600) == 0, err2.read_text()[-3000:]
