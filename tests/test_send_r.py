@@ -308,3 +308,46 @@ def test_F_of_an_incremental_tree_destroys_what_the_source_does_not_have(bed: tb
     assert not tb.exists(f"{top}/d/only_here") and not tb.exists(f"{top}/a/b@only_here")
     _finish(target, stream, "-F")
     _assert_same_tree(top, _reference(bed, tree, "rref_all", f"{tree}@s3"))
+
+
+def test_send_t_refuses_a_renamed_file_system_and_notes_what_is_left_for_the_next_incremental(bed: tb.Bed) -> None:
+    """A file system renamed on the source since the cut would land in a second place: refused. One added since (no
+    @s2), and a snapshot newer than @s2, are left for the next incremental, and said so."""
+    root = bed.dataset("rmoved")
+    for dataset in (root, f"{root}/x", f"{root}/y"):
+        tb.sh("zfs", "create", dataset)
+        _write(tb.mountpoint(dataset) / "data", random.Random(len(dataset)), 0)
+    tb.sh("zfs", "snapshot", "-r", f"{root}@s1")
+    for dataset in (root, f"{root}/x", f"{root}/y"):
+        _write(tb.mountpoint(dataset) / "data", random.Random(len(dataset)), 1)
+    tb.sh("zfs", "snapshot", "-r", f"{root}@s2")
+
+    def cut_in_the_second_child_snapshot(target: str) -> str:
+        stream = tb.send_bytes("-R", f"{root}@s2")
+        starts = _substream_starts(stream)  # root@s1, root@s2, then each child's s1 and s2
+        tb.sh("zfs", "create", target)
+        cut = tb.receive(target, stream[: starts[3] + 4096], "-d", checkpoint=CHECKPOINT)
+        assert cut.returncode == 3 or "I/O error" in cut.stderr, cut.stderr
+        return tb.token(target)
+
+    token = cut_in_the_second_child_snapshot(bed.target("rmoved"))
+    tb.rename(f"{root}/x", f"{root}/z")  # zfs-fuse calls it busy for a while after: it is not renamed back here
+    moved = tb.snapferry("send", "-t", token)
+    assert moved.returncode == 4 and moved.stdout == b"", moved.stderr
+    assert f"stale token: {root}/z was renamed on the source since the transfer began" in moved.stderr
+    assert moved.stderr.count("\n") == 1
+
+    target = bed.target("radded")
+    token = cut_in_the_second_child_snapshot(target)
+    tb.sh("zfs", "create", f"{root}/added")
+    tb.sh("zfs", "snapshot", f"{root}@s3")
+    rest = tb.snapferry("send", "--json", "-t", token)
+    assert rest.returncode == 0, rest.stderr
+    warnings = [e["message"] for e in map(json.loads, rest.stderr.splitlines()) if e["event"] == "warning"]
+    left = f"have no @s2 (made since the transfer began?): they are left for the next incremental ({root}/added)"
+    assert any(left in w for w in warnings), warnings
+    assert "1 snapshot(s) newer than @s2 are left for the next incremental" in warnings
+    done = tb.receive(target, rest.stdout, "-d", checkpoint=CHECKPOINT)
+    assert done.returncode == 0, done.stderr
+    top = f"{target}/{root.partition('/')[2]}"
+    assert sorted(tb.sh("zfs", "list", "-H", "-r", "-o", "name", top).stdout.decode().split()) == [top, f"{top}/y", f"{top}/z"]

@@ -27,12 +27,21 @@ def sh(*argv: str, check: bool = True, input: bytes | None = None) -> subprocess
 
 def destroy(*args: str) -> None:
     """`zfs destroy ARGS`, tried again for a moment while zfs-fuse calls it busy (a mount or a send that just ended)."""
+    while_busy("destroy", *args)
+
+
+def rename(old: str, new: str) -> None:
+    """`zfs rename`, tried again for a moment while zfs-fuse calls the dataset busy."""
+    while_busy("rename", old, new)
+
+
+def while_busy(*args: str) -> None:
     for attempt in range(10):
-        proc = sh("zfs", "destroy", *args, check=False)
+        proc = sh("zfs", *args, check=False)
         if proc.returncode == 0:
             return
         if b"busy" not in proc.stderr or attempt == 9:
-            raise AssertionError(f"zfs destroy {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
+            raise AssertionError(f"zfs {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
         time.sleep(0.2 * (attempt + 1))
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from snapferry.core.seal import UNSEAL_ERRORS, seal, unseal
@@ -60,15 +61,21 @@ class TreeToken:
     intermediates: bool  # -I (every snapshot between) rather than -i
     have: frozenset[int]
     partial: Partial | None
+    # Where below `target` each of `have` is ("" for the target itself, "/a/b" below it): a file system renamed
+    # on the source since shows there. Empty in a token of an older snapferry, which listed the guids alone.
+    where: Mapping[int, str] = field(default_factory=dict)
 
     def encode(self) -> str:
+        have_at: dict[str, list[str]] = {}
+        for guid in sorted(self.have):
+            have_at.setdefault(self.where.get(guid, ""), []).append(f"{guid:x}")
         fields: dict[str, object] = {
             "target": self.target,
             "root": self.root,
             "tosnap": self.tosnap,
             "fromsnap": self.fromsnap,
             "intermediates": self.intermediates,
-            "have": sorted(f"{guid:x}" for guid in self.have),
+            "have_at": have_at,
             "partial": self._partial_text(),
         }
         if isinstance(self.partial, NativePartial):
@@ -82,14 +89,17 @@ class TreeToken:
             raise MalformedToken(f"malformed token: a tree token starts with {TREE_TOKEN_PREFIX!r}")
         try:
             fields: Any = unseal(TREE_TOKEN_PREFIX, text, MAX_TREE_BODY)
+            have_at = fields["have_at"] if "have_at" in fields else {"": fields["have"]}
+            where = {int(guid, 16): below for below, guids in have_at.items() for guid in guids}
             token = cls(
                 target=fields["target"],
                 root=fields["root"],
                 tosnap=fields["tosnap"],
                 fromsnap=fields["fromsnap"],
                 intermediates=fields["intermediates"],
-                have=frozenset(int(guid, 16) for guid in fields["have"]),
+                have=frozenset(where),
                 partial=_partial(fields["partial"], fields.get("partial_dataset")),
+                where=where if "have_at" in fields else {},
             )
         except (*UNSEAL_ERRORS, KeyError, AttributeError) as exc:
             raise MalformedToken(f"malformed token: {exc}; copy it again from `snapferry token DATASET`") from None
@@ -105,6 +115,10 @@ class TreeToken:
                 raise MalformedToken(f"malformed token: {snap!r} is not a snapshot name")
         if not isinstance(self.intermediates, bool) or any(not 0 < guid < 1 << 64 for guid in self.have):
             raise MalformedToken("malformed token: bad intermediates flag or snapshot guid")
+        for below in self.where.values():
+            parts = below.split("/")[1:]  # JSON object keys: always strings
+            if below and (not below.startswith("/") or not is_dataset_name(f"{self.target}{below}") or {".", ".."} & set(parts)):
+                raise MalformedToken(f"malformed token: {below!r} is not a file system below {self.target}")
         if isinstance(self.partial, NativePartial) and not is_dataset_name(self.partial.dataset):
             raise MalformedToken(f"malformed token: {self.partial.dataset!r} is not a dataset name")
 

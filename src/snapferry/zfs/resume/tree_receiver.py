@@ -175,15 +175,15 @@ def tree_token(zfs: Zfs, target: str) -> TreeToken | None:
         root, tosnap, fromsnap, intermediates = state["root"], state["tosnap"], state["fromsnap"], bool(state["intermediates"])
     except (ValueError, KeyError, TypeError):
         raise Refused(f"{top}: its {TREE_PROPERTY} property is damaged; clear it with: zfs inherit {TREE_PROPERTY} {top}") from None
-    have: set[int] = set()
+    where: dict[int, str] = {}
     partial: Partial | None = None
     for dataset in [name for name in zfs.get_properties(top, "type", recursive_depth=1 << 16) if "@" not in name]:
         snapshots = zfs.snapshots(dataset)
-        have |= {s.guid for s in snapshots if not is_piece(s)}
+        where |= {s.guid: dataset[len(top) :] for s in snapshots if not is_piece(s)}
         partial = partial or positioned_token(zfs, find_transfers(snapshots, dataset))
     if partial is None:
         partial = next((NativePartial(name, text) for name, text in zfs.resume_tokens(top).items()), None)
-    return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(have), partial)
+    return TreeToken(top, root, tosnap, fromsnap, intermediates, frozenset(where), partial, where)
 
 
 def forget_tree(zfs: Zfs, token: TreeToken) -> str:

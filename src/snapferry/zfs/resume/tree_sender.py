@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
@@ -41,27 +41,66 @@ def compound_header_of(zfs: Zfs, snapshot: str, base: str | None, intermediates:
         proc.stop()
 
 
-def plan_tree(zfs: Zfs, root: str, tosnap: str, fromsnap: str | None, intermediates: bool) -> list[Substream]:
+@dataclass
+class TreePlan:
+    """The substreams of a tree, and what of the source tree they leave out: file systems without the tree's
+    snapshot, and snapshots newer than it (both made since a transfer began, most often)."""
+
+    substreams: list[Substream] = field(default_factory=list)
+    without_tosnap: list[str] = field(default_factory=list)
+    newer: int = 0
+
+
+def plan_tree(zfs: Zfs, root: str, tosnap: str, fromsnap: str | None, intermediates: bool) -> TreePlan:
     """The substreams of `zfs send -R [-i|-I @fromsnap] root@tosnap`, parents first, each file system's oldest first.
 
     A file system without @tosnap is not part of the tree; one without @fromsnap (new since) goes in whole.
     """
     filesystems = [name for name in zfs.get_properties(root, "type", recursive_depth=1 << 16) if "@" not in name]
-    plan: list[Substream] = []
+    plan = TreePlan()
     for dataset in filesystems:
         snapshots = [s for s in zfs.snapshots(dataset) if not is_piece(s)]
         names = [s.name.partition("@")[2] for s in snapshots]
         if tosnap not in names:
+            plan.without_tosnap.append(dataset)
             continue
         last = names.index(tosnap)
+        plan.newer += len(names) - last - 1
         if fromsnap is not None and fromsnap in names[:last]:
             first = names.index(fromsnap)
             chain = snapshots[first : last + 1] if intermediates else [snapshots[first], snapshots[last]]
-            plan += [Substream(snap, base) for base, snap in zip(chain, chain[1:], strict=False)]
+            plan.substreams += [Substream(snap, base) for base, snap in zip(chain, chain[1:], strict=False)]
         else:
             chain = snapshots[: last + 1]
-            plan += [Substream(snap, base) for base, snap in zip([None, *chain], chain, strict=False)]
+            plan.substreams += [Substream(snap, base) for base, snap in zip([None, *chain], chain, strict=False)]
     return plan
+
+
+def _check_names(plan: TreePlan, token: TreeToken) -> None:
+    """Each file system's snapshots that the destination has must be where the source has them now: a file system
+    renamed on the source since the transfer began would land in a second place on the destination."""
+    partial = token.partial
+    for sub in plan.substreams:
+        dataset = sub.snapshot.dataset
+        here = dataset[len(token.root) :]
+        there = token.where.get(sub.base.guid if sub.base else 0)
+        if partial is not None and sub.snapshot.guid == partial.toguid and partial.dataset.startswith(token.target):
+            there = partial.dataset[len(token.target) :]
+        if there is not None and there != here:
+            raise StaleToken(
+                f"stale token: {dataset} was renamed on the source since the transfer began (the destination holds its "
+                f"snapshots in {token.target}{there}); rename it back, or discard the partial transfer with: "
+                f"snapferry receive -A {token.target}"
+            )
+
+
+def _note_left_out(plan: TreePlan, root: str, tosnap: str, events: EventSink) -> None:
+    if plan.without_tosnap:
+        names = ", ".join(plan.without_tosnap[:5]) + (" ..." if len(plan.without_tosnap) > 5 else "")
+        events("warning", message=f"{len(plan.without_tosnap)} file system(s) below {root} have no @{tosnap} (made since the "
+               f"transfer began?): they are left for the next incremental ({names})")  # fmt: skip
+    if plan.newer:
+        events("warning", message=f"{plan.newer} snapshot(s) newer than @{tosnap} are left for the next incremental")
 
 
 def send_tree(
@@ -79,7 +118,7 @@ def send_tree(
     if base and not zfs.exists(f"{root}@{fromsnap}"):
         raise Refused(f"no snapshot {root}@{fromsnap}")
     header = compound_header_of(zfs, snapshot, f"{root}@{fromsnap}" if fromsnap else None, intermediates)
-    return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates), sink, None, _within(root), events)
+    return _emit(zfs, header, plan_tree(zfs, root, tosnap, fromsnap, intermediates).substreams, sink, None, _within(root), events)
 
 
 def send_tree_rest(
@@ -102,14 +141,16 @@ def send_tree_rest(
         # The kernel's own checks first, each with its reason: snapshot gone, replaced, base gone.
         check_native_token(zfs, partial.token, (), _within(token.root), discard=f"snapferry receive -A {token.target}")
     plan = plan_tree(zfs, token.root, token.tosnap, token.fromsnap, token.intermediates)
-    rest = [sub for sub in plan if sub.snapshot.guid not in token.have]
+    _check_names(plan, token)
+    rest = [sub for sub in plan.substreams if sub.snapshot.guid not in token.have]
     if partial is not None and not any(s.snapshot.guid == partial.toguid and _guid(s.base) == partial.fromguid for s in rest):
         raise StaleToken(
             f"stale token: the snapshot its partial dataset was receiving (guid {partial.toguid}) is no longer part of "
             f"{snapshot}'s tree; discard the partial transfer with: snapferry receive -A {token.target}"
         )
     header = compound_header_of(zfs, snapshot, base, token.intermediates)
-    events("stream", toname=snapshot, offset=0, substreams=len(rest), of=len(plan))
+    _note_left_out(plan, token.root, token.tosnap, events)
+    events("stream", toname=snapshot, offset=0, substreams=len(rest), of=len(plan.substreams))
     return _emit(zfs, header, rest, sink, partial, _within(token.root), events)
 
 
