@@ -19,6 +19,7 @@ from fuzz import btrfs_targets as btrfs
 from fuzz import native_targets as native
 from fuzz import offsite_targets as offsite
 from fuzz import replication_targets as replication
+from fuzz import tree_token_targets as tree_tokens
 from fuzz.contract import OK, Errors, attempt, check, outcome
 from snapferry.core.streamio import Readable
 from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
@@ -812,6 +813,7 @@ TARGETS: dict[str, Target] = {
             1 << 14,
         ),
         Target("btrfs-token", "BtrfsToken.decode (sf1b- tokens)", btrfs.run_btrfs_token, btrfs.btrfs_token_seeds, 2048),
+        Target("tree-token", "TreeToken.decode (sf1r- tokens of -R trees)", tree_tokens.run_tree_token, tree_tokens.tree_token_seeds, 4096),
         Target(
             "offsite-record",
             "StoredSnapshot.decode (a bucket's upload.json and manifest.json) and chunk names",

@@ -49,6 +49,7 @@ BUDGET = {
     "btrfs-continuation": 600,
     "btrfs-token": 800,
     "offsite-record": 800,
+    "tree-token": 800,
 }
 
 

@@ -13,7 +13,7 @@ import io
 import json
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
@@ -328,7 +328,7 @@ def _openzfs(packed: bytes, *, compressed: bytes | None = None, length: int | No
 
 def token_cases() -> list[Case]:
     token = ResumeToken("pool/fs", 11, 0, 12, 1, 1 << 20, 312, "0123456789abcdef")
-    body = json.dumps(asdict(token), separators=(",", ":"), sort_keys=True).encode()
+    body = json.dumps(token.fields(), separators=(",", ":"), sort_keys=True).encode()
     good = token.encode()
     again = r"; copy it again from `snapferry token DATASET`$"
     openzfs = OpenZfsToken(object=5, offset=1 << 20, bytes=3 << 20, toguid=0xABC, toname="pool/fs@s1", fromguid=0xDEF, compressok=True)

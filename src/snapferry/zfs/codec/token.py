@@ -52,9 +52,13 @@ class ResumeToken:
     def has_position(self) -> bool:
         return self.next_kind is not None
 
+    def fields(self) -> dict[str, object]:
+        """The token's JSON body. The position is absent, not null, when unknown: a token without one stays what
+        older snapferry made and reads."""
+        return {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("next_")}
+
     def encode(self) -> str:
-        # Absent, not null, when unknown: a token without a position stays what older snapferry made and reads.
-        return seal(TOKEN_PREFIX, {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("next_")})
+        return seal(TOKEN_PREFIX, self.fields())
 
     @classmethod
     def decode(cls, text: str) -> ResumeToken:
