@@ -12,13 +12,16 @@ from dataclasses import replace
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.streamio import Readable, Sink, write_all
-from snapferry.errors import DatasetMissing, NothingToDo, SnapferryError, StoredChunkDamaged, UsageError
+from snapferry.errors import CommandFailed, DatasetMissing, NothingToDo, SnapferryError, StoredChunkDamaged, UsageError
 from snapferry.interface import Backend, ReceiveRequest
 from snapferry.offsite.bucket import Bucket
 from snapferry.offsite.catalog import Entry, chain_to, dataset_entries, walk
 from snapferry.offsite.chunkseal import ChunkSeal
 from snapferry.offsite.download import StoredStream
 from snapferry.offsite.layout import BucketUrl, StoredSnapshot, chunk_key, parse_chunk_key
+
+# Tries of one stored snapshot's receive that the receiving command failed with an I/O error.
+RECEIVE_ATTEMPTS = 3
 
 
 def seal_for(record: StoredSnapshot, key_material: bytes | None, where: str) -> ChunkSeal:
@@ -84,20 +87,41 @@ def restore(
         raise NothingToDo(f"{target} already has {url.snapshot}")
     received: list[str] = []
     for entry in chain[start:]:
-        where = _address(bucket, entry)
-        seal = seal_for(entry.record, key_material, where)
         request = backend.restore_request(target, force, dict(entry.record.properties))
         if checkpoint:
             request = replace(request, checkpoint=checkpoint)
-        token = backend.resume_token(target, entry.record.snapshot)
-        if token is None:
-            events("restore", snapshot=entry.record.snapshot, source=where, bytes=entry.record.size)
-            with StoredStream(bucket, seal, entry.dataset_key, entry.record, ahead=jobs) as stream:
-                received += backend.receive(request, stream, events)
-            continue
-        events("resume", snapshot=entry.record.snapshot, source=where)
-        received += _resume_link(backend, bucket, entry, seal, request, token, events, jobs)
+        for attempt in range(1, RECEIVE_ATTEMPTS + 1):
+            try:
+                received += _apply_link(backend, bucket, entry, key_material, request, events, jobs)
+                break
+            except CommandFailed as exc:
+                # zfs-fuse now and then answers a receive "I/O error" (docs/RELIABILITY.md): what was committed
+                # stays, and the next attempt goes on from it.
+                if "I/O error" not in str(exc) or attempt == RECEIVE_ATTEMPTS:
+                    raise
+                events("warning", message=f"{exc}; trying again from the last checkpoint ({attempt} of {RECEIVE_ATTEMPTS})")
     return received
+
+
+def _apply_link(
+    backend: Backend,
+    bucket: Bucket,
+    entry: Entry,
+    key_material: bytes | None,
+    request: ReceiveRequest,
+    events: EventSink,
+    jobs: int,
+) -> list[str]:
+    """One stored snapshot into the target: whole, or from the receiver's last checkpoint when it has one."""
+    where = _address(bucket, entry)
+    seal = seal_for(entry.record, key_material, where)
+    token = backend.resume_token(request.target, entry.record.snapshot)
+    if token is None:
+        events("restore", snapshot=entry.record.snapshot, source=where, bytes=entry.record.size)
+        with StoredStream(bucket, seal, entry.dataset_key, entry.record, ahead=jobs) as stream:
+            return backend.receive(request, stream, events)
+    events("resume", snapshot=entry.record.snapshot, source=where)
+    return _resume_link(backend, bucket, entry, seal, request, token, events, jobs)
 
 
 def restore_tree(
