@@ -328,6 +328,9 @@ def test_send_t_refuses_a_renamed_file_system_and_notes_what_is_left_for_the_nex
         tb.sh("zfs", "create", target)
         cut = tb.receive(target, stream[: starts[3] + 4096], "-d", checkpoint=CHECKPOINT)
         assert cut.returncode == 3 or "I/O error" in cut.stderr, cut.stderr
+        if cut.returncode == 3:  # before the snapshot's first checkpoint: the tree still resumes
+            kept = "was kept, the tree's snapshots before it are; resume with: snapferry send -t $(snapferry token"
+            assert kept in cut.stderr, cut.stderr
         return tb.token(target)
 
     token = cut_in_the_second_child_snapshot(bed.target("rmoved"))

@@ -31,16 +31,16 @@ def destroy(*args: str) -> None:
 
 
 def rename(old: str, new: str) -> None:
-    """`zfs rename`, tried again for a moment while zfs-fuse calls the dataset busy."""
-    while_busy("rename", old, new)
+    """`zfs rename`, tried again while zfs-fuse calls the dataset busy (up to about 40 s: seen at 10 s)."""
+    while_busy("rename", old, new, attempts=20)
 
 
-def while_busy(*args: str) -> None:
-    for attempt in range(10):
+def while_busy(*args: str, attempts: int = 10) -> None:
+    for attempt in range(attempts):
         proc = sh("zfs", *args, check=False)
         if proc.returncode == 0:
             return
-        if b"busy" not in proc.stderr or attempt == 9:
+        if b"busy" not in proc.stderr or attempt == attempts - 1:
             raise AssertionError(f"zfs {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
         time.sleep(0.2 * (attempt + 1))
 

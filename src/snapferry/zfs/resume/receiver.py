@@ -29,6 +29,7 @@ from snapferry.zfs.resume.cleanup import discard_transfer, remove_finished_piece
 from snapferry.zfs.resume.mounts import mount_replica
 
 MAX_DATASET_NAME = 255
+NOTHING_KEPT = "no checkpoint was committed, so nothing is kept; send the stream again"
 
 # The records that make a piece's stream (given its BEGIN) a one-file-system package, before and after it: zfs
 # receive then sets the source's properties as received (replication.property_package).
@@ -402,7 +403,7 @@ class PieceReceiver:
     def _progress_note(self, pos: _Position, start_seq: int) -> str:
         committed = pos.seq - start_seq
         if pos.seq == 0:
-            return "no checkpoint was committed, so nothing is kept; send the stream again"
+            return NOTHING_KEPT
         return f"{committed} checkpoint(s) committed in this run, {pos.seq} in all; {resume_hint(self.dataset)}"
 
     def _after_corruption(self, exc: StreamIntegrityError, begin: Begin, start_seq: int, seq: int) -> StreamIntegrityError:

@@ -15,7 +15,7 @@ from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.tree_token import NativePartial, Partial, TreeToken
 from snapferry.zfs.engine.command import Zfs
 from snapferry.zfs.resume.checkpoints import find_transfers, is_piece, positioned_token
-from snapferry.zfs.resume.receiver import Package, PieceReceiver, resume_hint
+from snapferry.zfs.resume.receiver import NOTHING_KEPT, Package, PieceReceiver, resume_hint
 
 # Set on the dataset that receives the source root while a tree transfer is unfinished: the tree's
 # identity, which its token needs and the stream no longer says once it is cut. A user property is
@@ -113,7 +113,12 @@ class TreeReceiver:
             # Resuming the one dataset would leave the rest of the tree behind: the advice is the tree's.
             flags = f"-{self.prefix} " if self.prefix else ""
             tree_hint = hints.resume_hint(self.target, f"{flags}{self.target}")
-            raise type(exc)(str(exc).replace(resume_hint(into), tree_hint)) from None
+            message = str(exc).replace(resume_hint(into), tree_hint)
+            if NOTHING_KEPT in message and self.zfs.exists(top) and tree_top(self.zfs, top) is not None:
+                # Nothing of this snapshot, but the tree's snapshots before it are kept: the tree resumes.
+                kept = f"nothing of {sub.toname} was kept, the tree's snapshots before it are; {tree_hint}"
+                message = message.replace(NOTHING_KEPT, kept)
+            raise type(exc)(message) from None
         self._record_state(top)
         self.received += receiver.received
 
