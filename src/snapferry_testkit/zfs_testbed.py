@@ -30,12 +30,8 @@ def destroy(*args: str) -> None:
     while_busy("destroy", *args)
 
 
-def rename(old: str, new: str) -> None:
-    """`zfs rename`, tried again while zfs-fuse calls the dataset busy (up to about 40 s: seen at 10 s)."""
-    while_busy("rename", old, new, attempts=20)
-
-
 def while_busy(*args: str, attempts: int = 10) -> None:
+    """`zfs ARGS`, tried again while zfs-fuse calls the dataset busy."""
     for attempt in range(attempts):
         proc = sh("zfs", *args, check=False)
         if proc.returncode == 0:
