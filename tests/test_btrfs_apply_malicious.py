@@ -412,3 +412,34 @@ def test_out_of_space_is_resumable_out_of_space(evil: Evil) -> None:
                 applier.apply(Command.build(Cmd.WRITE, path="big", file_offset=i * len(chunk), data=chunk))
             os.sync()
             applier.apply(Command.build(Cmd.FALLOCATE, path="big", fallocate_mode=0, file_offset=0, size=64 << 20))
+
+
+def test_the_new_files_fd_follows_only_its_own_renames(evil: Evil) -> None:
+    """MKFILE keeps the new file open for the commands after it; a rename onto its name, or of a directory above it, drops that."""
+    b = Command.build
+    with BtrfsApplier(evil.target) as applier:
+        applier.apply_stream(
+            _stream(
+                _subvol_cmd("e_held"),
+                b(Cmd.MKDIR, path="d", ino=256),
+                b(Cmd.MKFILE, path="o1", ino=257),
+                b(Cmd.RENAME, path="o1", path_to="d/a"),
+                b(Cmd.WRITE, path="d/a", file_offset=0, data=b"first"),
+                b(Cmd.CHMOD, path="d/a", mode=0o640),
+                b(Cmd.MKFILE, path="o2", ino=258),
+                b(Cmd.RENAME, path="d/a", path_to="o2"),  # o2, the file held open, is replaced by d/a's inode
+                b(Cmd.WRITE, path="o2", file_offset=5, data=b"+second"),
+                b(Cmd.CHMOD, path="o2", mode=0o604),
+                b(Cmd.UTIMES, path="o2", atime=Timespec(5, 6), mtime=Timespec(7, 8), ctime=_T),
+                b(Cmd.MKFILE, path="d/c", ino=259),
+                b(Cmd.RENAME, path="d", path_to="e"),  # the held d/c is now e/c
+                b(Cmd.WRITE, path="e/c", file_offset=0, data=b"moved"),
+                b(Cmd.CHOWN, path="e/c", uid=11, gid=12),
+            )
+        )
+    root = evil.target / "e_held"
+    assert (root / "o2").read_bytes() == b"first+second"
+    st = os.stat(root / "o2")
+    assert stat.S_IMODE(st.st_mode) == 0o604 and st.st_mtime_ns == 7 * NS + 8 and st.st_atime_ns == 5 * NS + 6
+    assert not (root / "d").exists() and (root / "e" / "c").read_bytes() == b"moved"
+    assert (os.stat(root / "e" / "c").st_uid, os.stat(root / "e" / "c").st_gid) == (11, 12)

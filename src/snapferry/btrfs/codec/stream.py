@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import crc32c
@@ -177,6 +180,45 @@ def decode_command(kind: int, body: memoryview, version: int, offset: int = 0) -
     return command
 
 
+# The C decoder (_btrfsc.c) takes the commands that are well formed and hands every other one to
+# decode_command, which stays the reference (tests/test_btrfs_native.py compares the two) and the
+# fallback where there was no compiler. SNAPFERRY_PURE=1 turns it off.
+_built: ModuleType | None
+try:
+    _built = importlib.import_module("snapferry.btrfs.codec._btrfsc")
+except ImportError:
+    _built = None
+if _built is not None:
+    _built.configure(
+        tuple(_ATTRS.get(t) for t in range(32)),
+        tuple(
+            (
+                cmd.value,
+                int(cmd >= FIRST_V2_CMD),
+                tuple(-2 if t not in sizes else -1 if sizes[t] is None else sizes[t] for t in range(32)),
+                sum(1 << a.value for a in required),
+            )
+            for cmd, sizes, required in _RULES.values()
+        ),
+    )
+_native: Callable[[int, memoryview, int], dict[Attr, bytes | memoryview] | None] | None = (
+    None if _built is None or os.environ.get("SNAPFERRY_PURE") else _built.decode
+)
+
+
+def native_available() -> bool:
+    """Whether the C decoder was built and can be imported."""
+    return _built is not None
+
+
+def use_native(enabled: bool) -> bool:
+    """Switch between the C decoder and decode_command alone (for tests and benches); returns the previous setting."""
+    global _native
+    previous = _native is not None
+    _native = _built.decode if enabled and _built is not None else None
+    return previous
+
+
 def encode_command(command: Command, version: int) -> bytes:
     """The command's bytes, crc included; attributes in the command's order."""
     check_version(version)
@@ -267,6 +309,7 @@ class BtrfsStreamReader:
         source, version = self._source, self.version
         crc32c_of, blake2b, unpack_header = crc32c.crc32c, hashlib.blake2b, _CMD_HEADER.unpack
         offset, fingerprint = self.bytes_read, self.fingerprint
+        native = _native
         while True:
             header_view = memoryview(bytearray(CMD_HEADER_SIZE))
             # The common case, a whole header (or body) in one call, without read_exact's loop. The
@@ -305,7 +348,8 @@ class BtrfsStreamReader:
                 )
             size = CMD_HEADER_SIZE + length
             self.bytes_read = offset + size
-            command = decode_command(kind, view, version, offset)
+            attrs = native(kind, view, version) if native is not None else None
+            command = Command(_CMDS[kind], attrs) if attrs is not None else decode_command(kind, view, version, offset)
             # fingerprint_extend, inline: it runs once per command.
             fingerprint = self.fingerprint = blake2b(fingerprint + header, digest_size=FINGERPRINT_SIZE).digest()
             yield StreamCommand(offset, size, command, fingerprint, header, body)
