@@ -55,6 +55,9 @@ class BtrfsApplier:
     Every path is resolved component by component from the subvolume's directory fd without following
     symlinks, so a stream cannot write, link or reflink outside the subvolume it creates. Snapshot
     parents and clone sources are only taken from subvolumes under receive_root.
+    One file is held open for writing: the one a MKFILE created (following its RENAME) or the last one
+    written. Commands on that name use the fd (fchown, fchmod, futimens) instead of a path; any other
+    command that may change what a name means closes it.
     ENCODED_WRITE data goes in still compressed through BTRFS_IOC_ENCODED_WRITE; where the kernel
     refuses that ioctl (or `encoded_write=False`), zlib and zstd data is decompressed and written plainly
     and LZO is refused. FILEATTR, which stock `btrfs receive` ignores, is applied with FS_IOC_SETFLAGS;
