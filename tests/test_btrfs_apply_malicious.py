@@ -443,3 +443,30 @@ def test_the_new_files_fd_follows_only_its_own_renames(evil: Evil) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o604 and st.st_mtime_ns == 7 * NS + 8 and st.st_atime_ns == 5 * NS + 6
     assert not (root / "d").exists() and (root / "e" / "c").read_bytes() == b"moved"
     assert (os.stat(root / "e" / "c").st_uid, os.stat(root / "e" / "c").st_gid) == (11, 12)
+
+
+def test_mkfile_and_its_rename_create_the_file_under_its_new_name(evil: Evil) -> None:
+    """apply_created_as saves the rename where the name is free, and otherwise applies both as they come, failing as they would."""
+    b = Command.build
+    with BtrfsApplier(evil.target) as applier:
+        applier.apply(_subvol_cmd("e_created_as"))
+        applier.apply(b(Cmd.MKDIR, path="d", ino=256))
+        root = evil.target / "e_created_as"
+        applier.apply_created_as(b(Cmd.MKFILE, path="o1", ino=257), b(Cmd.RENAME, path="o1", path_to="d/f"))
+        applier.apply(b(Cmd.WRITE, path="d/f", file_offset=0, data=b"new"))
+        assert sorted(os.listdir(root)) == ["d"] and (root / "d" / "f").read_bytes() == b"new"
+        # The name is taken: the rename replaces what is there, as it would.
+        applier.apply_created_as(b(Cmd.MKFILE, path="o2", ino=258), b(Cmd.RENAME, path="o2", path_to="d/f"))
+        applier.apply(b(Cmd.WRITE, path="d/f", file_offset=0, data=b"2"))
+        assert sorted(os.listdir(root)) == ["d"] and (root / "d" / "f").read_bytes() == b"2"
+        # A RENAME of another file: both applied as they come.
+        applier.apply_created_as(b(Cmd.MKFILE, path="o3", ino=259), b(Cmd.RENAME, path="d/f", path_to="g"))
+        assert sorted(os.listdir(root)) == ["d", "g", "o3"] and (root / "g").read_bytes() == b"2"
+        with pytest.raises(BtrfsApplyError, match=r"^cannot apply RENAME o4 -> no/such/f: No such file or directory$"):
+            applier.apply_created_as(b(Cmd.MKFILE, path="o4", ino=260), b(Cmd.RENAME, path="o4", path_to="no/such/f"))
+        assert (root / "o4").is_file()
+        os.symlink(evil.mnt / "canary", root / "ln")
+        before = _outside_state(evil)
+        with pytest.raises(UnsafeStream, match=r"^refused RENAME ln/f: ln is a symlink$"):
+            applier.apply_created_as(b(Cmd.MKFILE, path="o5", ino=261), b(Cmd.RENAME, path="o5", path_to="ln/f"))
+        assert _outside_state(evil) == before and (root / "o5").is_file()

@@ -237,6 +237,34 @@ class BtrfsApplier:
         d, name = self._paths.parent(c.kind, path)
         self._write = (path, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
 
+    def apply_created_as(self, mkfile: Command, rename: Command) -> None:
+        """A MKFILE and the RENAME of the file it made that follows it: the file is created under its new name.
+
+        The kernel sends every new file as a MKFILE under a temporary name and a RENAME, and rename is
+        the dearest of the calls a receive makes on btrfs. Where that name is taken (a rename would
+        replace what is there), cannot be made, or is refused, both are applied as they come, and fail
+        as they would.
+        """
+        raw_target = rename.attrs.get(Attr.PATH_TO) if rename.kind == Cmd.RENAME else None
+        subvol = self._subvol
+        if subvol is None or mkfile.kind != Cmd.MKFILE or raw_target is None or rename.path != mkfile.path:
+            self.apply(mkfile)
+            self.apply(rename)
+            return
+        self._drop_write()
+        target = bytes(raw_target)
+        try:
+            d, name = subvol.paths.parent(Cmd.MKFILE, target)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d)
+        except (OSError, StreamFormatError):
+            self.apply(mkfile)
+            self.apply(rename)
+            return
+        finally:
+            if subvol.paths.pending:
+                subvol.paths.end_command()
+        self._write = (target, fd)
+
     def _do_mkdir(self, c: Command) -> None:
         self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)

@@ -318,10 +318,29 @@ class BtrfsCheckpointReceiver:
             # The stream position at which the next progress event, write-behind or checkpoint is due:
             # most commands come before it, and need no more than this comparison.
             due = last_offset
-            for item in commands:
+            created_as = applier.apply_created_as
+            held: StreamCommand | None = None  # read after a MKFILE that it did not follow
+            while True:
+                if held is not None:
+                    item, held = held, None
+                else:
+                    got = next(commands, None)
+                    if got is None:
+                        break  # the reader raises first: a stream without END is truncated
+                    item = got
                 command = item.command
-                apply(command)
                 kind = command.kind
+                if kind == Cmd.MKFILE:
+                    # Its RENAME usually comes next: both are applied together, and no checkpoint falls between them.
+                    held = next(commands, None)
+                    if held is not None and held.command.kind == Cmd.RENAME:
+                        created_as(command, held.command)
+                        item, held = held, None
+                        command, kind = item.command, Cmd.RENAME
+                    else:
+                        apply(command)
+                else:
+                    apply(command)
                 if kind in _WATCHED:
                     if kind == Cmd.END:
                         break
