@@ -445,7 +445,7 @@ def test_the_new_files_fd_follows_only_its_own_renames(evil: Evil) -> None:
     assert (os.stat(root / "e" / "c").st_uid, os.stat(root / "e" / "c").st_gid) == (11, 12)
 
 
-def test_mkfile_and_its_rename_create_the_file_under_its_new_name(evil: Evil) -> None:
+def test_a_new_inode_and_its_rename_are_made_under_the_new_name(evil: Evil) -> None:
     """apply_created_as saves the rename where the name is free, and otherwise applies both as they come, failing as they would."""
     b = Command.build
     with BtrfsApplier(evil.target) as applier:
@@ -470,3 +470,9 @@ def test_mkfile_and_its_rename_create_the_file_under_its_new_name(evil: Evil) ->
         with pytest.raises(UnsafeStream, match=r"^refused RENAME ln/f: ln is a symlink$"):
             applier.apply_created_as(b(Cmd.MKFILE, path="o5", ino=261), b(Cmd.RENAME, path="o5", path_to="ln/f"))
         assert _outside_state(evil) == before and (root / "o5").is_file()
+        applier.apply_created_as(b(Cmd.MKDIR, path="o6", ino=262), b(Cmd.RENAME, path="o6", path_to="d/sub"))
+        applier.apply_created_as(b(Cmd.SYMLINK, path="o7", ino=263, path_link="../f"), b(Cmd.RENAME, path="o7", path_to="d/sub/l"))
+        applier.apply_created_as(b(Cmd.MKFIFO, path="o8", ino=264), b(Cmd.RENAME, path="o8", path_to="d/sub/p"))
+        assert sorted(os.listdir(root / "d" / "sub")) == ["l", "p"] and os.readlink(root / "d" / "sub" / "l") == "../f"
+        assert stat.S_ISFIFO(os.lstat(root / "d" / "sub" / "p").st_mode)
+        assert not any(name.startswith(("o6", "o7", "o8")) for name in os.listdir(root))

@@ -28,6 +28,8 @@ _CAPABILITY = b"security.capability"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _UNSUPPORTED = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 _TIMESPEC = struct.Struct("<QI").unpack
+# The commands that make a new inode, which the kernel sends under a temporary name and renames next.
+CREATES = frozenset((Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK))
 
 
 __all__ = ["BtrfsApplier", "BtrfsApplyError", "UnsafeStream"]
@@ -237,33 +239,29 @@ class BtrfsApplier:
         d, name = self._paths.parent(c.kind, path)
         self._write = (path, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
 
-    def apply_created_as(self, mkfile: Command, rename: Command) -> None:
-        """A MKFILE and the RENAME of the file it made that follows it: the file is created under its new name.
+    def apply_created_as(self, create: Command, rename: Command) -> None:
+        """A command that makes an inode (MKFILE, MKDIR, SYMLINK...) and the RENAME of it that follows: made under its new name.
 
-        The kernel sends every new file as a MKFILE under a temporary name and a RENAME, and rename is
-        the dearest of the calls a receive makes on btrfs. Where that name is taken (a rename would
+        The kernel sends every new inode under a temporary name and then a RENAME, and rename is the
+        dearest of the calls a receive makes on btrfs. Where the new name is taken (a rename would
         replace what is there), cannot be made, or is refused, both are applied as they come, and fail
         as they would.
         """
         raw_target = rename.attrs.get(Attr.PATH_TO) if rename.kind == Cmd.RENAME else None
         subvol = self._subvol
-        if subvol is None or mkfile.kind != Cmd.MKFILE or raw_target is None or rename.path != mkfile.path:
-            self.apply(mkfile)
+        if subvol is None or create.kind not in CREATES or raw_target is None or rename.path != create.path:
+            self.apply(create)
             self.apply(rename)
             return
-        self._drop_write()
-        target = bytes(raw_target)
         try:
-            d, name = subvol.paths.parent(Cmd.MKFILE, target)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d)
+            # Every one of these calls makes the inode or nothing, so a failed attempt leaves no trace.
+            self._handlers[create.kind](Command(create.kind, {**create.attrs, Attr.PATH: bytes(raw_target)}))
         except (OSError, StreamFormatError):
-            self.apply(mkfile)
+            self.apply(create)
             self.apply(rename)
-            return
         finally:
             if subvol.paths.pending:
                 subvol.paths.end_command()
-        self._write = (target, fd)
 
     def _do_mkdir(self, c: Command) -> None:
         self._drop_write()

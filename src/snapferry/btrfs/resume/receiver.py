@@ -24,7 +24,7 @@ from snapferry.btrfs.codec.stream import (
     skip_applied,
 )
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.btrfs.engine.apply import BtrfsApplier
+from snapferry.btrfs.engine.apply import CREATES, BtrfsApplier
 from snapferry.btrfs.resume.checkpoints import (
     NIL,
     BtrfsCheckpoint,
@@ -330,7 +330,7 @@ class BtrfsCheckpointReceiver:
                     item = got
                 command = item.command
                 kind = command.kind
-                if kind == Cmd.MKFILE:
+                if kind in CREATES:
                     # Its RENAME usually comes next: both are applied together, and no checkpoint falls between them.
                     held = next(commands, None)
                     if held is not None and held.command.kind == Cmd.RENAME:
