@@ -247,15 +247,16 @@ class BtrfsApplier:
         replace what is there), cannot be made, or is refused, both are applied as they come, and fail
         as they would.
         """
-        raw_target = rename.attrs.get(Attr.PATH_TO) if rename.kind == Cmd.RENAME else None
+        moved, made = rename.attrs, create.attrs
+        raw_target = moved.get(Attr.PATH_TO) if rename.kind == Cmd.RENAME else None
         subvol = self._subvol
-        if subvol is None or create.kind not in CREATES or raw_target is None or rename.path != create.path:
+        if subvol is None or create.kind not in CREATES or raw_target is None or bytes(moved[Attr.PATH]) != bytes(made[Attr.PATH]):
             self.apply(create)
             self.apply(rename)
             return
         try:
             # Every one of these calls makes the inode or nothing, so a failed attempt leaves no trace.
-            self._handlers[create.kind](Command(create.kind, {**create.attrs, Attr.PATH: bytes(raw_target)}))
+            self._handlers[create.kind](Command(create.kind, {**made, Attr.PATH: bytes(raw_target)}))
         except (OSError, StreamFormatError):
             self.apply(create)
             self.apply(rename)
