@@ -1,4 +1,4 @@
-"""Builds the C fletcher-4 extension; everything else about the package is in pyproject.toml."""
+"""Builds the optional C extensions (fletcher-4, btrfs command decoding); everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -10,6 +10,13 @@ setup(
             extra_compile_args=["-O3", "-std=gnu11"],
             # Without a compiler snapferry still installs, and fletcher.py falls back to numpy.
             optional=True,
-        )
+        ),
+        Extension(
+            "snapferry.btrfs.codec._btrfsc",
+            sources=["src/snapferry/btrfs/codec/_btrfsc.c"],
+            extra_compile_args=["-O2", "-std=gnu11"],
+            # Without it, stream.decode_command decodes every command in Python.
+            optional=True,
+        ),
     ]
 )

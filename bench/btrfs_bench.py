@@ -11,6 +11,7 @@ and times, interleaved round by round so that drift hits all alike, for each tre
   raw       btrfs send SNAP | btrfs receive DIR
   sf-recv   btrfs send SNAP | snapferry receive -s DIR                (snapferry's receiver alone)
   sf        snapferry send SNAP | snapferry receive -s DIR            (both ends, default checkpoints)
+  sf-recv-base  as sf-recv, with the package in --baseline SRC         (before/after on the same machine state)
 
 Each time includes a final `sync -f` of the target (until the data is on disk; btrfs receive does
 not sync by itself, snapferry's checkpoints do). Reported: the median of --repeat runs, MiB/s of
@@ -97,6 +98,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="SRC",
+        help="also time `btrfs send | snapferry receive -s` with the package in SRC (an older src/ tree), interleaved",
+    )
     args = parser.parse_args()
     sf = snapferry_argv()
     results: dict[str, dict[str, object]] = {}
@@ -121,6 +128,10 @@ def main() -> int:
                 "sf-recv": [["btrfs", "send", "-q", str(snap)], [*sf, "receive", "-q", "-s", "{dir}"]],
                 "sf": [[*sf, "send", "-q", str(snap)], [*sf, "receive", "-q", "-s", "{dir}"]],
             }
+            if args.baseline is not None:
+                # `env` execs the receiver in its own process, so wait4's rusage is still the receiver's.
+                old = ["env", f"PYTHONPATH={args.baseline.resolve()}", *sf]
+                variants["sf-recv-base"] = [["btrfs", "send", "-q", str(snap)], [*old, "receive", "-q", "-s", "{dir}"]]
             times: dict[str, list[float]] = {k: [] for k in variants}
             cpu: dict[str, list[float]] = {k: [] for k in variants}
             rss: dict[str, int] = {k: 0 for k in variants}

@@ -412,3 +412,67 @@ def test_out_of_space_is_resumable_out_of_space(evil: Evil) -> None:
                 applier.apply(Command.build(Cmd.WRITE, path="big", file_offset=i * len(chunk), data=chunk))
             os.sync()
             applier.apply(Command.build(Cmd.FALLOCATE, path="big", fallocate_mode=0, file_offset=0, size=64 << 20))
+
+
+def test_the_new_files_fd_follows_only_its_own_renames(evil: Evil) -> None:
+    """MKFILE keeps the new file open for the commands after it; a rename onto its name, or of a directory above it, drops that."""
+    b = Command.build
+    with BtrfsApplier(evil.target) as applier:
+        applier.apply_stream(
+            _stream(
+                _subvol_cmd("e_held"),
+                b(Cmd.MKDIR, path="d", ino=256),
+                b(Cmd.MKFILE, path="o1", ino=257),
+                b(Cmd.RENAME, path="o1", path_to="d/a"),
+                b(Cmd.WRITE, path="d/a", file_offset=0, data=b"first"),
+                b(Cmd.CHMOD, path="d/a", mode=0o640),
+                b(Cmd.MKFILE, path="o2", ino=258),
+                b(Cmd.RENAME, path="d/a", path_to="o2"),  # o2, the file held open, is replaced by d/a's inode
+                b(Cmd.WRITE, path="o2", file_offset=5, data=b"+second"),
+                b(Cmd.CHMOD, path="o2", mode=0o604),
+                b(Cmd.UTIMES, path="o2", atime=Timespec(5, 6), mtime=Timespec(7, 8), ctime=_T),
+                b(Cmd.MKFILE, path="d/c", ino=259),
+                b(Cmd.RENAME, path="d", path_to="e"),  # the held d/c is now e/c
+                b(Cmd.WRITE, path="e/c", file_offset=0, data=b"moved"),
+                b(Cmd.CHOWN, path="e/c", uid=11, gid=12),
+            )
+        )
+    root = evil.target / "e_held"
+    assert (root / "o2").read_bytes() == b"first+second"
+    st = os.stat(root / "o2")
+    assert stat.S_IMODE(st.st_mode) == 0o604 and st.st_mtime_ns == 7 * NS + 8 and st.st_atime_ns == 5 * NS + 6
+    assert not (root / "d").exists() and (root / "e" / "c").read_bytes() == b"moved"
+    assert (os.stat(root / "e" / "c").st_uid, os.stat(root / "e" / "c").st_gid) == (11, 12)
+
+
+def test_a_new_inode_and_its_rename_are_made_under_the_new_name(evil: Evil) -> None:
+    """apply_created_as saves the rename where the name is free, and otherwise applies both as they come, failing as they would."""
+    b = Command.build
+    with BtrfsApplier(evil.target) as applier:
+        applier.apply(_subvol_cmd("e_created_as"))
+        applier.apply(b(Cmd.MKDIR, path="d", ino=256))
+        root = evil.target / "e_created_as"
+        applier.apply_created_as(b(Cmd.MKFILE, path="o1", ino=257), b(Cmd.RENAME, path="o1", path_to="d/f"))
+        applier.apply(b(Cmd.WRITE, path="d/f", file_offset=0, data=b"new"))
+        assert sorted(os.listdir(root)) == ["d"] and (root / "d" / "f").read_bytes() == b"new"
+        # The name is taken: the rename replaces what is there, as it would.
+        applier.apply_created_as(b(Cmd.MKFILE, path="o2", ino=258), b(Cmd.RENAME, path="o2", path_to="d/f"))
+        applier.apply(b(Cmd.WRITE, path="d/f", file_offset=0, data=b"2"))
+        assert sorted(os.listdir(root)) == ["d"] and (root / "d" / "f").read_bytes() == b"2"
+        # A RENAME of another file: both applied as they come.
+        applier.apply_created_as(b(Cmd.MKFILE, path="o3", ino=259), b(Cmd.RENAME, path="d/f", path_to="g"))
+        assert sorted(os.listdir(root)) == ["d", "g", "o3"] and (root / "g").read_bytes() == b"2"
+        with pytest.raises(BtrfsApplyError, match=r"^cannot apply RENAME o4 -> no/such/f: No such file or directory$"):
+            applier.apply_created_as(b(Cmd.MKFILE, path="o4", ino=260), b(Cmd.RENAME, path="o4", path_to="no/such/f"))
+        assert (root / "o4").is_file()
+        os.symlink(evil.mnt / "canary", root / "ln")
+        before = _outside_state(evil)
+        with pytest.raises(UnsafeStream, match=r"^refused RENAME ln/f: ln is a symlink$"):
+            applier.apply_created_as(b(Cmd.MKFILE, path="o5", ino=261), b(Cmd.RENAME, path="o5", path_to="ln/f"))
+        assert _outside_state(evil) == before and (root / "o5").is_file()
+        applier.apply_created_as(b(Cmd.MKDIR, path="o6", ino=262), b(Cmd.RENAME, path="o6", path_to="d/sub"))
+        applier.apply_created_as(b(Cmd.SYMLINK, path="o7", ino=263, path_link="../f"), b(Cmd.RENAME, path="o7", path_to="d/sub/l"))
+        applier.apply_created_as(b(Cmd.MKFIFO, path="o8", ino=264), b(Cmd.RENAME, path="o8", path_to="d/sub/p"))
+        assert sorted(os.listdir(root / "d" / "sub")) == ["l", "p"] and os.readlink(root / "d" / "sub" / "l") == "../f"
+        assert stat.S_ISFIFO(os.lstat(root / "d" / "sub" / "p").st_mode)
+        assert not any(name.startswith(("o6", "o7", "o8")) for name in os.listdir(root))

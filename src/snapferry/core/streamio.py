@@ -24,6 +24,8 @@ class Prefixed:
 
     def readinto(self, buffer: memoryview, /) -> int | None:
         if not self._head:
+            # From now on the source's own method answers, without this call in between (readers look it up per read).
+            self.readinto = self._rest.readinto  # type: ignore[method-assign]
             return self._rest.readinto(buffer)
         n = min(len(buffer), len(self._head))
         buffer[:n] = self._head[:n]

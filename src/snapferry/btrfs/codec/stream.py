@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
+from typing import NamedTuple
 
 import crc32c
 
-from snapferry.btrfs.codec.commands import CMD_ENABLE_VERITY, FIRST_V2_CMD, Attr, Cmd, Command
+from snapferry.btrfs.codec.commands import ATTR_SIZE, CMD_ENABLE_VERITY, FIRST_V2_CMD, SPECS, Attr, Cmd, Command
 from snapferry.core.streamio import Readable, read_exact
 from snapferry.errors import BtrfsStreamTruncated, PrefixMismatch, StreamFormatError, StreamIntegrityError
 
@@ -30,6 +34,8 @@ _CONTINUATION = struct.Struct("<Q16s")
 _CMD_HEADER = struct.Struct("<IHI")
 _TLV = struct.Struct("<HH")
 _ZERO_CRC = bytes(4)
+_DATA = Attr.DATA.value
+_END = Cmd.END.value
 FINGERPRINT_SIZE = 16
 # Chained from this value: a fingerprint after N commands is blake2b(previous || command header).
 FINGERPRINT_START = bytes(FINGERPRINT_SIZE)
@@ -110,44 +116,107 @@ def _command_name(raw: int) -> str:
 
 _CMDS = {c.value: c for c in Cmd}
 _ATTRS = {a.value: a for a in Attr}
+_ATTR_SIZE = {attr.value: size for attr, size in ATTR_SIZE.items()}
+
+
+class _Rule(NamedTuple):
+    """What decode_command checks a kind of command against, looked up once per command."""
+
+    cmd: Cmd
+    sizes: dict[int, int | None]  # the attributes it may carry, by raw type, and their fixed sizes
+    required: frozenset[Attr]
+
+
+_RULES = {
+    cmd.value: _Rule(cmd, {a.value: ATTR_SIZE[a] for a in (*spec.required, *spec.optional)}, frozenset(spec.required))
+    for cmd, spec in SPECS.items()
+}
 
 
 def decode_command(kind: int, body: memoryview, version: int, offset: int = 0) -> Command:
     """A command from its kind and the bytes after its header; `offset` (of its header) is for messages."""
-    cmd = _CMDS.get(kind)
-    if cmd is None:
+    rule = _RULES.get(kind)
+    if rule is None:
         raise StreamFormatError(f"unknown btrfs send command {_command_name(kind)} at stream byte {offset}")
+    cmd, sizes, required = rule
     if version < 2 and cmd >= FIRST_V2_CMD:
         raise StreamFormatError(f"{cmd.name} command at stream byte {offset} in a version {version} stream (it needs version 2)")
     attrs: dict[Attr, memoryview] = {}
     pos, end = 0, len(body)
+    # Whether every attribute is one this kind carries, at its fixed size: if not, Command.validate says which is wrong.
+    fits = True
     while pos < end:
-        if end - pos < 2:
+        if end - pos >= TLV_HEADER_SIZE:
+            raw_type, length = _TLV.unpack_from(body, pos)
+        elif end - pos < 2:
             raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
-        raw_type = body[pos] | body[pos + 1] << 8
+        else:
+            raw_type, length = body[pos] | body[pos + 1] << 8, -1
         attr = _ATTRS.get(raw_type)
         if attr is None:
             raise StreamFormatError(f"unknown attribute {raw_type} in the {cmd.name} command at stream byte {offset}")
-        if version >= 2 and attr == Attr.DATA:
+        if version >= 2 and raw_type == _DATA:
             # Protocol 2: DATA has no length and runs to the end of the command.
             start, length = pos + 2, end - pos - 2
         else:
-            if end - pos < TLV_HEADER_SIZE:
+            if length < 0:
                 raise StreamFormatError(f"{cmd.name} command at stream byte {offset} ends inside an attribute header")
-            length = body[pos + 2] | body[pos + 3] << 8
             start = pos + TLV_HEADER_SIZE
             if length > end - start:
                 raise StreamFormatError(f"{attr.name} attribute of {length} bytes overruns the {cmd.name} command at stream byte {offset}")
         if attr in attrs:
             raise StreamFormatError(f"{attr.name} attribute twice in the {cmd.name} command at stream byte {offset}")
-        attrs[attr] = body[start : start + length]
         pos = start + length
+        attrs[attr] = body[start:pos]
+        if fits:
+            size = sizes.get(raw_type, -1)
+            fits = size is None or size == length
     command = Command(cmd, attrs)
-    try:
-        command.validate(version)
-    except StreamFormatError as e:
-        raise StreamFormatError(f"{e} at stream byte {offset}") from None
+    if not fits or not attrs.keys() >= required or (version >= 2 and _DATA in attrs and raw_type != _DATA):
+        try:
+            command.validate(version)
+        except StreamFormatError as e:
+            raise StreamFormatError(f"{e} at stream byte {offset}") from None
     return command
+
+
+# The C decoder (_btrfsc.c) takes the commands that are well formed and hands every other one to
+# decode_command, which stays the reference (tests/test_btrfs_native.py compares the two) and the
+# fallback where there was no compiler. SNAPFERRY_PURE=1 turns it off.
+_built: ModuleType | None
+try:
+    _built = importlib.import_module("snapferry.btrfs.codec._btrfsc")
+except ImportError:
+    _built = None
+if _built is not None:
+    _built.configure(
+        tuple(_ATTRS.get(t) for t in range(32)),
+        tuple(
+            (
+                cmd.value,
+                int(cmd >= FIRST_V2_CMD),
+                tuple(-2 if t not in sizes else -1 if sizes[t] is None else sizes[t] for t in range(32)),
+                sum(1 << a.value for a in required),
+            )
+            for cmd, sizes, required in _RULES.values()
+        ),
+    )
+_native: Callable[[int, memoryview, int], dict[Attr, bytes | memoryview] | None] | None = (
+    None if _built is None or os.environ.get("SNAPFERRY_PURE") else _built.decode
+)
+
+
+def native_available() -> bool:
+    """Whether the C decoder was built and can be imported."""
+    return _built is not None
+
+
+def use_native(enabled: bool) -> bool:
+    """Switch between the C decoder and decode_command alone (for tests and benches); returns the previous setting."""
+    global _native
+    previous = _native is not None
+    _native = _built.decode if enabled and _built is not None else None
+    return previous
 
 
 def encode_command(command: Command, version: int) -> bytes:
@@ -174,20 +243,26 @@ def encode_command(command: Command, version: int) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True)
 class StreamCommand:
-    """A command as read: where it was, its bytes, and the fingerprint of the stream up to its end."""
+    """A command as read: where it was, its bytes, and the fingerprint of the stream up to its end.
 
-    offset: int
-    size: int
-    command: Command
-    fingerprint: bytes
-    header: bytes
-    body: bytearray
+    A plain class with slots, not a dataclass: one is made per command, and a frozen dataclass's
+    constructor costs several times as much.
+    """
 
-    @property
-    def end_offset(self) -> int:
-        return self.offset + self.size
+    __slots__ = ("offset", "size", "end_offset", "command", "fingerprint", "header", "body")
+
+    def __init__(self, offset: int, size: int, command: Command, fingerprint: bytes, header: bytes, body: bytearray) -> None:
+        self.offset = offset
+        self.size = size
+        self.end_offset = offset + size
+        self.command = command
+        self.fingerprint = fingerprint
+        self.header = header
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"StreamCommand(offset={self.offset}, size={self.size}, command={self.command!r})"
 
 
 class BtrfsStreamReader:
@@ -231,47 +306,57 @@ class BtrfsStreamReader:
         if not self.version:
             self.read_header()
         limit = min(self._max, MAX_COMMAND_LEN if self.version >= 2 else MAX_COMMAND_LEN_V1)
-        readinto = self._source.readinto
-        crc32c_of = crc32c.crc32c
+        source, version = self._source, self.version
+        crc32c_of, blake2b, unpack_header = crc32c.crc32c, hashlib.blake2b, _CMD_HEADER.unpack
+        offset, fingerprint = self.bytes_read, self.fingerprint
+        native = _native
         while True:
-            offset = self.bytes_read
-            header = bytearray(CMD_HEADER_SIZE)
-            header_view = memoryview(header)
-            # The common case, a whole header (or body) in one call, without read_exact's loop.
-            got = readinto(header_view) or 0
+            header_view = memoryview(bytearray(CMD_HEADER_SIZE))
+            # The common case, a whole header (or body) in one call, without read_exact's loop. The
+            # method is looked up each time: Prefixed hands over to its source's once its head is read.
+            got = source.readinto(header_view) or 0
             if got < CMD_HEADER_SIZE:
-                got += read_exact(self._source, header_view[got:])
-            self.bytes_read += got
-            if got < CMD_HEADER_SIZE:
-                where = "before the END command" if got == 0 else "inside a command header"
-                raise BtrfsStreamTruncated(f"input ended at stream byte {offset + got}, {where}")
-            length, kind, crc = _CMD_HEADER.unpack(header)
+                got += read_exact(source, header_view[got:])
+                if got < CMD_HEADER_SIZE:
+                    self.bytes_read = offset + got
+                    where = "before the END command" if got == 0 else "inside a command header"
+                    raise BtrfsStreamTruncated(f"input ended at stream byte {offset + got}, {where}")
+            header = bytes(header_view)
+            length, kind, crc = unpack_header(header)
             if length > limit:
+                self.bytes_read = offset + CMD_HEADER_SIZE
                 raise StreamFormatError(
                     f"command {_command_name(kind)} at stream byte {offset} claims {length} bytes (limit {limit}): corrupt stream"
                 )
             body = bytearray(length)
             view = memoryview(body)
-            got = (readinto(view) or 0) if length else 0
+            got = (source.readinto(view) or 0) if length else 0
             if got < length:
-                got += read_exact(self._source, view[got:])
-            self.bytes_read += got
-            if got < length:
-                name = _command_name(kind)
-                at = offset + CMD_HEADER_SIZE + got
-                raise BtrfsStreamTruncated(f"input ended at stream byte {at}, inside the {name} command at byte {offset}")
+                got += read_exact(source, view[got:])
+                if got < length:
+                    self.bytes_read = offset + CMD_HEADER_SIZE + got
+                    name = _command_name(kind)
+                    at = offset + CMD_HEADER_SIZE + got
+                    raise BtrfsStreamTruncated(f"input ended at stream byte {at}, inside the {name} command at byte {offset}")
             # btrfs_crc32c(body, btrfs_crc32c(header with a zero crc)), with the seed inversions folded together.
             if crc32c_of(body, crc32c_of(header[:6] + _ZERO_CRC, 0xFFFFFFFF)) ^ 0xFFFFFFFF != crc:
+                self.bytes_read = offset + CMD_HEADER_SIZE + length
                 raise StreamIntegrityError(
                     f"crc32c mismatch in the command at stream byte {offset}: "
                     f"bytes {offset}-{offset + CMD_HEADER_SIZE + length} were corrupted in transit",
                     offset,
                 )
-            command = decode_command(kind, view, self.version, offset)
-            self.fingerprint = fingerprint_extend(self.fingerprint, header)
-            yield StreamCommand(offset, CMD_HEADER_SIZE + length, command, self.fingerprint, bytes(header), body)
-            if command.kind == Cmd.END:
+            size = CMD_HEADER_SIZE + length
+            self.bytes_read = offset + size
+            attrs = native(kind, view, version) if native is not None else None
+            command = Command(_CMDS[kind], attrs) if attrs is not None else decode_command(kind, view, version, offset)
+            # fingerprint_extend, inline: it runs once per command.
+            fingerprint = self.fingerprint = blake2b(fingerprint + header, digest_size=FINGERPRINT_SIZE).digest()
+            yield StreamCommand(offset, size, command, fingerprint, header, body)
+            if kind == _END:
                 return
+            # Read back: jump() may have moved both while the caller held the command.
+            offset, fingerprint = self.bytes_read, self.fingerprint
 
 
 def skip_applied(commands: Iterator[StreamCommand], offset: int, fingerprint: bytes) -> Iterator[StreamCommand]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
-from snapferry.btrfs.codec.commands import Cmd, Command
+from snapferry.btrfs.codec.commands import Attr, Cmd, Command
 from snapferry.btrfs.codec.extent import decode_extent
 from snapferry.btrfs.codec.stream import BtrfsStreamReader, safe_path_parts
 from snapferry.btrfs.engine import ioctl as ioc
@@ -26,7 +27,9 @@ PARENT_SEARCH_DEPTH = 4
 _CAPABILITY = b"security.capability"
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _UNSUPPORTED = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
-_NAMESPACE = (Cmd.RENAME, Cmd.UNLINK, Cmd.RMDIR, Cmd.LINK, Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK)
+_TIMESPEC = struct.Struct("<QI").unpack
+# The commands that make a new inode, which the kernel sends under a temporary name and renames next.
+CREATES = frozenset((Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK))
 
 
 __all__ = ["BtrfsApplier", "BtrfsApplyError", "UnsafeStream"]
@@ -54,6 +57,9 @@ class BtrfsApplier:
     Every path is resolved component by component from the subvolume's directory fd without following
     symlinks, so a stream cannot write, link or reflink outside the subvolume it creates. Snapshot
     parents and clone sources are only taken from subvolumes under receive_root.
+    One file is held open for writing: the one a MKFILE created (following its RENAME) or the last one
+    written. Commands on that name use the fd (fchown, fchmod, futimens) instead of a path; any other
+    command that may change what a name means closes it.
     ENCODED_WRITE data goes in still compressed through BTRFS_IOC_ENCODED_WRITE; where the kernel
     refuses that ioctl (or `encoded_write=False`), zlib and zstd data is decompressed and written plainly
     and LZO is refused. FILEATTR, which stock `btrfs receive` ignores, is applied with FS_IOC_SETFLAGS;
@@ -104,18 +110,14 @@ class BtrfsApplier:
 
     def apply(self, command: Command) -> None:
         kind = command.kind
-        if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT):
-            self._begin(command)
+        handler = self._handlers.get(kind)
+        subvol = self._subvol
+        if handler is None or subvol is None:
+            self._apply_other(command)
             return
-        if self._subvol is None:
-            raise StreamFormatError(f"{kind.name} command before any SUBVOL or SNAPSHOT command")
-        if kind == Cmd.END:
-            self._end()
-            return
-        if kind in _NAMESPACE:
-            self._drop_write()
+        paths = subvol.paths
         try:
-            self._handlers[kind](command)
+            handler(command)
         except OSError as e:
             path = command.path
             if kind == Cmd.RENAME:
@@ -124,7 +126,17 @@ class BtrfsApplier:
                 path += b" -> " + command.path_link
             raise self._os_error(kind, path, e) from None
         finally:
-            self._paths.end_command()
+            if paths.pending:
+                paths.end_command()
+
+    def _apply_other(self, command: Command) -> None:
+        kind = command.kind
+        if kind in (Cmd.SUBVOL, Cmd.SNAPSHOT):
+            self._begin(command)
+            return
+        if self._subvol is None:
+            raise StreamFormatError(f"{kind.name} command before any SUBVOL or SNAPSHOT command")
+        self._end()
 
     def _os_error(self, kind: Cmd, path: bytes, e: OSError) -> SnapferryError:
         text = f"{kind.name} {shown(path)}: {e.strerror or e}"
@@ -220,48 +232,95 @@ class BtrfsApplier:
     # --- inodes ---------------------------------------------------------------------------------
 
     def _do_mkfile(self, c: Command) -> None:
-        d, name = self._paths.parent(c.kind, c.path)
-        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
+        # The new file stays open as the writer: the kernel sends its RENAME, WRITEs, CHOWN, CHMOD and
+        # UTIMES next, and an fd of a regular file we created (O_EXCL) needs no further checks.
+        self._drop_write()
+        path = bytes(c.attrs[Attr.PATH])
+        d, name = self._paths.parent(c.kind, path)
+        self._write = (path, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=d))
+
+    def apply_created_as(self, create: Command, rename: Command) -> None:
+        """A command that makes an inode (MKFILE, MKDIR, SYMLINK...) and the RENAME of it that follows: made under its new name.
+
+        The kernel sends every new inode under a temporary name and then a RENAME, and rename is the
+        dearest of the calls a receive makes on btrfs. Where the new name is taken (a rename would
+        replace what is there), cannot be made, or is refused, both are applied as they come, and fail
+        as they would.
+        """
+        moved, made = rename.attrs, create.attrs
+        raw_target = moved.get(Attr.PATH_TO) if rename.kind == Cmd.RENAME else None
+        subvol = self._subvol
+        if subvol is None or create.kind not in CREATES or raw_target is None or bytes(moved[Attr.PATH]) != bytes(made[Attr.PATH]):
+            self.apply(create)
+            self.apply(rename)
+            return
+        try:
+            # Every one of these calls makes the inode or nothing, so a failed attempt leaves no trace.
+            self._handlers[create.kind](Command(create.kind, {**made, Attr.PATH: bytes(raw_target)}))
+        except (OSError, StreamFormatError):
+            self.apply(create)
+            self.apply(rename)
+        finally:
+            if subvol.paths.pending:
+                subvol.paths.end_command()
 
     def _do_mkdir(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.mkdir(name, 0o700, dir_fd=d)
 
     def _do_mknod(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.mknod(name, stat.S_IFMT(c.mode) | 0o600, c.rdev, dir_fd=d)
 
     def _do_mkfifo(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.mkfifo(name, 0o600, dir_fd=d)
 
     def _do_mksock(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=d)
 
     def _do_symlink(self, c: Command) -> None:
         # The target is stored, never followed by us; it may point anywhere, as in the source.
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.symlink(c.path_link, name, dir_fd=d)
 
     def _do_rename(self, c: Command) -> None:
-        d1, n1 = self._paths.parent(c.kind, c.path)
-        d2, n2 = self._paths.parent(c.kind, c.path_to)
+        attrs = c.attrs
+        source, target = bytes(attrs[Attr.PATH]), bytes(attrs[Attr.PATH_TO])
+        # The writer follows its file to the new name; any other rename may move it, so it is closed.
+        moving = self._write is not None and self._write[0] == source
+        if not moving:
+            self._drop_write()
+        paths = self._paths
+        d1, n1 = paths.parent(c.kind, source)
+        d2, n2 = paths.parent(c.kind, target)
         os.rename(n1, n2, src_dir_fd=d1, dst_dir_fd=d2)
-        self._paths.forget(c.path)
-        self._paths.forget(c.path_to)
+        if moving:
+            assert self._write is not None
+            self._write = (target, self._write[1])
+        paths.forget(source)
+        paths.forget(target)
 
     def _do_link(self, c: Command) -> None:
         # PATH is the new name, PATH_LINK the existing inode, both inside the subvolume.
+        self._drop_write()
         d1, n1 = self._paths.parent(c.kind, c.path_link)
         d2, n2 = self._paths.parent(c.kind, c.path)
         os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
 
     def _do_unlink(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.unlink(name, dir_fd=d)
 
     def _do_rmdir(self, c: Command) -> None:
+        self._drop_write()
         d, name = self._paths.parent(c.kind, c.path)
         os.rmdir(name, dir_fd=d)
         self._paths.forget(c.path)
@@ -269,9 +328,12 @@ class BtrfsApplier:
     # --- data -----------------------------------------------------------------------------------
 
     def _do_write(self, c: Command) -> None:
-        data, offset = c.data, c.file_offset
-        self._bound(c.kind, c.path, "the write", offset + len(data))
-        fd = self._writer(c.kind, c.path)
+        attrs = c.attrs
+        path, data, offset = bytes(attrs[Attr.PATH]), memoryview(attrs[Attr.DATA]), int.from_bytes(attrs[Attr.FILE_OFFSET], "little")
+        if offset + len(data) > self._max_size:
+            self._bound(c.kind, path, "the write", offset + len(data))
+        write = self._write
+        fd = write[1] if write is not None and write[0] == path else self._writer(c.kind, path)
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
@@ -374,11 +436,23 @@ class BtrfsApplier:
         finally:
             os.close(fd)
 
+    def _held(self, path: bytes) -> int | None:
+        """The writer's fd if it is open on path: a regular file whose metadata calls need no path and no checks."""
+        write = self._write
+        return write[1] if write is not None and write[0] == path else None
+
     def _do_chown(self, c: Command) -> None:
-        d, name = self._paths.parent_or_root(c.kind, c.path)
-        os.chown(name, c.uid, c.gid, dir_fd=d, follow_symlinks=False)
-        if self._capability is not None and self._capability[0] == c.path:
-            fd = self._paths.open_any(c.kind, c.path)
+        attrs = c.attrs
+        path = bytes(attrs[Attr.PATH])
+        uid, gid = int.from_bytes(attrs[Attr.UID], "little"), int.from_bytes(attrs[Attr.GID], "little")
+        fd = self._held(path)
+        if fd is not None:
+            os.chown(fd, uid, gid)
+        else:
+            d, name = self._paths.parent_or_root(c.kind, path)
+            os.chown(name, uid, gid, dir_fd=d, follow_symlinks=False)
+        if self._capability is not None and self._capability[0] == path:
+            fd = self._paths.open_any(c.kind, path)
             try:
                 os.setxattr(self._proc(fd), _CAPABILITY, self._capability[1])
             finally:
@@ -386,17 +460,32 @@ class BtrfsApplier:
         self._capability = None
 
     def _do_chmod(self, c: Command) -> None:
-        fd = self._paths.open_any(c.kind, c.path)
+        attrs = c.attrs
+        path, mode = bytes(attrs[Attr.PATH]), int.from_bytes(attrs[Attr.MODE], "little") & 0o7777
+        held = self._held(path)
+        if held is not None:
+            os.chmod(held, mode)
+            return
+        fd = self._paths.open_any(c.kind, path)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise UnsafeStream(f"refused CHMOD {shown(c.path)}: it is a symlink")
-            os.chmod(self._proc(fd), c.mode & 0o7777)
+                raise UnsafeStream(f"refused CHMOD {shown(path)}: it is a symlink")
+            os.chmod(self._proc(fd), mode)
         finally:
             os.close(fd)
 
     def _do_utimes(self, c: Command) -> None:
-        d, name = self._paths.parent_or_root(c.kind, c.path)
-        os.utime(name, ns=(c.atime.ns, c.mtime.ns), dir_fd=d, follow_symlinks=False)
+        attrs = c.attrs
+        path = bytes(attrs[Attr.PATH])
+        atime_s, atime_ns = _TIMESPEC(attrs[Attr.ATIME])
+        mtime_s, mtime_ns = _TIMESPEC(attrs[Attr.MTIME])
+        ns = (atime_s * 1_000_000_000 + atime_ns, mtime_s * 1_000_000_000 + mtime_ns)
+        held = self._held(path)
+        if held is not None:
+            os.utime(held, ns=ns)
+            return
+        d, name = self._paths.parent_or_root(c.kind, path)
+        os.utime(name, ns=ns, dir_fd=d, follow_symlinks=False)
 
     def _do_fileattr(self, c: Command) -> None:
         flags = ioc.fs_flags_from_btrfs(c.fileattr)

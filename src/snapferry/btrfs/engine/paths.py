@@ -7,7 +7,7 @@ import os
 import stat
 
 from snapferry.btrfs.codec.commands import Cmd
-from snapferry.btrfs.codec.stream import safe_path_parts
+from snapferry.btrfs.codec.stream import NAME_MAX, PATH_MAX, safe_path_parts
 from snapferry.errors import StreamFormatError, UnsafeStream
 
 DIR_CACHE_MAX = 1024  # open directory fds kept between commands
@@ -20,21 +20,38 @@ def shown(path: bytes) -> str:
 class ConfinedPaths:
     """Paths of one subvolume, resolved component by component from its directory fd.
 
-    Directory fds are kept between commands until a rename or rmdir may have moved them. Other fds
-    opened while resolving (below a clone source's subvolume) are borrowed by the current command and
-    closed by end_command().
+    Directory fds are kept between commands until a rename or rmdir may have moved them, keyed by
+    their path as the stream spells it. Other fds opened while resolving (below a clone source's
+    subvolume) are borrowed by the current command and closed by end_command(); `pending` says
+    whether end_command() has anything to do.
     """
 
     def __init__(self, subvol_fd: int) -> None:
         self.subvol_fd = subvol_fd
-        self._dirs: dict[tuple[bytes, ...], int] = {}
+        # Every key was checked by safe_path_parts, and every prefix of a key is a key too.
+        self._dirs: dict[bytes, int] = {}
         self._transient: list[int] = []
+        self.pending = False
 
     def parent(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
         """An O_PATH fd of the directory holding raw's last component, and that component.
 
         The fd is borrowed: valid until the current command is done.
         """
+        if base_fd is None:
+            # The common case, a name in a directory already open: only the name is left to check
+            # (the directory's path was checked when it was opened).
+            cut = raw.rfind(b"/")
+            if cut < 0:
+                fd: int | None = self.subvol_fd
+            elif cut > 0:
+                fd = self._dirs.get(raw[:cut])
+            else:
+                fd = None
+            if fd is not None:
+                name = raw[cut + 1 :]
+                if name and name != b"." and name != b".." and len(name) <= NAME_MAX and len(raw) < PATH_MAX and b"\0" not in name:
+                    return fd, name
         parts = safe_path_parts(raw)
         if not parts:
             raise StreamFormatError(f"{kind.name} command names the subvolume's root, not an entry in it")
@@ -44,6 +61,7 @@ class ConfinedPaths:
         for i, name in enumerate(parts[:-1]):
             fd = self._step(kind, raw, fd, name, parts[: i + 1])
             self._transient.append(fd)
+            self.pending = True
         return fd, parts[-1]
 
     def parent_or_root(self, kind: Cmd, raw: bytes, base_fd: int | None = None) -> tuple[int, bytes]:
@@ -57,10 +75,13 @@ class ConfinedPaths:
         # descendants (forget() relies on it).
         if not parts:
             return self.subvol_fd
-        fd = self._dirs.get(parts)
+        key = b"/".join(parts)
+        fd = self._dirs.get(key)
         if fd is None:
             fd = self._step(kind, raw, self._directory(kind, raw, parts[:-1]), parts[-1], parts)
-            self._dirs[parts] = fd
+            self._dirs[key] = fd
+            if len(self._dirs) > DIR_CACHE_MAX:
+                self.pending = True
         return fd
 
     def _step(self, kind: Cmd, raw: bytes, dir_fd: int, name: bytes, where: tuple[bytes, ...]) -> int:
@@ -101,10 +122,10 @@ class ConfinedPaths:
 
     def forget(self, raw: bytes) -> None:
         """Drop the cached directories at raw and below: it is being renamed or removed."""
-        parts = tuple(raw.split(b"/"))
-        if parts not in self._dirs:
+        if raw not in self._dirs:
             return
-        for key in [k for k in self._dirs if k[: len(parts)] == parts]:
+        below = raw + b"/"
+        for key in [k for k in self._dirs if k == raw or k.startswith(below)]:
             os.close(self._dirs.pop(key))
 
     def end_command(self) -> None:
@@ -113,6 +134,7 @@ class ConfinedPaths:
             os.close(self._transient.pop())
         if len(self._dirs) > DIR_CACHE_MAX:
             self.forget_all()
+        self.pending = False
 
     def forget_all(self) -> None:
         for fd in self._dirs.values():

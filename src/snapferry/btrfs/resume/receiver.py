@@ -24,7 +24,7 @@ from snapferry.btrfs.codec.stream import (
     skip_applied,
 )
 from snapferry.btrfs.engine import ioctl as ioc
-from snapferry.btrfs.engine.apply import BtrfsApplier
+from snapferry.btrfs.engine.apply import CREATES, BtrfsApplier
 from snapferry.btrfs.resume.checkpoints import (
     NIL,
     BtrfsCheckpoint,
@@ -59,6 +59,8 @@ DEFAULT_CHECKPOINT_SIZE = 256 << 20
 _PROGRESS_EVERY = 1 << 20
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CAPABILITY = b"security.capability"
+# Commands whose kind the receive loop looks at after applying them.
+_WATCHED = frozenset((Cmd.END, Cmd.SET_XATTR, Cmd.CHOWN, Cmd.FILEATTR))
 
 
 def resume_hint(receive_root: Path, name: str) -> str:
@@ -312,38 +314,67 @@ class BtrfsCheckpointReceiver:
             write_behind = _WriteBehind(partial_fd)
             stack.callback(write_behind.wait)
             reported = flushed = last_offset
-            for item in commands:
+            apply = applier.apply
+            # The stream position at which the next progress event, write-behind or checkpoint is due:
+            # most commands come before it, and need no more than this comparison.
+            due = last_offset
+            created_as = applier.apply_created_as
+            held: StreamCommand | None = None  # read after a MKFILE that it did not follow
+            while True:
+                if held is not None:
+                    item, held = held, None
+                else:
+                    got = next(commands, None)
+                    if got is None:
+                        break  # the reader raises first: a stream without END is truncated
+                    item = got
                 command = item.command
-                applier.apply(command)
-                if command.kind == Cmd.END:
-                    break
-                if item.end_offset - reported >= _PROGRESS_EVERY:
-                    self.events("progress", bytes=item.end_offset)
-                    reported = item.end_offset
-                if item.end_offset - flushed >= self.checkpoint_size // 4:
-                    write_behind.start()
-                    flushed = item.end_offset
-                # The applier holds state across these commands that a checkpoint cannot carry:
-                # a capability to put back after the CHOWN, immutable flags to set at END.
-                if command.kind == Cmd.SET_XATTR and bytes(command.xattr_name) == _CAPABILITY:
-                    capability_pending = True
-                elif command.kind == Cmd.CHOWN:
-                    capability_pending = False
-                elif command.kind == Cmd.FILEATTR and ioc.fs_flags_from_btrfs(command.fileattr) & ioc.FS_FL_SEALING:
-                    sealed = True
-                if item.end_offset - last_offset < self.checkpoint_size or capability_pending or sealed:
+                kind = command.kind
+                if kind in CREATES:
+                    # Its RENAME usually comes next: both are applied together, and no checkpoint falls between them.
+                    held = next(commands, None)
+                    if held is not None and held.command.kind == Cmd.RENAME:
+                        created_as(command, held.command)
+                        item, held = held, None
+                        command, kind = item.command, Cmd.RENAME
+                    else:
+                        apply(command)
+                else:
+                    apply(command)
+                if kind in _WATCHED:
+                    if kind == Cmd.END:
+                        break
+                    # The applier holds state across these commands that a checkpoint cannot carry:
+                    # a capability to put back after the CHOWN, immutable flags to set at END.
+                    if kind == Cmd.SET_XATTR and bytes(command.xattr_name) == _CAPABILITY:
+                        capability_pending = True
+                    elif kind == Cmd.CHOWN:
+                        capability_pending = False
+                    elif kind == Cmd.FILEATTR and ioc.fs_flags_from_btrfs(command.fileattr) & ioc.FS_FL_SEALING:
+                        sealed = True
+                end = item.end_offset
+                if end < due:
                     continue
-                seq += 1
-                checkpoint = BtrfsCheckpoint(seq, item.end_offset, item.fingerprint, identity)
-                # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
-                # keeps the checkpoint's durability from resting on that detail alone.
-                write_behind.wait()
-                syncfs(partial_fd)
-                snapshot_readonly(state_fd, checkpoint.name, partial_fd)
-                if previous is not None:
-                    destroy_subvolume(state.directory / previous.name)
-                previous, last_offset = checkpoint, item.end_offset
-                self.events("checkpoint", subvolume=name, seq=seq, offset=item.end_offset)
+                if end - reported >= _PROGRESS_EVERY:
+                    self.events("progress", bytes=end)
+                    reported = end
+                if end - flushed >= self.checkpoint_size // 4:
+                    write_behind.start()
+                    flushed = end
+                if end - last_offset >= self.checkpoint_size and not capability_pending and not sealed:
+                    seq += 1
+                    checkpoint = BtrfsCheckpoint(seq, end, item.fingerprint, identity)
+                    # The snapshot ioctl flushes and commits by itself; syncfs first costs little then and
+                    # keeps the checkpoint's durability from resting on that detail alone.
+                    write_behind.wait()
+                    syncfs(partial_fd)
+                    snapshot_readonly(state_fd, checkpoint.name, partial_fd)
+                    if previous is not None:
+                        destroy_subvolume(state.directory / previous.name)
+                    previous, last_offset = checkpoint, end
+                    self.events("checkpoint", subvolume=name, seq=seq, offset=end)
+                checkpoint_due = last_offset + self.checkpoint_size if not (capability_pending or sealed) else end + 1
+                due = min(reported + _PROGRESS_EVERY, flushed + self.checkpoint_size // 4, checkpoint_due)
             received = applier.finished[-1]
         self.events("progress", bytes=reader.bytes_read)
         done = read_state(self.receive_root, name)

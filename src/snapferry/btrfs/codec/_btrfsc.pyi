@@ -1,0 +1,6 @@
+"""btrfs send-stream command decoding in C (built from _btrfsc.c); stream.decode_command is the reference."""
+
+from snapferry.btrfs.codec.commands import Attr
+
+def configure(keys: tuple[Attr | None, ...], table: tuple[tuple[int, int, tuple[int, ...], int], ...], /) -> None: ...
+def decode(kind: int, body: memoryview, version: int, /) -> dict[Attr, bytes | memoryview] | None: ...
