@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-from snapferry.core import hints
 from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
 from snapferry.core.streamio import Readable
@@ -19,7 +18,7 @@ from snapferry.zfs.codec.tree_token import NativePartial, TreeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Zfs
 from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import Mode
-from snapferry.zfs.resume.tree_receiver import TREE_PROPERTY, TreeLayout, prepare_target, tree_top
+from snapferry.zfs.resume.tree_receiver import TREE_PROPERTY, TreeLayout, prepare_target, tree_resume_hint, tree_top
 
 
 def choose_tree_mode(zfs: Zfs, target: str, requested: Mode | None, *, sender_can_resume: bool, tree: TreeToken | None) -> Mode:
@@ -216,8 +215,7 @@ class NativeTreeReceiver:
         self.events("done", dataset=into, snapshot=sub.snapshot_name, bytes=reader.bytes_read)
 
     def _hint(self) -> str:
-        flags = f"-{self.prefix} " if self.prefix else ""
-        return hints.resume_hint(self.target, f"{flags}{self.target}")
+        return tree_resume_hint(self.target, self.prefix)
 
     def _cut(self, proc: ReceiveProcess, exc: BaseException, sub: Begin, into: str) -> SnapferryError:
         """The input stopped (or went bad) inside a substream: zfs receive -s, its input closed, keeps what arrived."""

@@ -23,6 +23,12 @@ from snapferry.zfs.resume.receiver import NOTHING_KEPT, Package, PieceReceiver, 
 TREE_PROPERTY = "snapferry:rtree"
 
 
+def tree_resume_hint(target: str, prefix: str | None) -> str:
+    """How to resume a tree: its token is the target's, and its rest is received as the tree was."""
+    flags = f"-{prefix} " if prefix else ""
+    return hints.resume_hint(target, f"{flags}{target}")
+
+
 @dataclass
 class TreeLayout:
     """Where each of the stream's file systems lands: `zfs receive`'s rules without and with -d or -e."""
@@ -71,18 +77,24 @@ class TreeReceiver:
         prepare_target(self.zfs, layout, header, top, force=self.force, events=self.events)
         reader = StreamReader(source)
         overridden = False
-        while (first := reader.read_begin(compound=True)) is not None:
-            sub, sub_bytes = first
-            dataset, _, snap = sub.toname.partition("@")
-            into = layout.target_of(dataset)
-            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-            if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
-                self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
-            self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem, begin.features))
-            if into == top and not overridden:
-                overridden = True
-                for name, value in self.set_props:  # -o: set on the top, and so inherited below it
-                    self.zfs.set_property(top, name, value)
+        try:
+            while (first := reader.read_begin(compound=True)) is not None:
+                sub, sub_bytes = first
+                dataset, _, snap = sub.toname.partition("@")
+                into = layout.target_of(dataset)
+                filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
+                if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
+                    self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
+                self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem, begin.features))
+                if into == top and not overridden:
+                    overridden = True
+                    for name, value in self.set_props:  # -o: set on the top, and so inherited below it
+                        self.zfs.set_property(top, name, value)
+        except TransferInterrupted as exc:
+            # Cut between two substreams (inside a BEGIN, say): each one before is complete, and the tree resumes.
+            if self._tree_hint() in str(exc) or not (self.zfs.exists(top) and tree_top(self.zfs, top)):
+                raise
+            raise TransferInterrupted(f"{exc}; {len(self.received)} snapshot(s) received in this run; {self._tree_hint()}") from None
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
         return self.received
@@ -111,8 +123,7 @@ class TreeReceiver:
             receiver.receive_substream(reader, sub, sub_bytes)
         except TransferInterrupted as exc:
             # Resuming the one dataset would leave the rest of the tree behind: the advice is the tree's.
-            flags = f"-{self.prefix} " if self.prefix else ""
-            tree_hint = hints.resume_hint(self.target, f"{flags}{self.target}")
+            tree_hint = self._tree_hint()
             message = str(exc).replace(resume_hint(into), tree_hint)
             if NOTHING_KEPT in message and self.zfs.exists(top) and tree_top(self.zfs, top) is not None:
                 # Nothing of this snapshot, but the tree's snapshots before it are kept: the tree resumes.
@@ -121,6 +132,9 @@ class TreeReceiver:
             raise type(exc)(message) from None
         self._record_state(top)
         self.received += receiver.received
+
+    def _tree_hint(self) -> str:
+        return tree_resume_hint(self.target, self.prefix)
 
     def _record_state(self, top: str) -> None:
         """On the top dataset, once it exists (its first checkpoint), and again when the state changes."""
