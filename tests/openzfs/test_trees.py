@@ -181,7 +181,14 @@ def _token(dst: str) -> tuple[str, dict[str, object]] | None:
 SCENARIOS = [
     ("full", "native", "zfs"),
     ("full", "pieces", "snapferry"),
-    ("incremental", "native", "snapferry"),
+    # Known issue (2026-12-06): in 3 of 4 runs on 2.3.2 the first `snapferry send -t` of this tree hung in the VM
+    # (docs/RELIABILITY.md). Kept running, with a short timeout, until it is found.
+    pytest.param(
+        "incremental",
+        "native",
+        "snapferry",
+        marks=[pytest.mark.xfail(reason="intermittent hang of send -t (under investigation)", strict=False), pytest.mark.timeout(300)],
+    ),
     ("incremental", "pieces", "zfs"),
 ]
 

@@ -21,6 +21,9 @@ from snapferry.errors import CommandFailed, ReceiverGone, SnapferryError, Transf
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 
+# Seconds a sending command stopped early gets to notice its closed output before it is killed.
+STOP_GRACE = 5
+
 
 def enlarge_pipe(fd: int) -> None:
     """Best effort: a non-pipe, or a limit below PIPE_SIZE, just keeps the default."""
@@ -155,7 +158,15 @@ class SendProcess:
 
     def stop(self) -> None:
         if self._proc.poll() is None:
-            self._proc.kill()
+            # Our end of its output closed first: it then stops at its next write, as `zfs send | head` does. A
+            # SIGKILL in the middle of a kernel send is kept as the last resort (suspected of leaving OpenZFS's
+            # zfs send hanging: docs/RELIABILITY.md).
+            if self._proc.stdout:
+                self._proc.stdout.close()
+            try:
+                self._proc.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
         self._proc.wait()
         for stream in (self._proc.stdout, self._proc.stderr):
             if stream:
