@@ -110,15 +110,23 @@ def tree_state(top: str) -> dict[str, object]:
     return state
 
 
+def _mode_flags(mode: str, extra: tuple[str, ...]) -> list[str]:
+    """A full tree: native is the default's pick. An incremental one (received with -F here) goes in pieces by
+    default for now (docs/RELIABILITY.md), so native is asked for."""
+    if mode == "pieces":
+        return ["--mode", "pieces"]
+    return ["--mode", "native"] if "-F" in extra else []
+
+
 def _receive(dst: str, data: bytes, mode: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
-    flags = ["--mode", "pieces"] if mode == "pieces" else []  # native: the default must pick it
+    flags = _mode_flags(mode, extra)
     argv = [*SNAPFERRY, "receive", "-s", "-d", *extra, *flags, "--checkpoint", str(CHECKPOINT), dst]
     return subprocess.run(argv, input=data, capture_output=True, check=False)
 
 
 def _receive_killed(dst: str, data: bytes, mode: str, complete: set[int], *extra: str) -> None:
     """Feed `data` without ever closing the input, and SIGKILL the receive once it has completed `complete` snapshots."""
-    flags = ["--mode", "pieces"] if mode == "pieces" else []
+    flags = _mode_flags(mode, extra)
     argv = [*SNAPFERRY, "receive", "-s", "-d", *extra, *flags, "--checkpoint", str(CHECKPOINT), dst]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None

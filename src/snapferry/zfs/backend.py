@@ -161,7 +161,7 @@ class ZfsBackend:
     def _receive_tree(self, request: ReceiveRequest, stream: Readable, events: EventSink) -> list[str]:
         """A -R stream: natively (one `zfs receive -s` per substream) where the pool and the sender can resume, else
         through the piece chain; an interrupted tree goes on in the mode it began in."""
-        head, _, _ = read_compound_header(stream)
+        head, _, header = read_compound_header(stream)
         first = bytearray(HEADER_SIZE)
         got = read_exact(stream, memoryview(first))
         stream = Prefixed(head + bytes(first[:got]), stream)
@@ -169,8 +169,9 @@ class ZfsBackend:
         # from the first, as for one dataset. A tree without substreams can go either way.
         sub = Begin.decode(first, supported_only=False) if got == HEADER_SIZE and first[:4] == bytes(4) else None
         tree = tree_token(self.zfs, request.target) if self.zfs.exists(request.target) else None
-        sender_can_resume = sub is None or sub.sender_can_resume
-        mode = choose_tree_mode(self.zfs, request.target, _mode(request.mode), sender_can_resume=sender_can_resume, tree=tree)
+        can_resume = sub is None or sub.sender_can_resume
+        requested, incremental = _mode(request.mode), header.fromsnap is not None
+        mode = choose_tree_mode(self.zfs, request.target, requested, sender_can_resume=can_resume, tree=tree, incremental=incremental)
         events("mode", mode=mode)
         if mode == "native":
             native = NativeTreeReceiver(
