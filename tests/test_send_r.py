@@ -245,6 +245,42 @@ def test_three_interruptions_cost_three_checkpoints_and_send_t_reads_only_what_i
     assert sent - len(stream) <= cuts * (checkpoint + (64 << 10)), (sent, len(stream), cuts)
 
 
+def _tonames(stream: bytes) -> list[str]:
+    """Each substream's snapshot, in the stream's order."""
+    source = io.BytesIO(stream)
+    read_compound_header(source)
+    reader = StreamReader(source)
+    names = []
+    while (first := reader.read_begin(compound=True)) is not None:
+        names.append(first[0].toname)
+        for _ in reader.records(first[1], len(first[1]), len(first[1])):
+            pass
+    return names
+
+
+def test_an_R_I_tree_stays_I_when_a_continuation_begins_with_top_snapshots_only(bed: tb.Bed, tree: str) -> None:
+    """The continuation of an -R -I stream no longer shows the snapshots between: a cut after its first substreams, all
+    up to the top snapshot, must not turn the tree into -i (which would skip the @s2 of the file systems still to come;
+    found on OpenZFS 2.1, whose substream order made it happen)."""
+    target = bed.target("rstays")
+    tb.sh("zfs", "create", target)
+    assert tb.receive(target, tb.send_bytes("-R", f"{tree}@s1"), "-d", checkpoint=CHECKPOINT).returncode == 0
+    stream = tb.send_bytes("-R", "-I", "@s1", f"{tree}@s3")
+    starts, names = _substream_starts(stream), _tonames(stream)
+    # Cut 1 inside a file system's @s3 substream that other file systems' substreams follow.
+    n = next(i for i, name in enumerate(names[:-2]) if name.endswith("@s3"))
+    first = tb.receive(target, stream[: starts[n] + 200], "-d", "-F", checkpoint=CHECKPOINT)
+    assert first.returncode == 3 or "I/O error" in first.stderr, first.stderr
+    rest = tb.snapferry("send", "-t", tb.token(target)).stdout
+    assert _tonames(rest)[0] == names[n] and any(name.endswith("@s2") for name in _tonames(rest))
+    # Cut 2 just inside the continuation's second substream: the first one, to @s3, is complete.
+    second = tb.receive(target, rest[: _substream_starts(rest)[1] + 100], "-d", "-F", checkpoint=CHECKPOINT)
+    assert second.returncode == 3 or "I/O error" in second.stderr, second.stderr
+    assert json.loads(tb.snapferry("token", "--decode", tb.token(target)).stdout)["intermediates"] is True
+    _finish(target, stream, "-F")
+    _assert_same_tree(f"{target}/{tree.partition('/')[2]}", _reference(bed, tree, "rref_all", f"{tree}@s3"))
+
+
 def test_receive_A_of_a_tree_keeps_what_it_completed(bed: tb.Bed, tree: str) -> None:
     stream = tb.send_bytes("-R", f"{tree}@s3")
     target = bed.target("rabort")

@@ -81,12 +81,8 @@ def ensure_sshd() -> None:
         raise SshdError(f"cannot install openssh-server: {result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
-
-
 def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "snapferry-test", "-f", str(path)], check=True, timeout=60)
-
-
 
 
 def _write_config(base: Path, port: int, host_key: Path, authorized: Path) -> Path:

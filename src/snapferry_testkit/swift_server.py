@@ -70,10 +70,6 @@ def installed() -> bool:
     return PYTHON.exists() and SWIFT_CONF.exists() and all(Path(f"/usr/bin/swift-{name}-server").exists() for name in SERVERS)
 
 
-
-
-
-
 def _die_with_parent() -> None:
     # A test run killed with SIGKILL would otherwise leave four servers behind, holding ports.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from snapferry.core.events import EventSink
 from snapferry.core.lock import dataset_lock
@@ -28,7 +28,7 @@ from snapferry.zfs.resume.receiver import PieceReceiver
 from snapferry.zfs.resume.sender import send_continuation, send_snapshot
 from snapferry.zfs.resume.stored import send_stored_continuation
 from snapferry.zfs.resume.tree_native import NativeTreeReceiver, choose_tree_mode
-from snapferry.zfs.resume.tree_receiver import TreeReceiver, forget_tree, tree_token
+from snapferry.zfs.resume.tree_receiver import TreeReceiver, TreeReceiverBase, forget_tree, tree_token
 from snapferry.zfs.resume.tree_sender import send_tree, send_tree_rest
 
 # Chosen with bench/receive_bench.py (docs/BENCHMARKS.md): each checkpoint stalls the pipe for
@@ -50,6 +50,17 @@ def _mode(text: str | None) -> Mode | None:
     if text is not None:
         raise UsageError(f"--mode {text}: choose one of {', '.join(MODES)}")
     return None
+
+
+class _TreeOptions(TypedDict):
+    """What a tree receiver takes from the request, in either mode."""
+
+    prefix: str | None
+    force: bool
+    mount: bool
+    exclude_props: tuple[str, ...]
+    set_props: tuple[tuple[str, str], ...]
+    events: EventSink
 
 
 class ZfsBackend:
@@ -173,31 +184,21 @@ class ZfsBackend:
         requested, incremental = _mode(request.mode), header.fromsnap is not None
         mode = choose_tree_mode(self.zfs, request.target, requested, sender_can_resume=can_resume, tree=tree, incremental=incremental)
         events("mode", mode=mode)
-        if mode == "native":
-            native = NativeTreeReceiver(
-                self.zfs,
-                request.target,
-                prefix=request.prefix,
-                force=request.force,
-                mount=request.mount,
-                exclude_props=request.exclude_properties,
-                set_props=request.properties,
-                events=events,
-            )
-            return native.receive(stream)
-        size = (request.checkpoint or DEFAULT_CHECKPOINT) if request.resumable else _UNLIMITED
-        receiver = TreeReceiver(
-            self.zfs,
-            request.target,
-            checkpoint_size=size,
+        options = _TreeOptions(
             prefix=request.prefix,
             force=request.force,
             mount=request.mount,
             exclude_props=request.exclude_properties,
             set_props=request.properties,
             events=events,
-            modern_zfs=self.zfs.is_modern(request.target),
         )
+        receiver: TreeReceiverBase
+        if mode == "native":
+            receiver = NativeTreeReceiver(self.zfs, request.target, **options)
+        else:
+            size = (request.checkpoint or DEFAULT_CHECKPOINT) if request.resumable else _UNLIMITED
+            modern = self.zfs.is_modern(request.target)
+            receiver = TreeReceiver(self.zfs, request.target, checkpoint_size=size, modern_zfs=modern, **options)
         return receiver.receive(stream)
 
     # --- the destination's state --------------------------------------------------------------

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
+from snapferry.core.events import PROGRESS_STEP
 from snapferry.core.process import ReceiveProcess
-from snapferry.core.streamio import Readable
 from snapferry.errors import PartialReceiveInTheWay, Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted
 from snapferry.zfs.codec.nvlist import NvList, NvPair, NvType
 from snapferry.zfs.codec.records import Begin
-from snapferry.zfs.codec.replication import FileSystem, ReplicationHeader, property_package, read_compound_header
+from snapferry.zfs.codec.replication import FileSystem, ReplicationHeader, property_package
 from snapferry.zfs.codec.stream import StreamReader
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import NativePartial, TreeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Zfs
 from snapferry.zfs.resume.mounts import mount_replica
 from snapferry.zfs.resume.native import Mode
-from snapferry.zfs.resume.tree_receiver import TREE_PROPERTY, TreeLayout, prepare_target, tree_resume_hint, tree_top
+from snapferry.zfs.resume.tree_receiver import TREE_PROPERTY, TreeLayout, TreeReceiverBase
 
 
 def choose_tree_mode(
@@ -80,7 +78,7 @@ class _ReceiverFailed(Exception):
 
 
 @dataclass
-class NativeTreeReceiver:
+class NativeTreeReceiver(TreeReceiverBase):
     """Receives a compound stream natively: each substream, wrapped as a one-file-system `zfs send -p` package, goes to
     `zfs receive -s` of the dataset the layout gives, so a cut leaves the kernel's own partial state in that dataset.
 
@@ -91,53 +89,16 @@ class NativeTreeReceiver:
     received one). At the final END `zfs inherit` takes it away.
     """
 
-    zfs: Zfs
-    target: str
-    prefix: str | None = None
-    force: bool = False
-    mount: bool = True
-    exclude_props: tuple[str, ...] = ()
-    set_props: tuple[tuple[str, str], ...] = ()
-    events: EventSink = ignore_events
-    received: list[str] = field(default_factory=list)
-    _state: dict[str, object] = field(default_factory=dict)
-    _recorded: str = ""
     _top_exists: bool = False
 
-    def receive(self, source: Readable) -> list[str]:
-        _, begin, header = read_compound_header(source)
-        root, _, tosnap = begin.toname.partition("@")
-        layout = TreeLayout(self.target, root, self.prefix)
-        top = layout.target_of(root)
-        self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
-        prepare_target(self.zfs, layout, header, top, force=self.force, events=self.events)
-        self._top_exists = self.zfs.exists(top)
-        if self._top_exists:
-            self._continue_state(top)
-        reader = StreamReader(source)
-        try:
-            self._substreams(reader, header, layout, top, tosnap)
-        except (TransferInterrupted, KeyboardInterrupt) as exc:
-            hint = self._hint()
-            if hint in str(exc):
-                raise
-            # Cut between two substreams: each one before is complete.
-            raise TransferInterrupted(f"{exc or 'interrupted'}; {len(self.received)} snapshot(s) received in this run; {hint}") from None
-        if self.zfs.exists(top):
-            self.zfs.inherit_property(top, TREE_PROPERTY)
-            if self.mount:
-                mount_replica(self.zfs, top, self.events)
-        return self.received
-
     def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
+        self._top_exists = self.zfs.exists(top)
         started: set[str] = set()
         while (first := reader.read_begin(compound=True)) is not None:
             sub, sub_bytes = first
-            dataset, _, snap = sub.toname.partition("@")
-            into = layout.target_of(dataset)
+            into = layout.target_of(sub.toname.partition("@")[0])
             filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-            if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
-                self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
+            self._note_substream(sub, filesystem, header.fromsnap, tosnap)
             if self._top_exists:
                 self._record_state(top)
             self._receive_one(reader, sub, sub_bytes, into, filesystem, top)
@@ -147,27 +108,9 @@ class NativeTreeReceiver:
                     self.zfs.set_property(top, name, value)
             started.add(into)
 
-    def _continue_state(self, top: str) -> None:
-        """A continuation (`send -t`) no longer shows a -I stream's snapshots between: keep what the tree's first run saw."""
-        found = tree_top(self.zfs, top)
-        if found is None or found[0] != top:
-            return
-        try:
-            old = json.loads(found[1])
-        except ValueError:
-            return
-        if isinstance(old, dict) and all(old.get(k) == self._state[k] for k in ("root", "tosnap", "fromsnap")):
-            self._state["intermediates"] = bool(old.get("intermediates"))
-            self._recorded = found[1]
-
-    def _state_text(self) -> str:
-        return json.dumps(self._state, sort_keys=True)
-
-    def _record_state(self, top: str) -> None:
-        text = self._state_text()
-        if text != self._recorded:
-            self.zfs.set_property(top, TREE_PROPERTY, text)
-            self._recorded = text
+    def _finished(self, top: str) -> None:
+        if self.mount:
+            mount_replica(self.zfs, top, self.events)
 
     def _package(self, sub: Begin, into: str, filesystem: FileSystem | None, top: str) -> tuple[bytes, bytes]:
         """The records around the substream that make zfs receive set its properties as received (-x and -o names left
@@ -213,13 +156,10 @@ class NativeTreeReceiver:
         except PartialReceiveInTheWay:
             raise Refused(
                 f"{into} holds an interrupted receive (the kernel's); this stream cannot start another there: "
-                f"{self._hint()}, or discard it with: snapferry receive -A {self.target}"
+                f"{self._tree_hint()}, or discard it with: snapferry receive -A {self.target}"
             ) from None
         self.received.append(f"{into}@{sub.snapshot_name}")
         self.events("done", dataset=into, snapshot=sub.snapshot_name, bytes=reader.bytes_read)
-
-    def _hint(self) -> str:
-        return tree_resume_hint(self.target, self.prefix)
 
     def _cut(self, proc: ReceiveProcess, exc: BaseException, sub: Begin, into: str) -> SnapferryError:
         """The input stopped (or went bad) inside a substream: zfs receive -s, its input closed, keeps what arrived."""
@@ -233,7 +173,7 @@ class NativeTreeReceiver:
         done = f"{len(self.received)} snapshot(s) received in this run"
         what = str(exc) or "interrupted"
         if isinstance(exc, StreamIntegrityError):
-            return StreamIntegrityError(f"{what}; {kept}; {done}; {self._hint()}", exc.verified_to)
+            return StreamIntegrityError(f"{what}; {kept}; {done}; {self._tree_hint()}", exc.verified_to)
         if isinstance(exc, StreamFormatError):
             return StreamFormatError(f"{what}; {kept}; {done}")
-        return TransferInterrupted(f"{what}; {kept}; {done}; {self._hint()}")
+        return TransferInterrupted(f"{what}; {kept}; {done}; {self._tree_hint()}")

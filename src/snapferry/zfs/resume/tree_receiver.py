@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
@@ -50,62 +50,113 @@ class TreeLayout:
 
 
 @dataclass
-class TreeReceiver:
-    """Receives a compound stream: its header, then each substream into the dataset the layout gives, resumably."""
+class TreeReceiverBase:
+    """What both modes share: the options, the receive of a compound stream around its substreams, and the tree's state
+    on its top dataset, which its token needs once the stream is cut and the stream no longer says."""
 
     zfs: Zfs
     target: str
-    checkpoint_size: int
+    _: KW_ONLY
     prefix: str | None = None
     force: bool = False
     mount: bool = True
     exclude_props: tuple[str, ...] = ()
     set_props: tuple[tuple[str, str], ...] = ()
     events: EventSink = ignore_events
-    modern_zfs: bool = False
     received: list[str] = field(default_factory=list)
-    # What the token will need once the stream is cut, and what of it is already on the top dataset.
     _state: dict[str, object] = field(default_factory=dict)
     _recorded: str = ""
+    _features: int = 0  # the compound BEGIN's
 
     def receive(self, source: Readable) -> list[str]:
         _, begin, header = read_compound_header(source)
+        self._features = begin.features
         root, _, tosnap = begin.toname.partition("@")
         layout = TreeLayout(self.target, root, self.prefix)
         top = layout.target_of(root)
         self._state = {"root": root, "tosnap": tosnap, "fromsnap": header.fromsnap, "intermediates": False}
         prepare_target(self.zfs, layout, header, top, force=self.force, events=self.events)
-        reader = StreamReader(source)
-        overridden = False
+        if self.zfs.exists(top):
+            self._continue_state(top)
         try:
-            while (first := reader.read_begin(compound=True)) is not None:
-                sub, sub_bytes = first
-                dataset, _, snap = sub.toname.partition("@")
-                into = layout.target_of(dataset)
-                filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-                if filesystem is not None and header.fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
-                    self._state["intermediates"] = True  # -I: this file system goes through a snapshot between
-                self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem, begin.features))
-                if into == top and not overridden:
-                    overridden = True
-                    for name, value in self.set_props:  # -o: set on the top, and so inherited below it
-                        self.zfs.set_property(top, name, value)
-        except TransferInterrupted as exc:
-            # Cut between two substreams (inside a BEGIN, say): each one before is complete, and the tree resumes.
-            if self._tree_hint() in str(exc) or not (self.zfs.exists(top) and tree_top(self.zfs, top)):
+            self._substreams(StreamReader(source), header, layout, top, tosnap)
+        except (TransferInterrupted, KeyboardInterrupt) as exc:
+            hint = self._tree_hint()
+            if hint in str(exc) or not (self.zfs.exists(top) and tree_top(self.zfs, top)):
                 raise
-            raise TransferInterrupted(f"{exc}; {len(self.received)} snapshot(s) received in this run; {self._tree_hint()}") from None
+            # Cut between two substreams (inside a BEGIN, say): each one before is complete, and the tree resumes.
+            raise TransferInterrupted(f"{exc or 'interrupted'}; {len(self.received)} snapshot(s) received in this run; {hint}") from None
         if self.zfs.exists(top):
             self.zfs.inherit_property(top, TREE_PROPERTY)
+            self._finished(top)
         return self.received
 
-    def _package(self, filesystem: FileSystem | None, features: int) -> Package | None:
+    def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
+        raise NotImplementedError
+
+    def _finished(self, top: str) -> None:
+        """What a mode does once the whole tree is in."""
+
+    def _note_substream(self, sub: Begin, filesystem: FileSystem | None, fromsnap: str | None, tosnap: str) -> None:
+        """A -I stream shows itself by a file system that goes through a snapshot between its base and the top."""
+        snap = sub.toname.partition("@")[2]
+        if filesystem is not None and fromsnap in filesystem.snaps and sub.is_incremental and snap != tosnap:
+            self._state["intermediates"] = True
+
+    def _continue_state(self, top: str) -> None:
+        """A continuation (`send -t`) no longer shows a -I stream's snapshots between: keep what the tree's first run saw."""
+        found = tree_top(self.zfs, top)
+        if found is None or found[0] != top:
+            return
+        try:
+            old = json.loads(found[1])
+        except ValueError:
+            return
+        if isinstance(old, dict) and all(old.get(k) == self._state[k] for k in ("root", "tosnap", "fromsnap")):
+            self._state["intermediates"] = bool(old.get("intermediates"))
+            self._recorded = found[1]
+
+    def _state_text(self) -> str:
+        return json.dumps(self._state, sort_keys=True)
+
+    def _record_state(self, top: str) -> None:
+        """On the top dataset, once it exists, and again whenever the state changes."""
+        text = self._state_text()
+        if text != self._recorded and self.zfs.exists(top):
+            self.zfs.set_property(top, TREE_PROPERTY, text)
+            self._recorded = text
+
+    def _tree_hint(self) -> str:
+        return tree_resume_hint(self.target, self.prefix)
+
+
+@dataclass
+class TreeReceiver(TreeReceiverBase):
+    """Receives a compound stream in pieces: each substream into the dataset the layout gives, through the piece chain."""
+
+    checkpoint_size: int
+    modern_zfs: bool = False
+
+    def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
+        overridden = False
+        while (first := reader.read_begin(compound=True)) is not None:
+            sub, sub_bytes = first
+            into = layout.target_of(sub.toname.partition("@")[0])
+            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
+            self._note_substream(sub, filesystem, header.fromsnap, tosnap)
+            self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem))
+            if into == top and not overridden:
+                overridden = True
+                for name, value in self.set_props:  # -o: set on the top, and so inherited below it
+                    self.zfs.set_property(top, name, value)
+
+    def _package(self, filesystem: FileSystem | None) -> Package | None:
         """The source's properties go as `zfs receive` sends an -R stream's, as received: less -x, and less -o's (the
         top file system gets those set, and its descendants inherit them)."""
         if filesystem is None:
             return None
         leave_out = {*self.exclude_props, *(name for name, _ in self.set_props), TREE_PROPERTY}
-        return lambda piece: property_package(filesystem, piece.toname, piece.toguid, leave_out=leave_out, features=features)
+        return lambda piece: property_package(filesystem, piece.toname, piece.toguid, leave_out=leave_out, features=self._features)
 
     def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, top: str, package: Package | None) -> None:
         receiver = PieceReceiver(
@@ -132,16 +183,6 @@ class TreeReceiver:
             raise type(exc)(message) from None
         self._record_state(top)
         self.received += receiver.received
-
-    def _tree_hint(self) -> str:
-        return tree_resume_hint(self.target, self.prefix)
-
-    def _record_state(self, top: str) -> None:
-        """On the top dataset, once it exists (its first checkpoint), and again when the state changes."""
-        text = json.dumps(self._state, sort_keys=True)
-        if text != self._recorded and self.zfs.exists(top):
-            self.zfs.set_property(top, TREE_PROPERTY, text)
-            self._recorded = text
 
 
 def prepare_target(zfs: Zfs, layout: TreeLayout, header: ReplicationHeader, top: str, *, force: bool, events: EventSink) -> None:
