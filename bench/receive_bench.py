@@ -12,8 +12,8 @@ One run creates a source and a destination pool (sparse files), writes N MiB of 
 Each is repeated (the destination destroyed in between) and the median reported, with MB/s, the
 ratio raw_time / time (target >= 0.9), CPU seconds per GB of the receiving process (wait4 rusage:
 snapferry plus the thin `zfs receive` clients it runs), its peak RSS, and the zfs-fuse daemon's CPU.
-A larger stream (--rss-mib, default 4096) is then received by snapferry and raw (--large-repeat) to show
-that memory stays flat. Tiny-stream runs measure the fixed cost per receive.
+Larger streams (--rss-mib, default 4096; a list such as 4096,16384 runs each) are then received by
+snapferry and raw (--large-repeat) to show that memory stays flat. Tiny-stream runs measure the fixed cost per receive.
 
     sudo python3 bench/receive_bench.py --size-mib 1024 --json bench-receive.json
 """
@@ -194,7 +194,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", default="64M,256M,1G", help="checkpoint sizes for the sf-<C> runs")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each variant (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed raw runs before each timed series")
-    ap.add_argument("--rss-mib", type=int, default=4096, help="data of the large stream for the RSS check (0: skip)")
+    ap.add_argument("--rss-mib", default="4096", help="data of the larger streams for the RSS check, comma-separated MiB (0: none)")
     ap.add_argument("--large-repeat", type=int, default=2, help="runs of each variant on the large stream")
     ap.add_argument("--tiny-repeat", type=int, default=3, help="tiny-stream runs for the fixed cost (0: skip)")
     ap.add_argument("--profile", action="store_true", help="also run each sf-<C> receive once under cProfile")
@@ -209,7 +209,8 @@ def main() -> int:
     install_sigterm_cleanup()
 
     checkpoints = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
-    big = max(args.size_mib, args.rss_mib)
+    rss_sizes = [int(m) for m in str(args.rss_mib).split(",") if m.strip() and int(m)]
+    big = max([args.size_mib, *rss_sizes])
     sf = snapferry_argv()
     report: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -264,28 +265,31 @@ def main() -> int:
                 profiles.append(profile_receive(f"{src}/d@s", f"{dst}/prof", c, Path(tmp)))
             report["profiles"] = profiles
 
-        if args.rss_mib > args.size_mib:
-            extra = args.rss_mib - args.size_mib
-            log(f"adding {extra} MiB for the {args.rss_mib} MiB stream")
-            fill_random(f"/{src}/d", extra, args.file_mib, prefix="g", seed=1)
-            run("zfs", "snapshot", f"{src}/d@big")
-            big_guid = zfs_get(f"{src}/d@big", "guid")
-            big_stream = stream_size(f"{src}/d@big")
-            big_plan = [v for v in variants(f"{src}/d@big", dst, ["256M"], sf) if v[0] in ("raw", "sf-256M")]
-            big_runs = timed_rounds(big_plan, args.large_repeat, big_stream, big_guid, "big", args.warmup)
+        # Larger streams, each adding data to the same dataset: peak RSS must not grow with the stream.
+        large_runs: list[dict[str, object]] = []
+        have = args.size_mib
+        for n, mib in enumerate(m for m in rss_sizes if m > args.size_mib):
+            log(f"adding {mib - have} MiB for the {mib} MiB stream")
+            fill_random(f"/{src}/d", mib - have, args.file_mib, prefix=f"g{n}", seed=1 + n)
+            have = mib
+            snap = f"big{n}"
+            run("zfs", "snapshot", f"{src}/d@{snap}")
+            big_guid = zfs_get(f"{src}/d@{snap}", "guid")
+            big_stream = stream_size(f"{src}/d@{snap}")
+            big_plan = [v for v in variants(f"{src}/d@{snap}", dst, ["256M"], sf) if v[0] in ("raw", "sf-256M")]
+            big_runs = timed_rounds(big_plan, args.large_repeat, big_stream, big_guid, snap, args.warmup)
             big_raw = median([r["wall_s"] for r in big_runs["raw"]])
             big_rows = [summarize(label, big_runs[label], big_stream, big_raw) for label, _, _ in big_plan]
-            report["large"] = big_rows
-            report["large_stream_bytes"] = big_stream
-            print_table(f"{args.rss_mib} MiB dataset, median of {args.large_repeat}", big_rows, big_stream)
+            large_runs.append({"stream_bytes": big_stream, "rows": big_rows})
+            print_table(f"{mib} MiB dataset, median of {args.large_repeat}", big_rows, big_stream)
+        report["large_runs"] = large_runs
 
         print("\npeak RSS of snapferry receive (MiB):")
         sf_small = max(r["recv_maxrss_mib"] for r in rows if str(r["label"]).startswith("sf"))
         print(f"  {stream / MiB:6.0f} MiB stream: {sf_small:.1f}")
-        if "large" in report:
-            large: list[dict[str, object]] = report["large"]  # type: ignore[assignment]
-            sf_large = next(r for r in large if r["label"] == "sf-256M")
-            print(f"  {report['large_stream_bytes'] / MiB:6.0f} MiB stream: {sf_large['recv_maxrss_mib']:.1f}")
+        for large in large_runs:
+            sf_large = next(r for r in large["rows"] if r["label"] == "sf-256M")  # type: ignore[attr-defined]
+            print(f"  {int(large['stream_bytes']) / MiB:6.0f} MiB stream: {sf_large['recv_maxrss_mib']:.1f}")  # type: ignore[call-overload]
     report["total_runtime_s"] = time.perf_counter() - t0
     log(f"done in {report['total_runtime_s']:.0f} s")
     if args.json:

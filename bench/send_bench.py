@@ -4,9 +4,10 @@
 One run creates a source pool with N MiB of random data, snapshots it, and times, interleaved round
 by round:
 
-  raw        zfs send SRC@s > /dev/null
-  send       snapferry send -q SRC@s > /dev/null
-  send-t     snapferry send -q -t TOKEN > /dev/null, TOKEN from a receive cut at --cut of the stream
+  raw        zfs send SRC@s | wc -c        (the issue's reference: a reader at the pipe's other end)
+  raw>null   zfs send SRC@s > /dev/null    (zfs-fuse's daemon then writes to /dev/null itself, no pipe)
+  send       snapferry send -q SRC@s | wc -c
+  send-t     snapferry send -q -t TOKEN | wc -c, TOKEN from a receive cut at --cut of the stream
              (most of its work is regenerating and verifying the skipped prefix)
 
 CPU is the wait4 rusage (user + sys) of the sending process, which includes its `zfs send` client;
@@ -78,10 +79,11 @@ def main() -> int:
             )
             log(f"receive cut at {cut} bytes{tag}: exit {recv.stages[-1].returncode}")
             tokens[tag] = run(*argv, "token", f"{dst}/r{len(tokens)}").stdout.strip()
-        plan: list[tuple[str, list[list[str]]]] = [("raw", [["zfs", "send", f"{src}/d@s"]])]
+        wc, zfs_send = ["wc", "-c"], ["zfs", "send", f"{src}/d@s"]
+        plan: list[tuple[str, list[list[str]]]] = [("raw", [zfs_send, wc]), ("raw>null", [zfs_send])]
         for tag, argv in builds.items():
-            plan.append((f"send{tag}", [[*argv, "send", "-q", f"{src}/d@s"]]))
-            plan.append((f"send-t{tag}", [[*argv, "send", "-q", "-t", tokens[tag]]]))
+            plan.append((f"send{tag}", [[*argv, "send", "-q", f"{src}/d@s"], wc]))
+            plan.append((f"send-t{tag}", [[*argv, "send", "-q", "-t", tokens[tag]], wc]))
         samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in plan}
         for round_ in range(args.repeat):
             for label, stages in plan:
