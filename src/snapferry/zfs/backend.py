@@ -181,8 +181,8 @@ class ZfsBackend:
         sub = Begin.decode(first, supported_only=False) if got == HEADER_SIZE and first[:4] == bytes(4) else None
         tree = tree_token(self.zfs, request.target) if self.zfs.exists(request.target) else None
         can_resume = sub is None or sub.sender_can_resume
-        requested, incremental = _mode(request.mode), header.fromsnap is not None
-        mode = choose_tree_mode(self.zfs, request.target, requested, sender_can_resume=can_resume, tree=tree, incremental=incremental)
+        requested = _mode(request.mode)
+        mode = choose_tree_mode(self.zfs, request.target, requested, sender_can_resume=can_resume, tree=tree)
         events("mode", mode=mode)
         options = _TreeOptions(
             prefix=request.prefix,

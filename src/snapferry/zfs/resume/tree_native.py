@@ -19,13 +19,9 @@ from snapferry.zfs.resume.native import Mode
 from snapferry.zfs.resume.tree_receiver import TREE_PROPERTY, TreeLayout, TreeReceiverBase
 
 
-def choose_tree_mode(
-    zfs: Zfs, target: str, requested: Mode | None, *, sender_can_resume: bool, tree: TreeToken | None, incremental: bool = False
-) -> Mode:
+def choose_tree_mode(zfs: Zfs, target: str, requested: Mode | None, *, sender_can_resume: bool, tree: TreeToken | None) -> Mode:
     """The rule of `choose_mode` for a whole tree: native where the destination pool resumes in the kernel and the
-    stream's sender can `zfs send -t`; an interrupted transfer of the tree keeps the mode it was begun in. An
-    incremental tree (-R -i/-I) goes in pieces unless --mode native asks otherwise: its first `send -t` in native
-    mode hung in the OpenZFS VM (docs/RELIABILITY.md)."""
+    stream's sender can `zfs send -t`; an interrupted transfer of the tree keeps the mode it was begun in."""
     under_way = tree.partial if tree is not None else None
     abort = f"snapferry receive -A {tree.target}" if tree is not None else ""
     if isinstance(under_way, NativePartial):
@@ -54,7 +50,7 @@ def choose_tree_mode(
         if not sender_can_resume:
             raise Refused("this -R stream comes from a zfs that cannot resume a send (no zfs send -t, e.g. zfs-fuse): use --mode pieces")
         return "native"
-    return "native" if native and sender_can_resume and not incremental else "pieces"
+    return "native" if native and sender_can_resume else "pieces"
 
 
 def _with_tree_state(filesystem: FileSystem, state: str | None) -> FileSystem:
