@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import json
@@ -20,7 +19,7 @@ from fuzz import native_targets as native
 from fuzz import offsite_targets as offsite
 from fuzz import replication_targets as replication
 from fuzz import tree_token_targets as tree_tokens
-from fuzz.contract import OK, Errors, attempt, check, outcome
+from fuzz.contract import OK, Errors, attempt, check, outcome, sealed_token
 from snapferry.core.streamio import Readable
 from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.transport.wire import ZSTD_MAGIC, open_wire
@@ -536,8 +535,7 @@ BODY, PAYLOAD = 0, 1
 
 def sf1_text(data: bytes) -> str:
     if data[:1] == bytes([BODY]):
-        body = data[1:]
-        return f"sf1-{base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip('=')}-{zlib.crc32(body):08x}"
+        return sealed_token("sf1-", data[1:])
     return data.decode("utf-8", "surrogateescape")
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import zlib
 
-from fuzz.contract import attempt, check, outcome
+from fuzz.contract import attempt, check, outcome, sealed_token
 from snapferry.errors import MalformedToken
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TREE_TOKEN_PREFIX, NativePartial, TreeToken
@@ -18,8 +16,7 @@ BODY = 0xFF
 
 def tree_token_text(data: bytes) -> str:
     if data[:1] == bytes([BODY]):
-        body = data[1:]
-        return f"{TREE_TOKEN_PREFIX}{base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip('=')}-{zlib.crc32(body):08x}"
+        return sealed_token(TREE_TOKEN_PREFIX, data[1:])
     return data.decode("utf-8", "surrogateescape")
 
 
