@@ -75,8 +75,8 @@ def _link(rate: float) -> tuple[list[int], adaptive.Write]:
 
 
 def test_a_slow_link_gets_compressible_data_compressed_and_is_measured_without_leaving_zstd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Waiting for the link while compressing measures the link: at most the first window goes stored (the pipe's
-    buffer hides a slow link at first), none after it."""
+    """Waiting for the link while compressing measures the link: one window goes stored (the second: the first also
+    waits for the far end to start, so it measures nothing), none after it."""
     monkeypatch.setattr(adaptive, "WINDOW", 1 << 20)
     monkeypatch.setattr(adaptive, "RECHECK_EVERY", 2)
     rng = random.Random(2)

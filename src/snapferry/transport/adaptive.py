@@ -79,6 +79,7 @@ class AdaptiveCompressor:
         self._window_in = self._window_out = 0
         self._window_seconds = self._window_waiting = 0.0
         self._windows_this_way = 0
+        self._windows = 0
         self._window_started: float | None = None
         self._wall_rate: dict[str, float] = {}  # input bytes a second of each way's last window, producer included
         self.bytes_in = {"zstd": 0, "stored": 0}
@@ -120,14 +121,17 @@ class AdaptiveCompressor:
 
     def _next_window(self) -> None:
         seconds = max(self._window_seconds, 1e-9)
+        # The first window also waits for the far end to start reading (an ssh login, a process starting: 0.3 s on
+        # loopback, which made a 500 MB/s link look like 15 MB/s): it measures nothing.
+        first, self._windows = self._windows == 0, self._windows + 1
         # The link was the bottleneck, so busy all the window, when waiting for it took most of the window.
-        link_measured = self._way == "stored" or self._window_waiting > seconds / 2
+        link_measured = not first and (self._way == "stored" or self._window_waiting > seconds / 2)
         if link_measured:
             self._link = self._window_out / seconds
         if self._way == "zstd":
             self._compressor_speed = self._window_in / max(seconds - self._window_waiting, 1e-9)
             self._ratio = max(self._window_out, 1) / self._window_in
-        if self._window_started is not None:
+        if self._window_started is not None and not first:
             self._wall_rate[self._way] = self._window_in / max(time.perf_counter() - self._window_started, 1e-9)
         self._window_in = self._window_out = 0
         self._window_seconds = self._window_waiting = 0.0
