@@ -181,10 +181,19 @@ class PipelineResult:
     wall: float
     stages: list[StageResult] = field(default_factory=list)
     daemon_cpu: float = 0.0
+    host_cpu: float = 0.0  # CPU seconds the whole host was busy during the run, every process and the kernel's threads
 
     @property
     def ok(self) -> bool:
         return all(s.returncode == 0 for s in self.stages)
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the host has been busy since boot, over all cores (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_pipeline(stages: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> PipelineResult:
@@ -195,6 +204,7 @@ def run_pipeline(stages: Sequence[Sequence[str]], env: dict[str, str] | None = N
     """
     dpid = daemon_pid()
     daemon_before = proc_cpu_seconds(dpid)
+    host_before = host_busy_seconds()
     procs: list[subprocess.Popen[bytes]] = []
     start = time.perf_counter()
     prev = None
@@ -221,7 +231,7 @@ def run_pipeline(stages: Sequence[Sequence[str]], env: dict[str, str] | None = N
             pending.discard(pid)
             results[pid] = (status, usage)
     wall = time.perf_counter() - start
-    out = PipelineResult(wall)
+    out = PipelineResult(wall, host_cpu=host_busy_seconds() - host_before)
     for p, argv in zip(procs, stages, strict=True):
         status, usage = results[p.pid]
         p.returncode = os.waitstatus_to_exitcode(status)  # type: ignore[arg-type]

@@ -93,6 +93,7 @@ def record(result: PipelineResult, stream: int) -> dict[str, float]:
         "send_cpu_s": first.user + first.sys,
         "send_maxrss_mib": first.maxrss_kib / 1024,
         "daemon_cpu_s": result.daemon_cpu,
+        "host_cpu_s": result.host_cpu,
     }
 
 
@@ -108,6 +109,7 @@ def summarize(label: str, runs: list[dict[str, float]], stream: int, raw_median:
         "recv_maxrss_mib": max(r["recv_maxrss_mib"] for r in runs),
         "send_maxrss_mib": max(r["send_maxrss_mib"] for r in runs),
         "daemon_cpu_s": median([r["daemon_cpu_s"] for r in runs]),
+        "host_cpu_s": median([r["host_cpu_s"] for r in runs]),
     }
     return out
 

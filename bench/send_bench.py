@@ -84,21 +84,22 @@ def main() -> int:
         for tag, argv in builds.items():
             plan.append((f"send{tag}", [[*argv, "send", "-q", f"{src}/d@s"], wc]))
             plan.append((f"send-t{tag}", [[*argv, "send", "-q", "-t", tokens[tag]], wc]))
-        samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in plan}
+        samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in plan}
         for round_ in range(args.repeat):
             for label, stages in plan:
                 result = run_pipeline(stages)
                 if not result.ok:
                     raise RuntimeError(f"{label} failed: {result.stages[-1].stderr}")
                 stage = result.stages[0]
-                samples[label].append((result.wall, stage.user + stage.sys, result.daemon_cpu))
+                samples[label].append((result.wall, stage.user + stage.sys, result.daemon_cpu, result.host_cpu))
                 log(f"round {round_ + 1} {label}: {result.wall:.2f} s, CPU {stage.user:.2f} user + {stage.sys:.2f} sys")
         gb = size / 1e9
         print(f"\n{'variant':<14} {'wall s':>8} {'ratio':>6} {'CPU s/GB':>9} {'daemon s/GB':>12}")
         raw_wall = median([s[0] for s in samples["raw"]])
         for label, rows in samples.items():
-            wall, cpu, daemon = (median([r[i] for r in rows]) for i in range(3))
+            wall, cpu, daemon, host = (median([r[i] for r in rows]) for i in range(4))
             results[label] = {"wall_s": wall, "ratio": raw_wall / wall, "cpu_s_per_gb": cpu / gb, "daemon_s_per_gb": daemon / gb}
+            results[label]["host_cpu_s"] = host
             print(f"{label:<14} {wall:8.2f} {raw_wall / wall:6.2f} {cpu / gb:9.2f} {daemon / gb:12.2f}")
     if args.json:
         doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "stream_bytes": size, "cut": args.cut, "results": results}

@@ -145,6 +145,7 @@ def main() -> int:
                 variants["sync-zstd"] = sync("zstd:3")
                 variants["sync-auto"] = sync("auto")
                 times: dict[str, list[float]] = {name: [] for name in variants}
+                busy: dict[str, list[float]] = {name: [] for name in variants}
                 for round_ in range(args.repeat + 1):
                     for name, stages in variants.items():
                         destroy(f"{dst}/{kind}")
@@ -155,10 +156,12 @@ def main() -> int:
                             raise RuntimeError(f"{name} failed: {[s.stderr for s in result.stages]}")
                         if round_:  # the first round warms caches and is not counted
                             times[name].append(result.wall)
+                            busy[name].append(result.host_cpu)
                         log(f"{kind} round {round_} {name:10s} {result.wall:6.2f} s")
                 raw = median(times["raw"])
                 for name, values in times.items():
-                    results[f"{kind}/{name}"] = {"median_s": median(values), "ratio": raw / median(values)}
+                    wall = median(values)
+                    results[f"{kind}/{name}"] = {"median_s": wall, "ratio": raw / wall, "host_cpu_s": median(busy[name])}
             # The text dataset was last received by sync-auto: nothing is left to send to it.
             argv = [*snapferry, "sync", "-q", "--ssh", ssh_command, "--remote-snapferry", remote_snapferry()]
             up_to_date = [f"{src}/text", f"root@127.0.0.1:{dst}/text"]

@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     )
     with common.stdin_stream() as source, common.reporter(args, label=args.dataset) as events:
         done = backend.receive(request, source, events)
+    if args.status_after and args.json:
+        # Saves sync a round trip to the far end (an ssh session and a snapferry start-up) to plan its next step.
+        print(json.dumps({"event": "status", "status": backend.status(args.dataset)}), file=sys.stderr)
     if not (args.quiet or args.json):
         said = ", ".join(done) if done else "nothing new: the -R stream's every snapshot was already there"
         print(f"snapferry: received {said}", file=sys.stderr)
@@ -76,5 +79,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         help="bytes of stream between checkpoints (default 1G for ZFS, 256M for btrfs)",
     )
     recv.add_argument("--mode", choices=common.MODES, help=common.MODE_HELP)
+    recv.add_argument(
+        "--status-after",
+        action="store_true",
+        help="with --json: end with a `status` event, what `snapferry status --json DATASET` would print (sync plans from it)",
+    )
     recv.add_argument("dataset", metavar="DATASET|DIR", help="POOL/FS to receive into, or a directory on btrfs (-A: DIR/SUBVOLUME)")
     recv.set_defaults(func=run)

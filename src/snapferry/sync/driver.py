@@ -95,6 +95,7 @@ class _Relay:
         self.lines: list[str] = []
         self.error: SnapferryError | None = None
         self.done_bytes = 0  # the stream bytes its `done` events report
+        self.status: dict[str, Any] | None = None  # receive --status-after's
         self._events = events
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -113,6 +114,8 @@ class _Relay:
                     self.error = from_event(event)
                 elif kind == "done" and isinstance(event.get("bytes"), int):
                     self.done_bytes = max(self.done_bytes, event["bytes"])
+                elif kind == "status" and isinstance(event.get("status"), dict):
+                    self.status = event["status"]
                 # The bar follows the sending side's bytes; a side's own "done" is not the sync's.
                 elif kind != "done" and not (kind == "progress" and self.name == "receiving"):
                     fields = {k: v for k, v in event.items() if k not in ("event", "time")}
@@ -134,8 +137,9 @@ class _Relay:
         return error_of(rc, self.lines, f"the {self.name} side")
 
 
-def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> int:
-    """send | receive; the stream bytes received, or the failure of whichever end failed first, raised as its own error."""
+def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> tuple[int, dict[str, Any] | None]:
+    """send | receive; the stream bytes received and the receiving end's status after it (when it reports one), or the
+    failure of whichever end failed first, raised as its own error."""
     read_end, write_end = os.pipe()
     enlarge_pipe(write_end)
     try:
@@ -152,7 +156,7 @@ def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = 
     send_rc = sender.wait()
     if receive_rc == 0 and send_rc == 0:
         receiving.wait()
-        return receiving.done_bytes
+        return receiving.done_bytes, receiving.status
     # Find the end that failed first: a receiver that got an empty or cut stream only reports the
     # sender's failure, and a sender whose reader went away only reports the receiver's.
     send_failure = sending.failure(send_rc) if send_rc != 0 else None
@@ -238,6 +242,8 @@ class Sync(SteppedSync[SyncStep]):
         self.planner = source.backend.planner(options.policy(), source.endpoint.dataset, target.endpoint.dataset)
         # Both ends' statuses, just taken by the caller (sync -r's one call per tree): the first plan uses them.
         self.known_statuses: tuple[dict[str, Any], dict[str, Any]] | None = None
+        # The destination's status as its receive reported it at the end of the last step: the next plan uses it.
+        self._target_after: dict[str, Any] | None = None
 
     def _counting(self, events: EventSink) -> EventSink:
         def count(event: str, **fields: Any) -> None:
@@ -250,6 +256,9 @@ class Sync(SteppedSync[SyncStep]):
     def _next(self) -> SyncStep | None:
         if self.known_statuses is not None:
             (self.stats.source_status, self.stats.target_status), self.known_statuses = self.known_statuses, None
+        elif self._target_after is not None:
+            self.stats.source_status = self.source.status()
+            self.stats.target_status, self._target_after = self._target_after, None
         else:
             self.stats.source_status = self.source.status()
             self.stats.target_status = self.target.status()
@@ -283,12 +292,17 @@ class Sync(SteppedSync[SyncStep]):
             return
         send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args, stream=True)
         receive = self.target.shell.snapferry_argv(
-            "receive", "--json", "-s", *self.options.receive_checkpoint(), *step.receive_args, stream=True
+            "receive", "--json", "--status-after", "-s", *self.options.receive_checkpoint(), *step.receive_args, stream=True
         )
         self.stats.resumes += step.resumes
+        self._target_after = None
         self._run_quietly(step.before)
         try:
-            self.stats.received_bytes += run_pipe(send, receive, self.events)
+            received, status = run_pipe(send, receive, self.events)
+            self.stats.received_bytes += received
+            # What runs after the step on the destination would change its status: then it is asked again.
+            if status is not None and status.get("target") == self.target.endpoint.dataset and all(a.on_source for a in step.after):
+                self._target_after = status
         except StaleToken as exc:
             if not (self.options.restart_on_stale and step.abort is not None):
                 raise
