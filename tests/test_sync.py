@@ -234,6 +234,25 @@ def test_sync_streams_every_snapshot_then_increments_then_is_up_to_date(bed: tb.
     assert tb.snapshot_names(dst) == ["a", "b", "c", "d", "e"]
 
 
+def test_the_far_end_starts_once_to_plan_and_once_to_receive(
+    bed: tb.Bed, ssh_command: str, remote_snapferry: str, tmp_path: Path
+) -> None:
+    """Each start of snapferry on the far end costs an ssh session and Python's start-up: a sync asks for its status
+    once, then receives each step, and plans each next step from what the receive before reports at its end
+    (receive --status-after), not from one more status call."""
+    verbs = tmp_path / "verbs"
+    logged = tmp_path / "snapferry-logged"
+    logged.write_text(f'#!/bin/sh\necho "$1" >> {verbs}\nexec {remote_snapferry} "$@"\n')
+    logged.chmod(0o755)
+    src, files = make_source(bed, "starts", ["a", "b"], seed=31)
+    dst = bed.target("starts")
+    done = sync(ssh_command, str(logged), "--json", src, f"{REMOTE}:{dst}")
+    assert done.returncode == 0, done.stderr
+    assert_replica(src, dst, ["a", "b"], files["b"])
+    far_end = [verb for verb in verbs.read_text().split() if verb != "send"]  # a local send runs the same command
+    assert done.steps() and far_end == ["status"] + ["receive"] * len(done.steps())
+
+
 def test_reading_the_replica_does_not_block_the_next_sync(bed: tb.Bed, ssh_command: str, remote_snapferry: str) -> None:
     """A replica that someone merely looked at (ls, cat: atime updates) must still take the next sync."""
     src, files = make_source(bed, "browsed", ["a"], seed=70)
