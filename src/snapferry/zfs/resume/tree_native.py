@@ -89,20 +89,7 @@ class NativeTreeReceiver(TreeReceiverBase):
 
     def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
         self._top_exists = self.zfs.exists(top)
-        started: set[str] = set()
-        while (first := reader.read_begin(compound=True)) is not None:
-            sub, sub_bytes = first
-            into = layout.target_of(sub.toname.partition("@")[0])
-            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-            self._note_substream(sub, filesystem, header.fromsnap, tosnap)
-            if self._top_exists:
-                self._record_state(top)
-            self._receive_one(reader, sub, sub_bytes, into, filesystem, top)
-            self._top_exists = True
-            if into == top and into not in started:
-                for name, value in self.set_props:  # -o: on the top only, as zfs receive does; its descendants inherit
-                    self.zfs.set_property(top, name, value)
-            started.add(into)
+        super()._substreams(reader, header, layout, top, tosnap)
 
     def _finished(self, top: str) -> None:
         if self.mount:
@@ -122,6 +109,8 @@ class NativeTreeReceiver(TreeReceiverBase):
         return property_package(_with_tree_state(filesystem, state), sub.toname, sub.toguid, leave_out=leave_out)
 
     def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, filesystem: FileSystem | None, top: str) -> None:
+        if self._top_exists:
+            self._record_state(top)
         before, after = self._package(sub, into, filesystem, top)
         argv = self.zfs.receive_argv(into, force=self.force, resumable=True, unmounted=True)
         self.events("stream", dataset=into, toname=sub.toname, offset=0, mode="native", resuming=sub.is_resuming)
@@ -156,6 +145,7 @@ class NativeTreeReceiver(TreeReceiverBase):
             ) from None
         self.received.append(f"{into}@{sub.snapshot_name}")
         self.events("done", dataset=into, snapshot=sub.snapshot_name, bytes=reader.bytes_read)
+        self._top_exists = True
 
     def _cut(self, proc: ReceiveProcess, exc: BaseException, sub: Begin, into: str) -> SnapferryError:
         """The input stopped (or went bad) inside a substream: zfs receive -s, its input closed, keeps what arrived."""

@@ -92,6 +92,20 @@ class TreeReceiverBase:
         return self.received
 
     def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
+        """Each substream into the dataset the layout gives; -o's are set on the top once its first substream is in."""
+        overridden = False
+        while (first := reader.read_begin(compound=True)) is not None:
+            sub, sub_bytes = first
+            into = layout.target_of(sub.toname.partition("@")[0])
+            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
+            self._note_substream(sub, filesystem, header.fromsnap, tosnap)
+            self._receive_one(reader, sub, sub_bytes, into, filesystem, top)
+            if into == top and not overridden:
+                overridden = True
+                for name, value in self.set_props:  # -o: set on the top, and so inherited below it
+                    self.zfs.set_property(top, name, value)
+
+    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, filesystem: FileSystem | None, top: str) -> None:
         raise NotImplementedError
 
     def _finished(self, top: str) -> None:
@@ -137,19 +151,6 @@ class TreeReceiver(TreeReceiverBase):
     checkpoint_size: int
     modern_zfs: bool = False
 
-    def _substreams(self, reader: StreamReader, header: ReplicationHeader, layout: TreeLayout, top: str, tosnap: str) -> None:
-        overridden = False
-        while (first := reader.read_begin(compound=True)) is not None:
-            sub, sub_bytes = first
-            into = layout.target_of(sub.toname.partition("@")[0])
-            filesystem = next((fs for fs in header.filesystems if sub.toguid in fs.snaps.values()), None)
-            self._note_substream(sub, filesystem, header.fromsnap, tosnap)
-            self._receive_one(reader, sub, sub_bytes, into, top, self._package(filesystem))
-            if into == top and not overridden:
-                overridden = True
-                for name, value in self.set_props:  # -o: set on the top, and so inherited below it
-                    self.zfs.set_property(top, name, value)
-
     def _package(self, filesystem: FileSystem | None) -> Package | None:
         """The source's properties go as `zfs receive` sends an -R stream's, as received: less -x, and less -o's (the
         top file system gets those set, and its descendants inherit them)."""
@@ -158,7 +159,7 @@ class TreeReceiver(TreeReceiverBase):
         leave_out = {*self.exclude_props, *(name for name, _ in self.set_props), TREE_PROPERTY}
         return lambda piece: property_package(filesystem, piece.toname, piece.toguid, leave_out=leave_out, features=self._features)
 
-    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, top: str, package: Package | None) -> None:
+    def _receive_one(self, reader: StreamReader, sub: Begin, sub_bytes: bytes, into: str, filesystem: FileSystem | None, top: str) -> None:
         receiver = PieceReceiver(
             self.zfs,
             into,
@@ -168,7 +169,7 @@ class TreeReceiver(TreeReceiverBase):
             modern_zfs=self.modern_zfs,
             mount=self.mount,
             on_checkpoint=lambda: self._record_state(top),
-            package=package,
+            package=self._package(filesystem),
         )
         try:
             receiver.receive_substream(reader, sub, sub_bytes)
