@@ -98,8 +98,13 @@ def main() -> int:
         raw_wall = median([s[0] for s in samples["raw"]])
         for label, rows in samples.items():
             wall, cpu, daemon, host = (median([r[i] for r in rows]) for i in range(4))
-            results[label] = {"wall_s": wall, "ratio": raw_wall / wall, "cpu_s_per_gb": cpu / gb, "daemon_s_per_gb": daemon / gb}
-            results[label]["host_cpu_s"] = host
+            results[label] = {
+                "wall_s": wall,
+                "ratio": raw_wall / wall,
+                "cpu_s_per_gb": cpu / gb,
+                "daemon_s_per_gb": daemon / gb,
+                "host_cpu_s": host,
+            }
             print(f"{label:<14} {wall:8.2f} {raw_wall / wall:6.2f} {cpu / gb:9.2f} {daemon / gb:12.2f}")
     if args.json:
         doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "stream_bytes": size, "cut": args.cut, "results": results}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,9 +34,3 @@ def attempt(allowed: Errors, call: Callable[[], T]) -> tuple[T | None, Exception
 
 def outcome(error: Exception | None) -> str:
     return OK if error is None else type(error).__name__
-
-
-def sealed_token(prefix: str, body: bytes) -> str:
-    """A token of snapferry's own kind around `body` (compressed, with its check digits), so that mutations of the
-    body get past the check digits and reach the fields."""
-    return f"{prefix}{base64.urlsafe_b64encode(zlib.compress(body, 9)).decode().rstrip('=')}-{zlib.crc32(body):08x}"

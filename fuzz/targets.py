@@ -19,7 +19,8 @@ from fuzz import native_targets as native
 from fuzz import offsite_targets as offsite
 from fuzz import replication_targets as replication
 from fuzz import tree_token_targets as tree_tokens
-from fuzz.contract import OK, Errors, attempt, check, outcome, sealed_token
+from fuzz.contract import OK, Errors, attempt, check, outcome
+from snapferry.core.seal import seal_body
 from snapferry.core.streamio import Readable
 from snapferry.errors import MalformedOpenZfsToken, MalformedToken, NvlistError, StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.transport.wire import ZSTD_MAGIC, open_wire
@@ -535,7 +536,7 @@ BODY, PAYLOAD = 0, 1
 
 def sf1_text(data: bytes) -> str:
     if data[:1] == bytes([BODY]):
-        return sealed_token("sf1-", data[1:])
+        return seal_body("sf1-", data[1:])
     return data.decode("utf-8", "surrogateescape")
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fuzz.contract import attempt, check, outcome, sealed_token
+from fuzz.contract import attempt, check, outcome
+from snapferry.core.seal import seal_body
 from snapferry.errors import MalformedToken
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.codec.tree_token import TREE_TOKEN_PREFIX, NativePartial, TreeToken
@@ -16,7 +17,7 @@ BODY = 0xFF
 
 def tree_token_text(data: bytes) -> str:
     if data[:1] == bytes([BODY]):
-        return sealed_token(TREE_TOKEN_PREFIX, data[1:])
+        return seal_body(TREE_TOKEN_PREFIX, data[1:])
     return data.decode("utf-8", "surrogateescape")
 
 
