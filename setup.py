@@ -1,4 +1,4 @@
-"""Builds the optional C extensions (fletcher-4, btrfs command decoding); everything else about the package is in pyproject.toml."""
+"""Builds the optional C extensions (fletcher-4, btrfs command decoding, vmsplice); everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -16,6 +16,13 @@ setup(
             sources=["src/snapferry/btrfs/codec/_btrfsc.c"],
             extra_compile_args=["-O2", "-std=gnu11"],
             # Without it, stream.decode_command decodes every command in Python.
+            optional=True,
+        ),
+        Extension(
+            "snapferry.core._splicec",
+            sources=["src/snapferry/core/_splicec.c"],
+            extra_compile_args=["-O2", "-std=gnu11"],
+            # Without it, core.splice writes with os.writev (a copy).
             optional=True,
         ),
     ]

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     exit_code, outcome = 1, "failed"
     sync: Sync | TreeSync | None = None
     control_dir = tempfile.mkdtemp(prefix="snapferry-ssh-") if remote else None
-    shells = [Shell(end.host, end.user, ssh, remote_snapferry, control_dir) for end in (source, target)]
+    shells = [Shell(end.host, end.user, ssh, remote_snapferry, control_dir, shared_streams=args.jobs == 1) for end in (source, target)]
     try:
         with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
             sides = [Side(end, shell) for end, shell in zip((source, target), shells, strict=True)]

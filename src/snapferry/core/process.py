@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
+from snapferry.core.splice import SpliceRing, unread_bytes
 from snapferry.core.streamio import Buffer, write_all
 from snapferry.errors import CommandFailed, ReceiverGone, SnapferryError, TransferInterrupted
 
@@ -59,17 +60,33 @@ class ReceiveProcess:
         except FileNotFoundError:
             raise tool.not_found(argv[0]) from None
         assert self._proc.stdin is not None
-        self._fd = self._proc.stdin.fileno()
-        enlarge_pipe(self._fd)
+        self.fd = self._proc.stdin.fileno()
+        enlarge_pipe(self.fd)
         # What it printed on a success: zfs receive warns there, e.g. of a received property it could not set.
         self.said = ""
 
     def write(self, parts: Sequence[Buffer]) -> None:
         try:
-            write_all(self._fd, parts)
+            write_all(self.fd, parts)
         except BrokenPipeError:
-            # It stopped reading: its own error says why (a pipe cannot break on a clean exit 0).
-            raise self._failure() or CommandFailed(f"{self.action}: the receiving command stopped reading") from None
+            raise self._stopped_reading() from None
+
+    def splice(self, ring: SpliceRing, start: int, size: int) -> None:
+        """write() of a part of the ring, by reference (the ring keeps it until this command has read it)."""
+        try:
+            ring.splice(self, start, size)
+        except BrokenPipeError:
+            raise self._stopped_reading() from None
+
+    def unread(self) -> int:
+        """Bytes written that the command has not read yet (0 once its input is closed)."""
+        if self._proc.stdin is None or self._proc.stdin.closed:
+            return 0
+        return unread_bytes(self.fd)
+
+    def _stopped_reading(self) -> Exception:
+        # Its own error says why (a pipe cannot break on a clean exit 0).
+        return self._failure() or CommandFailed(f"{self.action}: the receiving command stopped reading")
 
     def _failure(self) -> Exception | None:
         """Close our end, wait for zfs receive, and return its error if it failed."""

@@ -24,7 +24,7 @@ from snapferry.errors import (
     from_event,
 )
 from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
-from snapferry.sync.endpoints import Side, error_of
+from snapferry.sync.endpoints import Side, error_of, statuses
 
 MAX_DELAY = 60.0
 
@@ -257,8 +257,10 @@ class Sync(SteppedSync[SyncStep]):
         if self.known_statuses is not None:
             (self.stats.source_status, self.stats.target_status), self.known_statuses = self.known_statuses, None
         else:
-            self.stats.source_status = self.source.status()
-            self.stats.target_status = self._target_after or self.target.status()
+            if self._target_after is not None:
+                self.stats.source_status, self.stats.target_status = self.source.status(), self._target_after
+            else:
+                self.stats.source_status, self.stats.target_status = statuses(self.source, self.target)
             self._target_after = None
         return self.planner.next_step(self.stats.source_status, self.stats.target_status)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +142,16 @@ class Side:
         if done.returncode != 0:
             raise error_of(done.returncode, done.stderr.decode(errors="replace").splitlines(), str(self.endpoint))
         return done.stdout
+
+
+def statuses(source: Side, target: Side) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both ends' status. A remote end's is asked for meanwhile: its ssh login (0.26 s on loopback) and the other
+    end's zfs calls then overlap instead of adding up."""
+    if not (source.remote or target.remote):
+        return source.status(), target.status()
+    near, far = (source, target) if target.remote else (target, source)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asked = pool.submit(far.status)
+        here = near.status()
+        there = asked.result()
+    return (here, there) if near is source else (there, here)

@@ -6,7 +6,12 @@ import contextlib
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
+
+# snapferry here is this interpreter's: the same code as the running command, without whatever wrapper (a venv's
+# or pyenv's shim: 0.05 s of bash per start) stands first on PATH.
+LOCAL_SNAPFERRY = (sys.executable, "-m", "snapferry")
 
 
 @dataclass(frozen=True)
@@ -14,9 +19,10 @@ class Shell:
     """Runs argv on `host` (None: this host) with `ssh`; `snapferry` is the command that runs snapferry there.
 
     With `control_dir`, short calls (status, holds, clean-up) share one OpenSSH connection (a ControlMaster
-    socket in that directory): each new connection costs a key exchange, about 0.2 s even on loopback, paid
-    several times per dataset in a tree sync. A stream gets its own connection, so that parallel transfers
-    do not share one ssh process's encryption.
+    socket in that directory): each new connection costs a key exchange and a login, 0.26 s even on loopback,
+    paid several times per dataset in a tree sync. Streams share it too when `shared_streams` (one transfer at
+    a time); otherwise each gets its own connection, so that parallel transfers do not share one ssh
+    process's encryption.
     """
 
     host: str | None = None
@@ -24,6 +30,7 @@ class Shell:
     ssh: tuple[str, ...] = ("ssh",)
     snapferry: tuple[str, ...] = ("snapferry",)
     control_dir: str | None = None
+    shared_streams: bool = False
 
     @property
     def destination(self) -> str:
@@ -39,7 +46,7 @@ class Shell:
         if not self._shares_connections():
             return [*self.ssh, self.destination]
         # After the user's own words: ssh takes the first value given for an option, so theirs win.
-        if stream:
+        if stream and not self.shared_streams:
             return [*self.ssh, "-o", "ControlPath=none", self.destination]
         shared = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C", "-o", "ControlPersist=60"]
         return [*self.ssh, *shared, self.destination]
@@ -50,7 +57,7 @@ class Shell:
         return [*via, shlex.join(argv)] if via else argv
 
     def snapferry_argv(self, *args: str, stream: bool = False) -> list[str]:
-        return self.argv([*self.snapferry, *args], stream)
+        return self.argv([*(self.snapferry if self.host is not None else LOCAL_SNAPFERRY), *args], stream)
 
     def close(self) -> None:
         """Stop the shared connection, if one was started (it would otherwise linger for ControlPersist)."""

@@ -265,12 +265,12 @@ class ZfsBackend:
         if "@" in target:
             raise UsageError(f"status takes a file system, not a snapshot: {target}")
         zfs = self.zfs
-        exists = zfs.exists(target)
-        snapshots = zfs.snapshots(target) if exists else []
+        kind, snapshots = zfs.type_and_snapshots(target)
+        exists = kind is not None
         transfers = find_transfers(snapshots, target)
         token = positioned_token(zfs, transfers)
-        text = token.encode() if token is not None else (kernel_token(zfs, target, transfers) if exists else None)
         modern = zfs.is_modern(target)
+        text = token.encode() if token is not None else (kernel_token(zfs, target, transfers) if exists and modern else None)
         return {
             "backend": self.name,
             "target": target,
@@ -288,7 +288,7 @@ class ZfsBackend:
             "modified": self._modified(target) if exists and modern else None,
             "encrypted": self._encrypted(target) if exists and modern else False,
             "properties": zfs.local_properties(target) if exists else {},
-            "type": zfs.get_properties(target, "type")[target]["type"] if exists else None,
+            "type": kind,
         }
 
     @staticmethod

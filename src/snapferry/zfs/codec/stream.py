@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from snapferry.core.splice import SpliceRing
 from snapferry.core.streamio import Readable, Sink, read_exact
 from snapferry.errors import StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
@@ -19,6 +20,8 @@ from snapferry.zfs.codec.records import (
     record_type,
 )
 
+# A record header: its own bytes, or a view of the reader's SpliceRing.
+Header = bytearray | memoryview
 _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
 # The fingerprint takes every stamp as zeros: one constant block instead of one per record.
@@ -42,13 +45,19 @@ class Record:
 
     kind: RecordType
     offset: int
-    header: bytearray
+    header: Header
     payload: memoryview
     head_sum: BlockSum
     payload_sum: BlockSum
     # Fingerprint of the stream from the fingerprint start up to this record, with every
     # header's stamp taken as zero so that stamped and unstamped copies of a stream agree.
     fingerprint: Fletcher4
+    # Where header and payload lie, one after the other, in the reader's SpliceRing (None: elsewhere).
+    ring_start: int | None = None
+
+    def kept(self) -> Record:
+        """A copy that stays valid after the next record is read (this one's memory is the reader's)."""
+        return replace(self, header=bytearray(self.header), payload=memoryview(bytes(self.payload)), ring_start=None)
 
     @property
     def size(self) -> int:
@@ -67,10 +76,12 @@ def fingerprint_digest(state: Fletcher4) -> str:
 class StreamReader:
     """Reads substreams from a binary source, checking every checksum the stream carries."""
 
-    def __init__(self, source: Readable) -> None:
+    def __init__(self, source: Readable, ring: SpliceRing | None = None) -> None:
+        """With a ring, records are read into it, to be spliced from there (see StampedWriter)."""
         self._source = source
         self._header = bytearray(HEADER_SIZE)
         self._payload = bytearray(1 << 17)
+        self._ring = ring
         self.bytes_read = 0
 
     def _read_exact(self, view: memoryview) -> int:
@@ -139,10 +150,10 @@ class StreamReader:
             if stamped:
                 verified_to = offset + HEADER_SIZE
             wire = wire.update(stamp)
-            payload = read_payload(kind, size, offset)
+            kept_header, payload, ring_start = read_payload(kind, header, size, offset)
             payload_sum = block_sum(payload)
             wire = wire.extend(payload_sum)
-            record = Record(kind, offset, header, payload, head_sum, payload_sum, fingerprint)
+            record = Record(kind, offset, kept_header, payload, head_sum, payload_sum, fingerprint, ring_start)
             fingerprint = self._yielded(record, fingerprint, fingerprint_from)
             yield record
             if kind == end:
@@ -181,8 +192,8 @@ class StreamReader:
             if kind == RecordType.END and end_checksum(header) != wire:
                 raise StreamIntegrityError(f"stream checksum mismatch at END (stream byte {offset}): corrupted in transit", offset)
             wire_after_stamp = wire.extend(head_sum).update(stamp)
-            payload = self._read_payload(kind, size, offset)
-            pending = Record(kind, offset, header, payload, head_sum, BlockSum(0, 0, 0, 0, 0), fingerprint)
+            kept_header, payload, ring_start = self._read_payload(kind, header, size, offset)
+            pending = Record(kind, offset, kept_header, payload, head_sum, BlockSum(0, 0, 0, 0, 0), fingerprint, ring_start)
             if kind == RecordType.END:
                 self._yielded(pending, fingerprint, fingerprint_from)
                 yield pending
@@ -202,13 +213,21 @@ class StreamReader:
             raise StreamFormatError("deduplicated stream (zfs send -D) is not supported: send without -D")
         return header, kind
 
-    def _read_payload(self, kind: RecordType, size: int, offset: int) -> memoryview:
-        if len(self._payload) < size:
-            self._payload = bytearray(size)
-        payload = memoryview(self._payload)[:size]
+    def _read_payload(self, kind: RecordType, header: bytearray, size: int, offset: int) -> tuple[Header, memoryview, int | None]:
+        """The record's header, its payload and where both start in the ring (None: not in the ring)."""
+        start = self._ring.region(HEADER_SIZE + size) if self._ring is not None else None
+        if start is None:
+            if len(self._payload) < size:
+                self._payload = bytearray(size)
+            payload = memoryview(self._payload)[:size]
+        else:
+            assert self._ring is not None
+            record = self._ring.view(start, HEADER_SIZE + size)
+            record[:HEADER_SIZE] = header
+            payload = record[HEADER_SIZE:]
         if self._read_exact(payload) < size:
             raise StreamTruncated(f"input ended inside the {kind.name} record at stream byte {offset}")
-        return payload
+        return (header if start is None else record[:HEADER_SIZE]), payload, start
 
     @staticmethod
     def _yielded(record: Record, fingerprint: Fletcher4, fingerprint_from: int) -> Fletcher4:
@@ -228,8 +247,10 @@ class StampedWriter:
     END; modern receivers check both, so every piece stays verifiable end to end.
     """
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, splice: Callable[[int, int], None] | None = None) -> None:
+        """`splice(start, size)`: hands that part of the reader's ring to the same place as `sink`."""
         self._sink = sink
+        self._splice = splice
         self._state = Fletcher4()
         self.bytes_written = 0
 
@@ -242,7 +263,7 @@ class StampedWriter:
         self._state = Fletcher4().update(raw)
         self._emit([raw])
 
-    def _stamp(self, header: bytearray, head_sum: BlockSum) -> None:
+    def _stamp(self, header: Header, head_sum: BlockSum) -> None:
         self._state = self._state.extend(head_sum)
         stamp = self._state.to_bytes()
         header[STAMP_OFFSET:] = stamp
@@ -252,7 +273,10 @@ class StampedWriter:
         self._stamp(record.header, record.head_sum)
         self._state = self._state.extend(record.payload_sum)
         payload = record.payload
-        self._sink((record.header, payload) if len(payload) else (record.header,))
+        if record.ring_start is not None and self._splice is not None:
+            self._splice(record.ring_start, HEADER_SIZE + len(payload))
+        else:
+            self._sink((record.header, payload) if len(payload) else (record.header,))
         self.bytes_written += HEADER_SIZE + len(payload)
 
     def end(self, toguid: int) -> None:

@@ -97,6 +97,8 @@ class Zfs:
         if command is None:
             command = shlex.split(os.environ.get(ZFS_ENV, "zfs"))
         self.command = list(command)
+        # pool -> is_modern(): a property of this host's zfs, asked once (each zfs call costs 20-40 ms on zfs-fuse).
+        self._modern: dict[str, bool] = {}
 
     def argv(self, *args: str) -> list[str]:
         return [*self.command, *args]
@@ -111,11 +113,14 @@ class Zfs:
         return proc.stdout
 
     def exists(self, dataset: str) -> bool:
+        return self.type_of(dataset) is not None
+
+    def type_of(self, dataset: str) -> str | None:
+        """filesystem, volume or snapshot; None if there is no such dataset."""
         try:
-            self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset)
+            return self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset).strip()
         except DatasetMissing:
-            return False
-        return True
+            return None
 
     def local_properties(self, dataset: str) -> dict[str, str]:
         """The properties set on the dataset itself (`zfs get -s local`), not inherited or default ones."""
@@ -137,13 +142,23 @@ class Zfs:
 
     def snapshots(self, dataset: str) -> list[Snapshot]:
         """The snapshots of one dataset, oldest first."""
-        table = self.get_properties(dataset, "guid", "createtxg", "creation", "userrefs", recursive_depth=1)
+        return self._type_and_snapshots(dataset)[1]
+
+    def type_and_snapshots(self, dataset: str) -> tuple[str | None, list[Snapshot]]:
+        """type_of() and snapshots() in one zfs call; (None, []) if there is no such dataset."""
+        try:
+            return self._type_and_snapshots(dataset)
+        except DatasetMissing:
+            return None, []
+
+    def _type_and_snapshots(self, dataset: str) -> tuple[str | None, list[Snapshot]]:
+        table = self.get_properties(dataset, "type", "guid", "createtxg", "creation", "userrefs", recursive_depth=1)
         snaps = [
             Snapshot(name, int(props["guid"]), int(props["createtxg"]), _number(props.get("creation")), _number(props.get("userrefs")))
             for name, props in table.items()
             if name.startswith(dataset + "@") and "guid" in props and "createtxg" in props
         ]
-        return sorted(snaps, key=lambda s: s.createtxg)
+        return table.get(dataset, {}).get("type"), sorted(snaps, key=lambda s: s.createtxg)
 
     def all_snapshots(self) -> list[Snapshot]:
         """Every snapshot of every imported pool (for finding a snapshot by guid)."""
@@ -254,13 +269,15 @@ class Zfs:
         receive_resume_token property, has `zfs send -t`, and checks every record's running checksum
         on receive. zfs-fuse and other pool-v28-era ZFS have none of these."""
         pool = dataset.split("/", 1)[0].partition("@")[0]
-        try:
-            self.run(f"cannot read receive_resume_token of {pool}", "get", "-H", "-o", "value", "receive_resume_token", pool)
-        except ZfsCommandError as exc:
-            if _NO_SUCH_PROPERTY.search(str(exc)):
-                return False
-            raise
-        return True
+        if pool not in self._modern:
+            try:
+                self.run(f"cannot read receive_resume_token of {pool}", "get", "-H", "-o", "value", "receive_resume_token", pool)
+                self._modern[pool] = True
+            except ZfsCommandError as exc:
+                if not _NO_SUCH_PROPERTY.search(str(exc)):
+                    raise
+                self._modern[pool] = False
+        return self._modern[pool]
 
     def native_resume(self, dataset: str) -> bool:
         """Whether the kernel resumes receives into this dataset's pool: OpenZFS's `zfs receive -s`

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from snapferry.core import hints
 from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess
+from snapferry.core.splice import SpliceRing
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, SnapferryError, StreamFormatError, StreamIntegrityError, TransferInterrupted, ZfsCommandError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload, record_position
@@ -60,8 +61,17 @@ class _Piece:
     """One piece in flight: a `zfs receive` fed with a BEGIN of our own and the stream's records."""
 
     def __init__(
-        self, zfs: Zfs, dataset: str, begin: Begin, begin_payload: bytes, force: bool, unmounted: bool, package: Package | None = None
+        self,
+        zfs: Zfs,
+        dataset: str,
+        begin: Begin,
+        begin_payload: bytes,
+        force: bool,
+        unmounted: bool,
+        package: Package | None = None,
+        ring: SpliceRing | None = None,
     ) -> None:
+        """`ring`: the reader's, whose records are then handed to zfs receive by reference."""
         self.begin = begin
         self._zfs = zfs
         self._dataset = dataset
@@ -73,7 +83,8 @@ class _Piece:
         if package is not None:
             before, self._package_end = package(begin)
             self._proc.write([before])
-        self._writer = StampedWriter(self._proc.write)
+        proc = self._proc
+        self._writer = StampedWriter(proc.write, None if ring is None else lambda start, size: proc.splice(ring, start, size))
         self._writer.begin(begin, begin_payload)
 
     def write(self, record: Record) -> None:
@@ -156,6 +167,7 @@ class PieceReceiver:
         mount: bool = True,
         on_checkpoint: Callable[[], None] | None = None,
         package: Package | None = None,
+        ring: SpliceRing | None = None,
     ) -> None:
         """`modern_zfs`: the destination runs OpenZFS 0.7+, which verifies every record's stamp (so
         payload checksums can come from the stream's own stamps instead of being summed here) and
@@ -163,7 +175,8 @@ class PieceReceiver:
         `mount`: mount the completed dataset (receive -u: leave it unmounted). `on_checkpoint` runs
         after each checkpoint is named (a tree receive records the tree's state there once it exists). `package`
         wraps the first piece of a new dataset (so its data is written with the properties, as zfs receive does) and
-        the last piece of each snapshot (which also sets the snapshot's own properties)."""
+        the last piece of each snapshot (which also sets the snapshot's own properties). `ring`: the one the reader
+        given to receive_substream() reads into, if not receive()'s own."""
         if "@" in dataset:
             raise Refused(f"receive into a file system, not a snapshot: {dataset}")
         if len(dataset) + 1 + MAX_CHECKPOINT_NAME > MAX_DATASET_NAME:
@@ -178,10 +191,12 @@ class PieceReceiver:
         self.on_checkpoint = on_checkpoint
         self.package = package
         self.received: list[str] = []
+        # What records are read into and handed to each piece's zfs receive from, without a copy.
+        self.ring = ring or SpliceRing()
 
     def receive(self, source: Readable) -> list[str]:
         """Apply every substream in `source`; returns the names of the completed snapshots."""
-        reader = StreamReader(source)
+        reader = StreamReader(source, self.ring)
         while (first := reader.read_begin()) is not None:
             begin, begin_bytes = first
             self.receive_substream(reader, begin, begin_bytes)
@@ -274,7 +289,7 @@ class PieceReceiver:
             begin_payload = chained_begin_payload(begin, begin_payload)
         makes_dataset = pos.seq == 0 and not pos.transfer_fromguid
         package = self.package if final or makes_dataset else None
-        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force, self.modern_zfs, package)
+        return _Piece(self.zfs, self.dataset, piece_begin, begin_payload, pos.force, self.modern_zfs, package, self.ring)
 
     def _warn(self, said: str) -> None:
         for line in said.splitlines():
@@ -361,7 +376,7 @@ class PieceReceiver:
                         piece.write(object_range)
                 piece.write(record)
                 if record.kind == RecordType.OBJECT_RANGE:
-                    object_range = record
+                    object_range = record.kept()
                 if reader.bytes_read >= next_progress:
                     self.events("progress", bytes=reader.bytes_read)
                     next_progress = reader.bytes_read + PROGRESS_STEP

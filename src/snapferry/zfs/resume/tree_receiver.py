@@ -7,6 +7,7 @@ from dataclasses import KW_ONLY, dataclass, field
 
 from snapferry.core import hints
 from snapferry.core.events import EventSink, ignore_events
+from snapferry.core.splice import SpliceRing
 from snapferry.core.streamio import Readable
 from snapferry.errors import Refused, StreamFormatError, TransferInterrupted
 from snapferry.zfs.codec.records import Begin
@@ -67,6 +68,8 @@ class TreeReceiverBase:
     _state: dict[str, object] = field(default_factory=dict)
     _recorded: str = ""
     _features: int = 0  # the compound BEGIN's
+    # Every substream's records are read into it and handed to their zfs receive from there (PieceReceiver).
+    ring: SpliceRing = field(default_factory=SpliceRing)
 
     def receive(self, source: Readable) -> list[str]:
         _, begin, header = read_compound_header(source)
@@ -79,7 +82,7 @@ class TreeReceiverBase:
         if self.zfs.exists(top):
             self._continue_state(top)
         try:
-            self._substreams(StreamReader(source), header, layout, top, tosnap)
+            self._substreams(StreamReader(source, self.ring), header, layout, top, tosnap)
         except (TransferInterrupted, KeyboardInterrupt) as exc:
             hint = self._tree_hint()
             if hint in str(exc) or not (self.zfs.exists(top) and tree_top(self.zfs, top)):
@@ -170,6 +173,7 @@ class TreeReceiver(TreeReceiverBase):
             mount=self.mount,
             on_checkpoint=lambda: self._record_state(top),
             package=self._package(filesystem),
+            ring=self.ring,
         )
         try:
             receiver.receive_substream(reader, sub, sub_bytes)

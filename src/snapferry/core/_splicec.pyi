@@ -1,0 +1,3 @@
+"""vmsplice(2) (built from _splicec.c); without it splice.py copies with os.writev."""
+
+def vmsplice_all(fd: int, buffer: bytes | bytearray | memoryview | object, /) -> None: ...
