@@ -68,6 +68,10 @@ class Record:
         return self.offset + self.size
 
 
+# fingerprint_from for a reader that needs no fingerprint (a sender): no record's offset reaches it.
+NO_FINGERPRINT = 1 << 64
+
+
 def fingerprint_digest(state: Fletcher4) -> str:
     """A short printable fingerprint of a prefix: 64 bits of its fletcher-4 state."""
     return f"{(state.a ^ state.b ^ state.c ^ state.d):016x}"

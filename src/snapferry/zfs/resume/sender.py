@@ -10,7 +10,7 @@ from snapferry.core.process import SendProcess
 from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, StaleToken, StreamFormatError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
-from snapferry.zfs.codec.stream import Record, StampedWriter, StreamReader, fingerprint_digest
+from snapferry.zfs.codec.stream import NO_FINGERPRINT, Record, StampedWriter, StreamReader, fingerprint_digest
 from snapferry.zfs.codec.token import ResumeToken
 from snapferry.zfs.engine.command import ZFS_TOOL, Snapshot, Zfs
 from snapferry.zfs.resume.checkpoints import is_piece
@@ -79,7 +79,7 @@ def send_one(
         writer = StampedWriter(sink)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
         next_progress = 0
-        for record in reader.records(begin_bytes, len(begin_bytes), len(begin_bytes)):
+        for record in reader.records(begin_bytes, len(begin_bytes), NO_FINGERPRINT):
             if record.kind == RecordType.END:
                 writer.end(begin.toguid)
                 break
