@@ -51,6 +51,7 @@ def test_what_it_writes_is_plain_zstd_and_reads_back(data: bytes, cuts: list[int
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(adaptive, "WINDOW", 4096)
         patch.setattr(adaptive, "RECHECK_EVERY", 2)
+        patch.setattr(adaptive, "MARGIN", 0.0)  # zstd from the third window, whatever the data: both ways are taken
         wire_bytes, sink = _written(data, [c for c in cuts if c < len(data)])
     assert sink.bytes_in["zstd"] + sink.bytes_in["stored"] == len(data)
     if len(data) > 3 * 4096:
@@ -75,8 +76,8 @@ def _link(rate: float) -> tuple[list[int], adaptive.Write]:
 
 
 def test_a_slow_link_gets_compressible_data_compressed_and_is_measured_without_leaving_zstd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Waiting for the link while compressing measures the link: one window goes stored (the second: the first also
-    waits for the far end to start, so it measures nothing), none after it."""
+    """Waiting for the link while compressing measures the link: two windows go stored (the first also waits for the
+    far end to start, so it measures nothing; a sample of it says what zstd would do), none after them."""
     monkeypatch.setattr(adaptive, "WINDOW", 1 << 20)
     monkeypatch.setattr(adaptive, "RECHECK_EVERY", 2)
     rng = random.Random(2)
@@ -86,8 +87,8 @@ def test_a_slow_link_gets_compressible_data_compressed_and_is_measured_without_l
     for start in range(0, len(text), 65536):
         sink([text[start : start + 65536]])
     sink.close()
-    assert sink.bytes_in["stored"] <= 1 << 20, sink.bytes_in
-    assert crossed[0] < len(text) / 3, (crossed[0], len(text))
+    assert sink.bytes_in["stored"] <= 2 << 20, sink.bytes_in
+    assert crossed[0] < (2 << 20) + (len(text) - (2 << 20)) / 3, (crossed[0], len(text))
 
 
 def test_a_fast_link_gets_incompressible_data_stored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,8 +99,8 @@ def test_a_fast_link_gets_incompressible_data_stored(monkeypatch: pytest.MonkeyP
     for start in range(0, len(noise), 1 << 20):
         sink([noise[start : start + (1 << 20)]])
     sink.close()
-    # The first window measures zstd, the second stored; from there on stored, bar the rechecks.
-    assert sink.bytes_in["stored"] > 0.8 * len(noise), sink.bytes_in
+    # Every window, the rechecks included, finds from its sample that zstd would not shrink it: nothing is compressed.
+    assert sink.bytes_in == {"zstd": 0, "stored": len(noise)}
 
 
 def test_zstd_gives_way_where_it_slows_the_rest_of_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +118,7 @@ def test_zstd_gives_way_where_it_slows_the_rest_of_the_pipeline(monkeypatch: pyt
         if compressing:
             time.sleep(len(part) / 30e6)  # what zstd took from the producer
     sink.close()
-    # The first window compresses, the second stores, the third compresses (the model), then stored to the end.
+    # The first two windows store (the second measures the link), the third compresses (the model), then stored to the end.
     assert sink.bytes_in["zstd"] <= 3 << 20 and sink.bytes_in["stored"] >= len(text) - (3 << 20), sink.bytes_in
     assert crossed[0] > len(text) * 0.8
 

@@ -105,3 +105,21 @@ def test_a_region_never_straddles_the_two_halves() -> None:
     assert ring.region(20 << 10) == 0
     assert ring.region(20 << 10) == 32 << 10  # 40 KiB would cross into the second half
     assert ring.region(20 << 10) == 0  # and back to the first, once its reader has taken it
+
+
+def test_a_region_that_ends_the_ring_is_followed_by_one_at_its_start() -> None:
+    ring = SpliceRing(64 << 10)
+    assert [ring.region(32 << 10) for _ in range(3)] == [0, 32 << 10, 0]
+    assert ring.region(1) == 32 << 10
+
+
+def test_a_new_pipe_waits_for_the_last_ones_reader() -> None:
+    """Bytes handed to one pipe are not overwritten for the next before the first pipe's reader has taken them."""
+    ring = SpliceRing(64 << 10)
+    first, second = records_of([24 << 10] * 4, seed=2), records_of([24 << 10] * 4, seed=3)
+    with pipe(1 << 20, delay_s=0.3) as one, pipe(1 << 20) as other:
+        hand_over(ring, one, first[:1])
+        hand_over(ring, other, second)
+        hand_over(ring, one, first[1:])
+        assert one.close() == b"".join(first)
+        assert other.close() == b"".join(second)

@@ -79,8 +79,8 @@ class ReceiveProcess:
             raise self._stopped_reading() from None
 
     def unread(self) -> int:
-        """Bytes written that the command has not read yet (0 once its input is closed)."""
-        if self._proc.stdin is None or self._proc.stdin.closed:
+        """Bytes written that the command has not read yet (0 once its input is closed or it has exited)."""
+        if self._proc.stdin is None or self._proc.stdin.closed or self._proc.poll() is not None:
             return 0
         return unread_bytes(self.fd)
 

@@ -38,7 +38,7 @@ class SplicedPipe(Protocol):
     fd: int
 
     def unread(self) -> int:
-        """0 once the pipe is closed (its reader then has everything it will ever take)."""
+        """0 once the pipe is closed or its reader is gone: nothing more will be read from it."""
         ...
 
 
@@ -46,9 +46,8 @@ class SpliceRing:
     """Memory that records are read into and then handed to one pipe at a time by reference.
 
     A pipe given pages by vmsplice reads them when its reader gets there, so a byte handed over may not be
-    written again before the reader has taken it: region() waits for that before it gives out a half again.
-    Only one pipe at a time: the previous one must be closed (its reader finished or killed) before
-    splice() hands bytes to another.
+    written again before the reader has taken it: region() waits for that before it gives out a half again,
+    and splice() before it hands bytes to another pipe than the last one.
     """
 
     def __init__(self, size: int = RING_BYTES) -> None:
@@ -60,16 +59,12 @@ class SpliceRing:
         self._handed = 0  # bytes handed to self._pipe so far
         self._last_handed = [0, 0]  # per half: self._handed just after its last byte went to the pipe
 
-    @property
-    def zero_copy(self) -> bool:
-        return vmsplice_all is not None
-
     def region(self, size: int) -> int | None:
         """Where `size` bytes start (see view()) that are free to be written and then spliced; None if that
         is more than a half."""
         if size > self._half:
             return None
-        start = self._next
+        start = self._next % len(self._view)
         if start % self._half + size > self._half:
             start = (start // self._half + 1) * self._half % len(self._view)
         if start % self._half == 0:
@@ -90,7 +85,9 @@ class SpliceRing:
     def splice(self, pipe: SplicedPipe, start: int, size: int) -> None:
         """Hand bytes of a region to the pipe: by reference where vmsplice is built, else as a copy."""
         if pipe is not self._pipe:
-            self._pipe, self._handed, self._last_handed = pipe, 0, [0, 0]
+            self._reclaim(0)
+            self._reclaim(1)
+            self._pipe, self._handed = pipe, 0
         region = self._view[start : start + size]
         if vmsplice_all is None:
             write_all(pipe.fd, [region])

@@ -18,6 +18,9 @@ RECHECK_EVERY = 32
 # zstd costs CPU on both ends, CPU that the rest of the pipeline (zfs send and receive, ssh) wants too on a busy
 # host, which this sink's own timing does not see: zstd is chosen only when it gets the stream across twice as fast.
 MARGIN = 2.0
+# How much of a stored window's input is kept to estimate what zstd would make of it (compressed off the wire when
+# deciding), so that incompressible data never goes through zstd just to find out.
+SAMPLE = 256 << 10
 # A stored block's largest size (zstd's Block_Maximum_Size for a 128 KiB window).
 STORED_BLOCK = 128 << 10
 # A frame header with no content size, no checksum and no dictionary, whose window is 128 KiB (2^(10+7)).
@@ -53,12 +56,13 @@ class AdaptiveCompressor:
 
     Each window of input measures the time spent in this sink alone (what the producer takes is the same both
     ways), split into waiting for the link and compressing:
-    - a stored window measures the link: its bytes over its time;
+    - a stored window measures the link: its bytes over its time; and what zstd would do with its data, from a
+      sample compressed aside (the stream starts stored: incompressible data is then never compressed at all);
     - a zstd window measures the compressor (its speed and ratio), and the link too when the link was the
       bottleneck (waiting took most of the window: the link was busy all of it).
     So a slow link with compressible data never needs a stored window to stay compressed. zstd goes on while
-    min(compressor, link / ratio) beats the link by MARGIN; the other way is tried again every RECHECK_EVERY
-    windows where its figure may be stale.
+    min(compressor, link / ratio) beats the link by MARGIN; every RECHECK_EVERY windows zstd measures the link
+    again with a stored window where it could not see it, and stored takes a new sample.
 
     That model does not see the CPU zstd takes from the rest of the pipeline (zfs send, ssh, the far end's
     decompression on the same host): on a busy host a stream can cross more slowly compressed than stored even
@@ -71,7 +75,9 @@ class AdaptiveCompressor:
         into = cast(IO[bytes], WriteInto(self._timed_write))
         # Output goes out every 128 KiB: a window must see the link wait even when its data compresses 100 to 1.
         self._compressor = zstandard.ZstdCompressor(level=level).stream_writer(into, write_size=128 << 10, closefd=False)
-        self._way = "zstd"
+        self._sampler = zstandard.ZstdCompressor(level=level)
+        self._sample = bytearray()
+        self._way = "stored"
         self._stored_frame_open = False
         self._link: float | None = None  # bytes a second the link takes
         self._compressor_speed = 0.0  # input bytes a second of compressing alone
@@ -93,6 +99,10 @@ class AdaptiveCompressor:
                 self._compressor.write(part)
         else:
             self._store(parts)
+            for part in parts:
+                if len(self._sample) >= SAMPLE:
+                    break
+                self._sample += memoryview(part)[: SAMPLE - len(self._sample)]
         self._window_seconds += time.perf_counter() - started
         size = sum(len(part) for part in parts)
         self._window_in += size
@@ -131,6 +141,9 @@ class AdaptiveCompressor:
         if self._way == "zstd":
             self._compressor_speed = self._window_in / max(seconds - self._window_waiting, 1e-9)
             self._ratio = max(self._window_out, 1) / self._window_in
+        elif first or self._windows_this_way + 1 >= RECHECK_EVERY:
+            self._estimate_from_sample()
+        self._sample.clear()
         if self._window_started is not None and not first:
             self._wall_rate[self._way] = self._window_in / max(time.perf_counter() - self._window_started, 1e-9)
         self._window_in = self._window_out = 0
@@ -138,12 +151,23 @@ class AdaptiveCompressor:
         self._window_started = None
         self._windows_this_way += 1
         if self._link is None:
-            self._switch("stored")  # the compressor kept ahead of the link: how fast is the link?
-        elif self._windows_this_way >= RECHECK_EVERY and not (self._way == "zstd" and link_measured):
-            self._switch("stored" if self._way == "zstd" else "zstd")
+            self._switch("stored")  # the compressor kept ahead of the link, or this was the first window: how fast is the link?
+        elif self._windows_this_way >= RECHECK_EVERY and self._way == "zstd" and not link_measured:
+            self._switch("stored")
         else:
+            if self._windows_this_way >= RECHECK_EVERY:
+                self._windows_this_way = 0  # rechecked without a change of way: zstd saw the link, stored took a sample
             zstd = min(self._compressor_speed, self._link / self._ratio)
             self._switch("zstd" if zstd > MARGIN * self._link and not self._slower_on_the_wall() else "stored")
+
+    def _estimate_from_sample(self) -> None:
+        """The compressor's speed and ratio on this window's sample, compressed aside."""
+        if not self._sample:
+            return
+        started = time.perf_counter()
+        compressed = len(self._sampler.compress(self._sample))
+        self._compressor_speed = len(self._sample) / max(time.perf_counter() - started, 1e-9)
+        self._ratio = max(compressed, 1) / len(self._sample)
 
     def _slower_on_the_wall(self) -> bool:
         """Whether zstd's last window moved input more slowly than the last stored one did."""

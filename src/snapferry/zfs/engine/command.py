@@ -113,14 +113,11 @@ class Zfs:
         return proc.stdout
 
     def exists(self, dataset: str) -> bool:
-        return self.type_of(dataset) is not None
-
-    def type_of(self, dataset: str) -> str | None:
-        """filesystem, volume or snapshot; None if there is no such dataset."""
         try:
-            return self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset).strip()
+            self.run(f"cannot look up {dataset}", "get", "-H", "-o", "value", "type", dataset)
         except DatasetMissing:
-            return None
+            return False
+        return True
 
     def local_properties(self, dataset: str) -> dict[str, str]:
         """The properties set on the dataset itself (`zfs get -s local`), not inherited or default ones."""
@@ -145,7 +142,7 @@ class Zfs:
         return self._type_and_snapshots(dataset)[1]
 
     def type_and_snapshots(self, dataset: str) -> tuple[str | None, list[Snapshot]]:
-        """type_of() and snapshots() in one zfs call; (None, []) if there is no such dataset."""
+        """The dataset's type (filesystem, volume) and snapshots() in one zfs call; (None, []) if there is no such dataset."""
         try:
             return self._type_and_snapshots(dataset)
         except DatasetMissing:
