@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Buffer = bytes | bytearray | memoryview
 # Where a stream's bytes go, in pieces that are written in order (a pipe, the wire, a receive process).
@@ -13,6 +15,42 @@ Sink = Callable[[Sequence[Buffer]], None]
 
 class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+@runtime_checkable
+class SpliceableSink(Protocol):
+    """A Sink that can also take bytes straight from a pipe, where it passes them on unchanged."""
+
+    def __call__(self, parts: Sequence[Buffer], /) -> None: ...
+
+    def splice_fd(self) -> int | None:
+        """Where such bytes may be spliced to (os.splice), or None if this sink transforms them."""
+        ...
+
+
+def pass_on(source: io.BufferedReader, sink: Sink, chunk: int, progress: Callable[[int], None]) -> int:
+    """Everything left in `source` to `sink` unchanged; the bytes passed. Spliced in the kernel where both ends let
+    that happen (a pipe in, a sink that transforms nothing): no copy through this process, and far fewer cycles
+    per small write of the producer (btrfs send writes a command at a time)."""
+    sent = 0
+    target = sink.splice_fd() if isinstance(sink, SpliceableSink) else None
+    # What the reader holds already goes first; after it, its buffer is empty and the pipe can be spliced from.
+    while part := source.read1(chunk):
+        sink([part])
+        sent += len(part)
+        progress(sent)
+        if target is None:
+            continue
+        try:
+            while n := os.splice(source.fileno(), target, chunk):
+                sent += n
+                progress(sent)
+            return sent
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: an end that cannot splice (a terminal, say): copy instead
+                raise
+            target = None
+    return sent
 
 
 class Prefixed:

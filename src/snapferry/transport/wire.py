@@ -80,6 +80,11 @@ class WireSink:
             for part in parts:
                 self._compressor.write(part)
 
+    def splice_fd(self) -> int | None:
+        """The descriptor bytes may be spliced to: only where nothing is done to them on the way."""
+        plain = self.adaptive is None and self._compressor is None and self._smoother is None and not self._rate
+        return self._fd if plain else None
+
     def _raw(self, parts: Sequence[Buffer]) -> None:
         if self._smoother is None:
             self._output(parts)

@@ -18,7 +18,7 @@ from snapferry.btrfs.engine.command import BTRFS_TOOL, Subvolume, send_argv, sub
 from snapferry.btrfs.resume.checkpoints import NIL, BtrfsToken
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import SendProcess
-from snapferry.core.streamio import Sink
+from snapferry.core.streamio import Sink, pass_on
 from snapferry.errors import DatasetMissing, PrefixMismatch, Refused, SnapferryError, StaleToken, StreamFormatError
 
 _COPY_CHUNK = 1 << 20
@@ -55,12 +55,7 @@ class _Sending:
         crc32c itself; a btrfs send that stops short exits with an error, which `reading` reports.
         """
         offset = self.reader.bytes_read
-        sent = 0
-        while chunk := self.output.read1(_COPY_CHUNK):
-            sink([chunk])
-            sent += len(chunk)
-            events("progress", bytes=sent, offset=offset + sent)
-        return sent
+        return pass_on(self.output, sink, _COPY_CHUNK, lambda sent: events("progress", bytes=sent, offset=offset + sent))
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from typing import Literal
 
 from snapferry.core.events import EventSink, ignore_events
 from snapferry.core.process import ReceiveProcess, SendProcess
+from snapferry.core.splice import SpliceRing
 from snapferry.core.streamio import Readable, Sink
 from snapferry.errors import PartialReceiveInTheWay, ReceiverGone, Refused, SnapferryError, StaleToken, TransferInterrupted
 from snapferry.zfs.codec.openzfs_token import OpenZfsToken
@@ -67,11 +68,16 @@ def receive_native(
     events("stream", dataset=dataset, toname=begin.toname, offset=0, mode="native")
     proc = ReceiveProcess(zfs.receive_argv(dataset, force=force, resumable=resumable), f"cannot receive into {dataset}", ZFS_TOOL)
     total = len(header)
-    buffer = memoryview(bytearray(CHUNK))
+    # The stream is read into the ring and handed to zfs receive from there by reference: no second copy.
+    ring = SpliceRing()
     try:
         proc.write([header])
-        while n := source.readinto(buffer):
-            proc.write([buffer[:n]])
+        while True:
+            start = ring.region(CHUNK)
+            assert start is not None  # a chunk is smaller than half the ring
+            if not (n := source.readinto(ring.view(start, CHUNK))):
+                break
+            proc.splice(ring, start, n)
             total += n
             events("progress", bytes=total)
         proc.finish()
