@@ -142,7 +142,7 @@ def read_next_record(zfs: Zfs, checkpoint: str) -> tuple[int, int, int] | None:
 
 
 def read_transfers(zfs: Zfs, dataset: str) -> tuple[list[Snapshot], list[Transfer]]:
-    snapshots = zfs.snapshots(dataset) if zfs.exists(dataset) else []
+    _, snapshots = zfs.type_and_snapshots(dataset)
     return snapshots, find_transfers(snapshots, dataset)
 
 
