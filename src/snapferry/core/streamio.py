@@ -32,7 +32,7 @@ def pass_on(source: io.BufferedReader, sink: Sink, chunk: int, progress: Callabl
     """Everything left in `source` to `sink` unchanged; the bytes passed. Spliced in the kernel where both ends let
     that happen (a pipe in, a sink that transforms nothing): no copy through this process, and far fewer cycles
     per small write of the producer (btrfs send writes a command at a time)."""
-    sent = 0
+    sent, fd = 0, source.fileno()
     target = sink.splice_fd() if isinstance(sink, SpliceableSink) else None
     # What the reader holds already goes first; after it, its buffer is empty and the pipe can be spliced from.
     while part := source.read1(chunk):
@@ -42,7 +42,7 @@ def pass_on(source: io.BufferedReader, sink: Sink, chunk: int, progress: Callabl
         if target is None:
             continue
         try:
-            while n := os.splice(source.fileno(), target, chunk):
+            while n := os.splice(fd, target, chunk):
                 sent += n
                 progress(sent)
             return sent

@@ -256,12 +256,11 @@ class Sync(SteppedSync[SyncStep]):
     def _next(self) -> SyncStep | None:
         if self.known_statuses is not None:
             (self.stats.source_status, self.stats.target_status), self.known_statuses = self.known_statuses, None
+        elif self._target_after is not None:
+            self.stats.source_status = self.source.status()
+            self.stats.target_status, self._target_after = self._target_after, None
         else:
-            if self._target_after is not None:
-                self.stats.source_status, self.stats.target_status = self.source.status(), self._target_after
-            else:
-                self.stats.source_status, self.stats.target_status = statuses(self.source, self.target)
-            self._target_after = None
+            self.stats.source_status, self.stats.target_status = statuses(self.source, self.target)
         return self.planner.next_step(self.stats.source_status, self.stats.target_status)
 
     def _after_steps(self) -> None:

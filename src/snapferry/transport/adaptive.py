@@ -99,10 +99,11 @@ class AdaptiveCompressor:
                 self._compressor.write(part)
         else:
             self._store(parts)
-            for part in parts:
-                if len(self._sample) >= SAMPLE:
-                    break
-                self._sample += memoryview(part)[: SAMPLE - len(self._sample)]
+            if self._sampling():
+                for part in parts:
+                    if len(self._sample) >= SAMPLE:
+                        break
+                    self._sample += memoryview(part)[: SAMPLE - len(self._sample)]
         self._window_seconds += time.perf_counter() - started
         size = sum(len(part) for part in parts)
         self._window_in += size
@@ -131,6 +132,7 @@ class AdaptiveCompressor:
 
     def _next_window(self) -> None:
         seconds = max(self._window_seconds, 1e-9)
+        sampled = self._sampling()
         # The first window also waits for the far end to start reading (an ssh login, a process starting: 0.3 s on
         # loopback, which made a 500 MB/s link look like 15 MB/s): it measures nothing.
         first, self._windows = self._windows == 0, self._windows + 1
@@ -141,7 +143,7 @@ class AdaptiveCompressor:
         if self._way == "zstd":
             self._compressor_speed = self._window_in / max(seconds - self._window_waiting, 1e-9)
             self._ratio = max(self._window_out, 1) / self._window_in
-        elif first or self._windows_this_way + 1 >= RECHECK_EVERY:
+        elif sampled:
             self._estimate_from_sample()
         self._sample.clear()
         if self._window_started is not None and not first:
@@ -159,6 +161,10 @@ class AdaptiveCompressor:
                 self._windows_this_way = 0  # rechecked without a change of way: zstd saw the link, stored took a sample
             zstd = min(self._compressor_speed, self._link / self._ratio)
             self._switch("zstd" if zstd > MARGIN * self._link and not self._slower_on_the_wall() else "stored")
+
+    def _sampling(self) -> bool:
+        """Whether this window is stored and ends in an estimate from its sample: the first, and each recheck."""
+        return self._way == "stored" and (self._windows == 0 or self._windows_this_way + 1 >= RECHECK_EVERY)
 
     def _estimate_from_sample(self) -> None:
         """The compressor's speed and ratio on this window's sample, compressed aside."""
