@@ -234,13 +234,13 @@ def test_sync_streams_every_snapshot_then_increments_then_is_up_to_date(bed: tb.
     assert tb.snapshot_names(dst) == ["a", "b", "c", "d", "e"]
 
 
-def test_the_far_end_starts_once_to_plan_and_once_to_receive(
+def test_the_far_end_starts_once_per_step(
     bed: tb.Bed, sshd_server: SshServer, ssh_command: str, remote_snapferry: str, tmp_path: Path
 ) -> None:
     """Each start of snapferry on the far end costs an ssh session and Python's start-up: a sync asks for its status
-    once, then receives each step, and plans each next step from what the receive before reports at its end
-    (receive --status-after), not from one more status call. All of it over one ssh connection (a login costs
-    0.26 s on loopback): the streams share the status call's."""
+    in a session, whose same process then receives the first step, and plans each next step from what the receive
+    before reports at its end (receive --status-after), not from one more status call. All of it over one ssh
+    connection (a login costs 0.26 s on loopback): the streams share the status call's."""
     logins_before = sshd_server.log.read_text().count("Accepted publickey")
     verbs = tmp_path / "verbs"
     logged = tmp_path / "snapferry-logged"
@@ -252,7 +252,7 @@ def test_the_far_end_starts_once_to_plan_and_once_to_receive(
     assert done.returncode == 0, done.stderr
     assert_replica(src, dst, ["a", "b"], files["b"])
     far_end = verbs.read_text().split()  # the local end runs this interpreter's snapferry, not --remote-snapferry
-    assert done.steps() and far_end == ["status"] + ["receive"] * len(done.steps())
+    assert done.steps() and far_end == ["session"] * len(done.steps())
     assert len(done.steps()) == 2
     assert sshd_server.log.read_text().count("Accepted publickey") - logins_before == 1
 

@@ -20,6 +20,7 @@ from snapferry.cli import (
     rollback_cmd,
     send_cmd,
     serve_cmd,
+    session_cmd,
     status_cmd,
     sync_cmd,
     token_cmd,
@@ -36,7 +37,10 @@ EXIT_CODES = """exit codes:
   6  a zfs or btrfs command failed
 """
 
-_VERBS = (send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, rollback_cmd, holds_cmd, offsite_cmd, demo_cmd)
+_VERBS = (
+    send_cmd, receive_cmd, token_cmd, status_cmd, check_cmd, sync_cmd, serve_cmd, session_cmd,
+    rollback_cmd, holds_cmd, offsite_cmd, demo_cmd,
+)  # fmt: skip
 
 
 class _Version(argparse.Action):

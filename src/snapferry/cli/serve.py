@@ -16,7 +16,8 @@ from snapferry.cli.common import backend
 from snapferry.errors import Refused, SnapferryError, as_event
 
 # hold and release only touch snapferry's own holds (tag snapferry:...), which a sending key needs to place.
-_READ_ONLY_VERBS = {"send", "token", "status", "subvolumes", "hold", "release", "holds"}
+# session: each request in it is checked like a command of its own.
+_READ_ONLY_VERBS = {"send", "token", "status", "subvolumes", "hold", "release", "holds", "session"}
 _WRITE_VERBS = {"receive", "recv", "rollback", "snapshot", "prune"}
 # Properties a restricted key may have set on what it receives (sync --props): none that mounts, shares or
 # exposes anything on the host. User properties (with a colon) are only labels.
@@ -147,6 +148,10 @@ def serve(policy: Policy) -> int:
         raise
     # send -t finds its snapshot by guid: tell it which datasets it may look in.
     os.environ[ALLOW_ENV] = " ".join(policy.allowed)
+    if argv[0] == "session":
+        from snapferry.cli.session_cmd import run_session
+
+        return run_session(check=policy.check_verb)
     # In this process rather than a new one: a second Python start-up would add 0.07 s to every call.
     from snapferry.cli.main import main
 

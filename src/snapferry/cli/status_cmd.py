@@ -70,6 +70,15 @@ def summary_line(summary: Summary, now: float, label: str | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     source = side_of(args.source, args) if args.source else None
+    try:
+        _print_statuses(args, source)
+    finally:
+        if source is not None:
+            source.close()
+    return 0
+
+
+def _print_statuses(args: argparse.Namespace, source: Side | None) -> None:
     now = time.time()
     for text in args.targets:
         root = side_of(text, args)
@@ -84,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({**status, "summary": asdict(summary)} if compared is not None else status))
             else:
                 print(summary_line(summary, now, label=str(side.endpoint)))
-    return 0
+        root.close()
 
 
 def run_subvolumes(args: argparse.Namespace) -> int:

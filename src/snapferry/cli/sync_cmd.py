@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     sync: Sync | TreeSync | None = None
     control_dir = tempfile.mkdtemp(prefix="snapferry-ssh-") if remote else None
     shells = [Shell(end.host, end.user, ssh, remote_snapferry, control_dir, shared_streams=args.jobs == 1) for end in (source, target)]
+    sides = [Side(end, shell) for end, shell in zip((source, target), shells, strict=True)]
     try:
         with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
-            sides = [Side(end, shell) for end, shell in zip((source, target), shells, strict=True)]
             if args.r:
                 sync = TreeSync(sides[0], sides[1], options, events, exclude=args.exclude or [], jobs=args.jobs)
             else:
@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         exit_code, outcome = 3, "interrupted (exit 3)"
         raise
     finally:
+        for side in sides:
+            side.close()
         for shell in shells:
             shell.close()
         if control_dir is not None:

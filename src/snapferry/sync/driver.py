@@ -25,6 +25,7 @@ from snapferry.errors import (
 )
 from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
 from snapferry.sync.endpoints import Side, error_of, statuses
+from snapferry.transport.session import StartedStream
 
 MAX_DELAY = 60.0
 
@@ -137,17 +138,28 @@ class _Relay:
         return error_of(rc, self.lines, f"the {self.name} side")
 
 
-def run_pipe(send_argv: list[str], receive_argv: list[str], events: EventSink = ignore_events) -> tuple[int, dict[str, Any] | None]:
+def run_pipe(
+    send: list[str] | StartedStream, receive: list[str] | StartedStream, events: EventSink = ignore_events
+) -> tuple[int, dict[str, Any] | None]:
     """send | receive; the stream bytes received and the receiving end's status after it (when it reports one), or the
-    failure of whichever end failed first, raised as its own error."""
-    read_end, write_end = os.pipe()
-    enlarge_pipe(write_end)
+    failure of whichever end failed first, raised as its own error. Either end (not both) may be a session already
+    started on its stream: its descriptor is then this pipe's end."""
+    if isinstance(send, StartedStream) and isinstance(receive, StartedStream):
+        raise ValueError("a pipe between two sessions would need a copy here")
+    if isinstance(send, StartedStream):
+        read_end, write_end = send.fd, -1
+    elif isinstance(receive, StartedStream):
+        read_end, write_end = -1, receive.fd
+    else:
+        read_end, write_end = os.pipe()
+        enlarge_pipe(write_end)
     try:
-        sender = subprocess.Popen(send_argv, stdout=write_end, stderr=subprocess.PIPE)
-        receiver = subprocess.Popen(receive_argv, stdin=read_end, stderr=subprocess.PIPE)
+        sender = send.proc if isinstance(send, StartedStream) else subprocess.Popen(send, stdout=write_end, stderr=subprocess.PIPE)
+        receiver = receive.proc if isinstance(receive, StartedStream) else subprocess.Popen(receive, stdin=read_end, stderr=subprocess.PIPE)
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
     sending, receiving = _Relay(sender, "sending", events), _Relay(receiver, "receiving", events)
     receive_rc = receiver.wait()
     stopped_sender = receive_rc != 0 and sender.poll() is None
@@ -289,15 +301,15 @@ class Sync(SteppedSync[SyncStep]):
         if isinstance(step, Action):
             (self.source if step.on_source else self.target).run(*step.args)
             return
-        send = self.source.shell.snapferry_argv("send", *self.options.wire(), *step.send_args, stream=True)
-        receive = self.target.shell.snapferry_argv(
-            "receive", "--json", "--status-after", "-s", *self.options.receive_checkpoint(), *step.receive_args, stream=True
-        )
         self.stats.resumes += step.resumes
         self._target_after = None
         self._run_quietly(step.before)
+        send_args = ("send", *self.options.wire(), *step.send_args)
+        receive_args = ("receive", "--json", "--status-after", "-s", *self.options.receive_checkpoint(), *step.receive_args)
         try:
-            received, status = run_pipe(send, receive, self.events)
+            receive = self.target.stream(*receive_args)
+            # Only one end's session can carry the stream (two would need a copy through this process).
+            received, status = run_pipe(self.source.stream(*send_args, session=isinstance(receive, list)), receive, self.events)
             self.stats.received_bytes += received
             # What runs after the step on the destination would change its status: then it is asked again.
             if status is not None and status.get("target") == self.target.endpoint.dataset and all(a.on_source for a in step.after):

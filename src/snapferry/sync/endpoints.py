@@ -12,6 +12,7 @@ from typing import Any
 from snapferry.backends import backend_for
 from snapferry.errors import Refused, SnapferryError, TransferInterrupted, UsageError, from_event
 from snapferry.interface import Backend
+from snapferry.transport.session import SessionError, SessionPool, StartedStream
 from snapferry.transport.ssh import Shell
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>[^@:/\s]+):(?P<dataset>[^:\s]+)$")
@@ -83,14 +84,20 @@ _IN_PROCESS = {"hold": _hold, "release": _release}
 
 @dataclass
 class Side:
-    """One end of a sync: `status` in one call (here: in this process; remote: one ssh round trip), and verbs run there."""
+    """One end of a sync: `status` in one call (here: in this process; remote: one request in its session), and verbs
+    run there. A remote end's calls share one snapferry process there (a session), which the step's stream may take
+    over as its last request: a step then starts snapferry there once, not once to plan and once to receive."""
 
     endpoint: Endpoint
     shell: Shell
+    # A remote end's sessions, shared with every other dataset on its host (child()).
+    sessions: SessionPool | None = None
     backend: Backend = field(init=False)
 
     def __post_init__(self) -> None:
         self.backend = self.endpoint.backend()
+        if self.remote and self.sessions is None:
+            self.sessions = SessionPool(self.shell.snapferry_argv("session"))
 
     @property
     def remote(self) -> bool:
@@ -110,7 +117,7 @@ class Side:
 
     def child(self, dataset: str) -> Side:
         """Another dataset on the same host, reached the same way."""
-        return Side(Endpoint(dataset, self.endpoint.host, self.endpoint.user), self.shell)
+        return Side(Endpoint(dataset, self.endpoint.host, self.endpoint.user), self.shell, self.sessions)
 
     def tree(self, also: tuple[str, ...] = ()) -> list[tuple[Side, dict[str, Any]]]:
         """Every dataset at and below this one, parents first, each with its status, and the status of each name in
@@ -134,14 +141,40 @@ class Side:
         if not self.remote and args[0] in _IN_PROCESS:
             return _IN_PROCESS[args[0]](self.backend, *(a for a in args[1:] if a != "--json"))
         # With --json its failure arrives as an `error` event, its class named.
-        argv = self.shell.snapferry_argv(*args) if "--json" in args else self.shell.snapferry_argv(args[0], "--json", *args[1:])
-        try:
-            done = subprocess.run(argv, capture_output=True, check=False)
-        except FileNotFoundError:
-            raise UsageError(f"cannot run {argv[0]!r}: not found") from None
-        if done.returncode != 0:
-            raise error_of(done.returncode, done.stderr.decode(errors="replace").splitlines(), str(self.endpoint))
-        return done.stdout
+        words = list(args) if "--json" in args else [args[0], "--json", *args[1:]]
+        if self.sessions is not None:
+            try:
+                reply = self.sessions.call(words)
+            except SessionError as exc:
+                raise Refused(f"cannot talk to snapferry at {self.endpoint}: {exc} (another version?)") from None
+            except FileNotFoundError:
+                raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
+            returncode, stdout, stderr_lines = reply.returncode, reply.stdout, reply.stderr_lines
+        else:
+            argv = self.shell.snapferry_argv(*words)
+            try:
+                done = subprocess.run(argv, capture_output=True, check=False)
+            except FileNotFoundError:
+                raise UsageError(f"cannot run {argv[0]!r}: not found") from None
+            returncode, stdout, stderr_lines = done.returncode, done.stdout, done.stderr.decode(errors="replace").splitlines()
+        if returncode != 0:
+            raise error_of(returncode, stderr_lines, str(self.endpoint))
+        return stdout
+
+    def stream(self, *args: str, session: bool = True) -> list[str] | StartedStream:
+        """This end of a step's pipe (`snapferry send ...` or `receive ...`): a command to start, or (unless not
+        `session`) a session to this end's host, handed over to the stream."""
+        if session and self.sessions is not None and self.shell.sessions_carry_streams:
+            try:
+                return self.sessions.stream(list(args))
+            except FileNotFoundError:
+                raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
+        return self.shell.snapferry_argv(*args, stream=True)
+
+    def close(self) -> None:
+        """End the sessions to this end's host (every Side of the host shares them)."""
+        if self.sessions is not None:
+            self.sessions.close()
 
 
 def statuses(source: Side, target: Side) -> tuple[dict[str, Any], dict[str, Any]]:

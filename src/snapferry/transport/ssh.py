@@ -56,6 +56,12 @@ class Shell:
         via = self._via(stream)
         return [*via, shlex.join(argv)] if via else argv
 
+    @property
+    def sessions_carry_streams(self) -> bool:
+        """Whether a stream may go over a session's connection: when streams share it anyway, or when every call
+        has a connection of its own (no ControlMaster to share)."""
+        return self.shared_streams or not self._shares_connections()
+
     def snapferry_argv(self, *args: str, stream: bool = False) -> list[str]:
         return self.argv([*(self.snapferry if self.host is not None else LOCAL_SNAPFERRY), *args], stream)
 

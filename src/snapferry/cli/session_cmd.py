@@ -1,0 +1,93 @@
+"""`snapferry session`: the far end of sync's session (transport/session.py), running each request in this process."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from snapferry.errors import SnapferryError, UsageError, as_event
+from snapferry.transport.session import PROTOCOL, SessionError, read_frame, write_frame
+
+# A check of each request's words (serve's policy), raising SnapferryError to refuse it.
+Check = Callable[[list[str]], object]
+
+
+def _run_verb(argv: list[str]) -> int:
+    from snapferry.cli.main import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's refusal of bad words (it printed why)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+
+
+def _short_call(argv: list[str]) -> dict[str, object]:
+    """One verb with its output captured. Descriptors 0-2 point at /dev/null meanwhile: a zfs child that inherits
+    them must neither read the next request nor write into the channel."""
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = _run_verb(argv)
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+    return {"session": PROTOCOL, "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def _refusal(argv: list[str], error: SnapferryError) -> dict[str, object]:
+    event = json.dumps({"event": "error", **as_event(error)}) + "\n" if "--json" in argv else ""
+    return {"session": PROTOCOL, "rc": error.exit_code, "stdout": "", "stderr": f"{event}snapferry: {error}\n"}
+
+
+def run_session(check: Check | None = None) -> int:
+    """Answer requests until the near end closes the channel, or run its stream request as the last; the exit status."""
+    if sys.stdin.isatty() or sys.stdout.isatty():
+        raise UsageError("session talks to snapferry sync over a pipe (ssh), not to a terminal")
+    # The channel is fd 0 and 1 themselves, read and written unbuffered: a stream verb takes them over as they are.
+    while True:
+        try:
+            request = read_frame(0)
+        except SessionError as exc:
+            raise UsageError(f"session: {exc}") from None
+        if request is None:
+            return 0
+        argv = request.get("argv")
+        if not (isinstance(argv, list) and argv and all(isinstance(word, str) for word in argv)):
+            raise UsageError("session: a request names a snapferry verb and its arguments")
+        try:
+            if argv[0] in ("session", "serve"):
+                raise UsageError(f"session: {argv[0]} cannot run inside a session")
+            if check is not None:
+                check(argv)
+        except SnapferryError as exc:
+            if request.get("stream"):
+                refusal = _refusal(argv, exc)
+                print(refusal["stderr"], end="", file=sys.stderr)
+                return exc.exit_code
+            write_frame(1, _refusal(argv, exc))
+            continue
+        if request.get("stream"):
+            if argv[0] not in ("receive", "recv"):
+                write_frame(1, {"session": PROTOCOL, "stream": True})
+            return _run_verb(argv)
+        write_frame(1, _short_call(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_session()
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_options: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("session", help="for sync over ssh: answer its requests on stdin and stdout (not for a terminal)")
+    parser.set_defaults(func=run, quiet=True, json=False, zfs=None)

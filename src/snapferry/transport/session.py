@@ -1,0 +1,207 @@
+"""A session: one snapferry process at the far end that answers short calls in turn, then maybe carries a stream.
+
+Every ssh session costs a channel, the remote user's shell and a Python start-up (0.17 s on loopback here, more
+over a WAN), and a sync step used to pay it twice at the far end: once for the status it plans from, once for
+the receive. In a session the status and the receive share one process.
+
+The channel is the process's stdin and stdout, in frames: a 4-byte big-endian length, then that many bytes of
+JSON. The near end sends requests (`{"argv": [...]}`), each answered by `{"session": 1, "rc": N, "stdout": "...",
+"stderr": "..."}`. A request with `"stream": true` is the last: its verb then owns stdin and stdout as they are,
+unframed, and its events go to stderr. A send first answers `{"session": 1, "stream": true}`, so that the near end
+knows the bytes after it are the stream; a receive answers nothing (the near end may already have stopped reading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from snapferry.core.process import enlarge_pipe
+
+PROTOCOL = 1
+_LENGTH = struct.Struct(">I")
+# A status of a pool with tens of thousands of snapshots is a few MiB; anything far larger is not a frame.
+MAX_FRAME = 256 << 20
+
+
+class SessionError(Exception):
+    """The channel broke or carried something that is not a frame (the far end is gone, or is not a session)."""
+
+
+def write_frame(fd: int, message: dict[str, Any]) -> None:
+    payload = json.dumps(message).encode()
+    data = memoryview(_LENGTH.pack(len(payload)) + payload)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """`size` bytes, or None at end of file before the first; a partial read is a SessionError."""
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            if left == size:
+                return None
+            raise SessionError(f"the channel ended inside a frame ({size - left} of {size} bytes)")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> dict[str, Any] | None:
+    """The next message, or None when the other end closed the channel between frames."""
+    header = _read_exactly(fd, _LENGTH.size)
+    if header is None:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_FRAME:
+        raise SessionError(f"not a session frame (a length of {length} bytes)")
+    payload = _read_exactly(fd, length) if length else b""
+    if payload is None:
+        raise SessionError("the channel ended inside a frame")
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        raise SessionError("not a session frame (its payload is not JSON)") from None
+    if not isinstance(message, dict):
+        raise SessionError("not a session frame (its payload is not an object)")
+    return message
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A short call's outcome, as `subprocess.run` would have given it."""
+
+    returncode: int
+    stdout: bytes
+    stderr_lines: list[str]
+
+
+@dataclass(frozen=True)
+class StartedStream:
+    """A session that now carries a stream: its process, and the descriptor this end writes the stream to (for a
+    receive at the far end) or reads it from (a send). Whoever takes it closes `fd`."""
+
+    proc: subprocess.Popen[bytes]
+    fd: int
+
+
+class RemoteSession:
+    """The near end of a session: `argv` starts `snapferry session` at the far end (through ssh)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        to_far, self._to_far = os.pipe()
+        self._from_far, from_far = os.pipe()
+        try:
+            self.proc = subprocess.Popen(argv, stdin=to_far, stdout=from_far, stderr=subprocess.PIPE)
+        except BaseException:
+            for fd in (self._to_far, self._from_far):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_far)
+            os.close(from_far)
+        self._open = True
+
+    @property
+    def usable(self) -> bool:
+        """Not handed over to a stream, closed, or ended."""
+        return self._open and self.proc.poll() is None
+
+    def _ended(self) -> Reply:
+        """What the far end ended with, once it stopped answering."""
+        self.close()
+        assert self.proc.stderr is not None
+        lines = self.proc.stderr.read().decode(errors="replace").splitlines()
+        rc = self.proc.wait()
+        return Reply(rc if rc != 0 else 1, b"", lines or [f"the session ended (exit status {rc})"])
+
+    def _answer(self) -> dict[str, Any] | None:
+        answer = read_frame(self._from_far)
+        if answer is not None and answer.get("session") != PROTOCOL:
+            raise SessionError(f"not a snapferry session (it answered {json.dumps(answer)[:80]})")
+        return answer
+
+    def call(self, argv: list[str]) -> Reply:
+        """Run one snapferry verb there (not a stream); what it printed and its exit status."""
+        try:
+            write_frame(self._to_far, {"argv": argv})
+            reply = self._answer()
+        except (BrokenPipeError, ConnectionResetError):
+            return self._ended()
+        if reply is None:
+            return self._ended()
+        try:
+            return Reply(int(reply["rc"]), str(reply["stdout"]).encode(), str(reply["stderr"]).splitlines())
+        except (KeyError, TypeError, ValueError):
+            raise SessionError("not a session reply") from None
+
+    def stream(self, argv: list[str]) -> StartedStream:
+        """Run a stream verb there, as the session's last: the session is handed over and no longer usable here.
+        A far end that already ended, or refused, says why on its stderr, as a stream's failure does."""
+        self._open = False
+        is_receive = argv[0] in ("receive", "recv")
+        try:
+            write_frame(self._to_far, {"argv": argv, "stream": True})
+            if not is_receive:
+                self._answer()  # the bytes after it are the stream
+        except (OSError, SessionError):
+            pass  # the pipe's run reads why from the far end's stderr
+        keep, close = (self._to_far, self._from_far) if is_receive else (self._from_far, self._to_far)
+        os.close(close)
+        enlarge_pipe(keep)
+        return StartedStream(self.proc, keep)
+
+    def close(self) -> None:
+        """End the session: the far end sees the end of its requests and exits."""
+        if self._open:
+            self._open = False
+            for fd in (self._to_far, self._from_far):
+                os.close(fd)
+
+
+class SessionPool:
+    """The sessions to one host: a call takes an idle one (or starts one) and gives it back after; a stream keeps the
+    one it takes. Threads (sync --jobs) each get their own."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self._argv = argv
+        self._idle: list[RemoteSession] = []
+        self._lock = threading.Lock()
+
+    def _take(self) -> RemoteSession:
+        with self._lock:
+            while self._idle:
+                session = self._idle.pop()
+                if session.usable:
+                    return session
+                session.close()
+        return RemoteSession(self._argv)
+
+    def call(self, argv: list[str]) -> Reply:
+        session = self._take()
+        try:
+            reply = session.call(argv)
+        except BaseException:
+            session.close()
+            raise
+        with self._lock:
+            if session.usable:
+                self._idle.append(session)
+        return reply
+
+    def stream(self, argv: list[str]) -> StartedStream:
+        return self._take().stream(argv)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for session in idle:
+            session.close()
