@@ -65,9 +65,11 @@ def descendants(table: dict[int, tuple[int, list[str]]], root: int) -> set[int]:
 
 
 def remote_receives(target: str, exclude: set[int] | None = None) -> list[int]:
-    """The `python -m snapferry receive ... TARGET` processes that sshd started (not our ssh clients)."""
+    """The `python -m snapferry [session] receive ... TARGET` processes that sshd started (not our ssh clients). A
+    session that took a stream over shows its verb in its title (setproctitle): one string, split here."""
     pids = []
-    for pid, (_, argv) in proc_table().items():
+    for pid, (_, title) in proc_table().items():
+        argv = " ".join(title).split()
         if pid in (exclude or set()) or not argv or not os.path.basename(argv[0]).startswith("python"):
             continue
         if "snapferry" in argv and "receive" in argv and argv[-1] == target:
@@ -183,7 +185,8 @@ class SyncRunner:
                 for pid in ours:
                     argv = table[pid][1]
                     is_ssh = bool(argv) and os.path.basename(argv[0]) == "ssh"
-                    carries_stream = is_ssh and "receive" in " ".join(argv)
+                    # A session's ssh carries the stream once the session took it over (one sync at a time here).
+                    carries_stream = is_ssh and ("receive" in argv[-1].split() or "session" in argv[-1].split())
                     sends = not is_ssh and "snapferry" in argv and "send" in argv
                     if (kind == "ssh_kill" and carries_stream) or (kind == "sender_kill" and sends):
                         pids.append(pid)

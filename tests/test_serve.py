@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from snapferry.transport.session import RemoteSession
 from snapferry_testkit import zfs_testbed as tb
 from snapferry_testkit.sshd_server import SshServer
 
@@ -108,3 +110,26 @@ def test_restricted_key_cannot_roll_back_raw_or_outside_or_over_a_clone_outside(
     done = _as_key(ssh, f"snapferry rollback -r {plain}@a")
     assert done.returncode == 0, done.stderr
     assert tb.snapshot_names(plain) == ["a"] and tb.snapshot_names(fs) == before[0]
+
+
+def test_a_restricted_keys_session_checks_every_request(bed: tb.Bed, sshd_server: SshServer, source: str) -> None:
+    """sync's session under serve: each request passes the same policy as a command of its own, a refusal does not
+    end the session, and a refused stream says why on stderr, as sync reads it."""
+    ssh = restricted_key(sshd_server, "writer_key", f"--allow {bed.dst.name}/allowed")
+    session = RemoteSession([*shlex.split(ssh), "root@127.0.0.1", "snapferry session"])
+    try:
+        allowed = session.call(["status", "--json", f"{bed.dst.name}/allowed"])
+        assert allowed.returncode == 0 and b'"exists": true' in allowed.stdout
+        outside = session.call(["status", "--json", f"{bed.dst.name}/other"])
+        assert outside.returncode == 4
+        assert outside.stderr_lines[-1] == f"snapferry: serve: dataset {bed.dst.name}/other is outside --allow {bed.dst.name}/allowed"
+        raw = session.call(["--zfs", "/bin/sh", "status", "--json", f"{bed.dst.name}/allowed"])
+        assert raw.returncode == 4 and "not allowed" in raw.stderr_lines[-1]
+        assert session.call(["status", "--json", f"{bed.dst.name}/allowed"]).returncode == 0  # still the same session
+        stream = session.stream(["receive", "--json", "-s", f"{bed.dst.name}/other"])
+        os.close(stream.fd)
+        assert stream.proc.wait(timeout=60) == 4
+        assert stream.proc.stderr is not None and b"outside --allow" in stream.proc.stderr.read()
+    finally:
+        session.close()
+    assert not tb.exists(f"{bed.dst.name}/other")

@@ -25,6 +25,7 @@ READ_ONLY = Policy(("tank/backup",), read_only=True)
         "snapferry receive --json -s --mode pieces -o atime=off tank/backup/fs",
         "snapferry receive -q --json -A tank/backup/fs",
         "snapferry snapshot --json tank/backup/fs@snapferry_2026",
+        "snapferry session",
     ],
 )
 def test_allowed(command: str) -> None:

@@ -385,9 +385,7 @@ def test_link_down_for_a_while_is_retried(
     assert_replica(src, dst, ["s1"], files)
 
 
-def test_gives_up_with_exit_3_after_retries_or_deadline(
-    bed: tb.Bed, ssh_command: str, remote_snapferry: str, tmp_path: Path
-) -> None:
+def test_gives_up_with_exit_3_after_retries_or_deadline(bed: tb.Bed, ssh_command: str, remote_snapferry: str, tmp_path: Path) -> None:
     """A host that stays unreachable: --retries N, or --deadline, ends the sync with exit 3 (run it again later)."""
     src, _ = make_source(bed, "unreachable", ["a"], seed=90, megabytes=1)
     down = tmp_path / "link-down"

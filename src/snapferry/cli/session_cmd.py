@@ -7,8 +7,11 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
+
+import setproctitle
 
 from snapferry.errors import SnapferryError, UsageError, as_event
 from snapferry.transport.session import PROTOCOL, SessionError, read_frame, write_frame
@@ -78,6 +81,8 @@ def run_session(check: Check | None = None) -> int:
             write_frame(1, _refusal(argv, exc))
             continue
         if request.get("stream"):
+            # What ps shows: this process is now that stream's send or receive, not an idle session.
+            setproctitle.setproctitle(f"{setproctitle.getproctitle()} {shlex.join(argv)}")
             if argv[0] not in ("receive", "recv"):
                 write_frame(1, {"session": PROTOCOL, "stream": True})
             return _run_verb(argv)
