@@ -184,10 +184,11 @@ class SyncRunner:
                 pids = []
                 for pid in ours:
                     argv = table[pid][1]
+                    words = " ".join(argv).split()  # a session that took a stream shows its verb in its title
                     is_ssh = bool(argv) and os.path.basename(argv[0]) == "ssh"
                     # A session's ssh carries the stream once the session took it over (one sync at a time here).
                     carries_stream = is_ssh and ("receive" in argv[-1].split() or "session" in argv[-1].split())
-                    sends = not is_ssh and "snapferry" in argv and "send" in argv
+                    sends = not is_ssh and "snapferry" in words and "send" in words
                     if (kind == "ssh_kill" and carries_stream) or (kind == "sender_kill" and sends):
                         pids.append(pid)
             if not pids:

@@ -25,7 +25,7 @@ from snapferry.errors import (
 )
 from snapferry.interface import Action, SyncPolicy, SyncStep, Transfer
 from snapferry.sync.endpoints import Side, error_of, statuses
-from snapferry.transport.session import StartedStream
+from snapferry.transport.session import Launch, StartedStream, launch_command
 
 MAX_DELAY = 60.0
 
@@ -139,23 +139,28 @@ class _Relay:
 
 
 def run_pipe(
-    send: list[str] | StartedStream, receive: list[str] | StartedStream, events: EventSink = ignore_events
+    send: list[str] | Launch | StartedStream, receive: list[str] | Launch | StartedStream, events: EventSink = ignore_events
 ) -> tuple[int, dict[str, Any] | None]:
     """send | receive; the stream bytes received and the receiving end's status after it (when it reports one), or the
-    failure of whichever end failed first, raised as its own error. Either end (not both) may be a session already
-    started on its stream: its descriptor is then this pipe's end."""
-    if isinstance(send, StartedStream) and isinstance(receive, StartedStream):
-        raise ValueError("a pipe between two sessions would need a copy here")
-    if isinstance(send, StartedStream):
-        read_end, write_end = send.fd, -1
-    elif isinstance(receive, StartedStream):
-        read_end, write_end = -1, receive.fd
-    else:
-        read_end, write_end = os.pipe()
-        enlarge_pipe(write_end)
+    failure of whichever end failed first, raised as its own error. Either end (not both) may be a remote session
+    that already took its stream over: its descriptor is then the pipe's end."""
+    send = launch_command(send, receives=False) if isinstance(send, list) else send
+    receive = launch_command(receive, receives=True) if isinstance(receive, list) else receive
+    read_end = write_end = -1
     try:
-        sender = send.proc if isinstance(send, StartedStream) else subprocess.Popen(send, stdout=write_end, stderr=subprocess.PIPE)
-        receiver = receive.proc if isinstance(receive, StartedStream) else subprocess.Popen(receive, stdin=read_end, stderr=subprocess.PIPE)
+        if isinstance(send, StartedStream):
+            if isinstance(receive, StartedStream):
+                raise ValueError("a pipe between two remote sessions would need a copy here")
+            read_end, sender = send.fd, send.proc
+            receiver = receive(read_end)
+        elif isinstance(receive, StartedStream):
+            write_end, receiver = receive.fd, receive.proc
+            sender = send(write_end)
+        else:
+            read_end, write_end = os.pipe()
+            enlarge_pipe(write_end)
+            sender = send(write_end)
+            receiver = receive(read_end)
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:
@@ -266,6 +271,9 @@ class Sync(SteppedSync[SyncStep]):
         return count
 
     def _next(self) -> SyncStep | None:
+        # The snapferry that this end's part of the step's stream will run starts meanwhile.
+        for side in (self.source, self.target):
+            side.warm()
         if self.known_statuses is not None:
             (self.stats.source_status, self.stats.target_status), self.known_statuses = self.known_statuses, None
         elif self._target_after is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -12,8 +13,8 @@ from typing import Any
 from snapferry.backends import backend_for
 from snapferry.errors import Refused, SnapferryError, TransferInterrupted, UsageError, from_event
 from snapferry.interface import Backend
-from snapferry.transport.session import SessionError, SessionPool, StartedStream
-from snapferry.transport.ssh import Shell
+from snapferry.transport.session import Launch, SessionError, SessionPool, SpareSessions, StartedStream, launch_command
+from snapferry.transport.ssh import LOCAL_SNAPFERRY, Shell
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>[^@:/\s]+):(?P<dataset>[^:\s]+)$")
 _LOCAL_DATASET = re.compile(r"^[A-Za-z0-9][\w.:-]*(/[\w.:-]+)*$")
@@ -90,14 +91,15 @@ class Side:
 
     endpoint: Endpoint
     shell: Shell
-    # A remote end's sessions, shared with every other dataset on its host (child()).
-    sessions: SessionPool | None = None
+    # A remote end's sessions, or the local end's spare for its next stream: shared with every other dataset on
+    # its host (child()).
+    sessions: SessionPool | SpareSessions | None = None
     backend: Backend = field(init=False)
 
     def __post_init__(self) -> None:
         self.backend = self.endpoint.backend()
-        if self.remote and self.sessions is None:
-            self.sessions = SessionPool(self.shell.snapferry_argv("session"))
+        if self.sessions is None:
+            self.sessions = SessionPool(self.shell.snapferry_argv("session")) if self.remote else SpareSessions(LOCAL_SNAPFERRY)
 
     @property
     def remote(self) -> bool:
@@ -142,7 +144,7 @@ class Side:
             return _IN_PROCESS[args[0]](self.backend, *(a for a in args[1:] if a != "--json"))
         # With --json its failure arrives as an `error` event, its class named.
         words = list(args) if "--json" in args else [args[0], "--json", *args[1:]]
-        if self.sessions is not None:
+        if isinstance(self.sessions, SessionPool):
             try:
                 reply = self.sessions.call(words)
             except SessionError as exc:
@@ -161,15 +163,22 @@ class Side:
             raise error_of(returncode, stderr_lines, str(self.endpoint))
         return stdout
 
-    def stream(self, *args: str, session: bool = True) -> list[str] | StartedStream:
-        """This end of a step's pipe (`snapferry send ...` or `receive ...`): a command to start, or (unless not
-        `session`) a session to this end's host, handed over to the stream."""
-        if session and self.sessions is not None and self.shell.sessions_carry_streams:
-            try:
+    def warm(self) -> None:
+        """Start, here, the snapferry process that this end's next stream will run in (see SpareSessions)."""
+        if isinstance(self.sessions, SpareSessions):
+            self.sessions.warm()
+
+    def stream(self, *args: str, session: bool = True) -> Launch | StartedStream:
+        """This end of a step's pipe (`snapferry send ...` or `receive ...`): something to start on the pipe, or
+        (unless not `session`) a session to this end's remote host, handed over to the stream."""
+        try:
+            if isinstance(self.sessions, SessionPool) and session and self.shell.sessions_carry_streams:
                 return self.sessions.stream(list(args))
-            except FileNotFoundError:
-                raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
-        return self.shell.snapferry_argv(*args, stream=True)
+            if isinstance(self.sessions, SpareSessions):
+                return functools.partial(self.sessions.take().launch, list(args))
+        except FileNotFoundError:
+            raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
+        return launch_command(self.shell.snapferry_argv(*args, stream=True), receives=args[0] in ("receive", "recv"))
 
     def close(self) -> None:
         """End the sessions to this end's host (every Side of the host shares them)."""

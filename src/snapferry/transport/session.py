@@ -9,15 +9,22 @@ JSON. The near end sends requests (`{"argv": [...]}`), each answered by `{"sessi
 "stderr": "..."}`. A request with `"stream": true` is the last: its verb then owns stdin and stdout as they are,
 unframed, and its events go to stderr. A send first answers `{"session": 1, "stream": true}`, so that the near end
 knows the bytes after it are the stream; a receive answers nothing (the near end may already have stopped reading).
+
+A session here (`LocalSession`) only ever runs one stream: it is started before the step is planned, so that
+Python's start-up overlaps the planning, and is then handed its verb and the stream's descriptor over a unix
+socket (SCM_RIGHTS), in the same frame format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +40,23 @@ class SessionError(Exception):
     """The channel broke or carried something that is not a frame (the far end is gone, or is not a session)."""
 
 
-def write_frame(fd: int, message: dict[str, Any]) -> None:
+def _frame(message: dict[str, Any]) -> bytes:
     payload = json.dumps(message).encode()
-    data = memoryview(_LENGTH.pack(len(payload)) + payload)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def write_frame(fd: int, message: dict[str, Any]) -> None:
+    data = memoryview(_frame(message))
     while data:
         data = data[os.write(fd, data) :]
 
 
-def _read_exactly(fd: int, size: int) -> bytes | None:
+def _read_exactly(fd: int, size: int, read: Callable[[int, int], bytes] = os.read) -> bytes | None:
     """`size` bytes, or None at end of file before the first; a partial read is a SessionError."""
     chunks: list[bytes] = []
     left = size
     while left:
-        chunk = os.read(fd, left)
+        chunk = read(fd, left)
         if not chunk:
             if left == size:
                 return None
@@ -55,15 +66,15 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read_frame(fd: int) -> dict[str, Any] | None:
+def read_frame(fd: int, read: Callable[[int, int], bytes] = os.read) -> dict[str, Any] | None:
     """The next message, or None when the other end closed the channel between frames."""
-    header = _read_exactly(fd, _LENGTH.size)
+    header = _read_exactly(fd, _LENGTH.size, read)
     if header is None:
         return None
     (length,) = _LENGTH.unpack(header)
     if length > MAX_FRAME:
         raise SessionError(f"not a session frame (a length of {length} bytes)")
-    payload = _read_exactly(fd, length) if length else b""
+    payload = _read_exactly(fd, length, read) if length else b""
     if payload is None:
         raise SessionError("the channel ended inside a frame")
     try:
@@ -75,6 +86,18 @@ def read_frame(fd: int) -> dict[str, Any] | None:
     return message
 
 
+def read_frame_with_fds(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """read_frame() from a unix socket, with the descriptors that came along (SCM_RIGHTS)."""
+    fds: list[int] = []
+
+    def read(fd: int, size: int) -> bytes:
+        data, got, _, _ = socket.recv_fds(sock, size, 4)
+        fds.extend(got)
+        return data
+
+    return read_frame(sock.fileno(), read), fds
+
+
 @dataclass(frozen=True)
 class Reply:
     """A short call's outcome, as `subprocess.run` would have given it."""
@@ -82,6 +105,19 @@ class Reply:
     returncode: int
     stdout: bytes
     stderr_lines: list[str]
+
+
+# One end of a pipe to start on the pipe's descriptor (its stdout for a send, its stdin for a receive).
+Launch = Callable[[int], "subprocess.Popen[bytes]"]
+
+
+def launch_command(argv: list[str], *, receives: bool) -> Launch:
+    def start(fd: int) -> subprocess.Popen[bytes]:
+        if receives:
+            return subprocess.Popen(argv, stdin=fd, stderr=subprocess.PIPE)
+        return subprocess.Popen(argv, stdout=fd, stderr=subprocess.PIPE)
+
+    return start
 
 
 @dataclass(frozen=True)
@@ -205,3 +241,63 @@ class SessionPool:
             idle, self._idle = self._idle, []
         for session in idle:
             session.close()
+
+
+class LocalSession:
+    """`snapferry session` here, started ahead of its one stream: `launch` hands it the verb and the descriptor."""
+
+    def __init__(self, snapferry: Sequence[str]) -> None:
+        near, far = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [*snapferry, "session", "--channel-fd", str(far.fileno())],
+                pass_fds=(far.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except BaseException:
+            near.close()
+            raise
+        finally:
+            far.close()
+        self._channel = near
+
+    def launch(self, argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+        """Run the stream verb `argv` there on `fd` (its stdout for a send, its stdin for a receive); its process."""
+        # If it ended already, its stderr says why, and the pipe's run reads it.
+        with contextlib.suppress(OSError):
+            socket.send_fds(self._channel, [_frame({"argv": argv, "stream": True})], [fd])
+        self._channel.close()
+        return self.proc
+
+    def close(self) -> None:
+        """Not needed after all: it sees the channel's end and exits."""
+        self._channel.close()
+
+
+class SpareSessions:
+    """At most one LocalSession started ahead (`warm`, when a step is about to be planned), for the next stream."""
+
+    def __init__(self, snapferry: Sequence[str]) -> None:
+        self._snapferry = tuple(snapferry)
+        self._spare: LocalSession | None = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        with self._lock:
+            if self._spare is None or self._spare.proc.poll() is not None:
+                self._spare = LocalSession(self._snapferry)
+
+    def take(self) -> LocalSession:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None or spare.proc.poll() is not None:
+            return LocalSession(self._snapferry)
+        return spare
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
