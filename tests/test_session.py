@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapferry.transport.session import RemoteSession, SessionError, SessionPool, read_frame, write_frame
+from snapferry.transport.session import LocalSession, RemoteSession, SessionError, SessionPool, SpareSessions, read_frame, write_frame
 
 SESSION = [sys.executable, "-m", "snapferry", "session"]
 json_values = st.recursive(
@@ -117,3 +117,37 @@ def test_a_send_stream_starts_after_its_header() -> None:
     assert started.proc.wait(timeout=30) != 0
     assert started.proc.stderr is not None and b'"event": "error"' in started.proc.stderr.read()
     assert not session.usable
+
+
+def test_a_local_session_runs_its_stream_on_the_descriptor_it_is_handed() -> None:
+    """The descriptor crosses the unix socket (SCM_RIGHTS) and becomes the verb's stdout; ps then shows the verb."""
+    session = LocalSession(SESSION[:-1])
+    read_end, write_end = os.pipe()
+    try:
+        proc = session.launch(["--version"], write_end)
+    finally:
+        os.close(write_end)
+    try:
+        out = b""
+        while chunk := os.read(read_end, 4096):
+            out += chunk
+    finally:
+        os.close(read_end)
+    assert proc.wait(timeout=30) == 0
+    assert out.decode().startswith("snapferry ")
+
+
+def test_a_spare_is_started_once_and_taken_once() -> None:
+    spares = SpareSessions(SESSION[:-1])
+    spares.warm()
+    spare = spares._spare
+    assert spare is not None
+    spares.warm()
+    assert spares._spare is spare  # still the one started ahead
+    assert spares.take() is spare and spares._spare is None
+    spares.warm()
+    unused = spares._spare
+    assert unused is not None and unused is not spare
+    spares.close()
+    spare.close()
+    assert unused.proc.wait(timeout=30) == 0 and spare.proc.wait(timeout=30) == 0  # an unused spare just ends
