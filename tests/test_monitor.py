@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,20 @@ def source(bed: tb.Bed, name: str, snaps: list[str], megabytes: int = 2) -> str:
         tb.write_tree(tb.mountpoint(fs) / snap, seed=n + 7, megabytes=megabytes)
         tb.snapshot(f"{fs}@{snap}")
     return fs
+
+
+def test_status_leaves_out_the_properties_only_when_asked(bed: tb.Bed) -> None:
+    """sync asks `--no-properties` of every end but a --props source: each status then costs one zfs call less."""
+    fs = source(bed, "st_props", ["a"])
+    tb.sh("zfs", "set", "compression=on", fs)
+    full = run("status", "--json", fs)
+    lean = run("status", "--json", "--no-properties", fs)
+    assert full.returncode == lean.returncode == 0, full.stderr + lean.stderr
+    assert json.loads(full.stdout)["properties"]["compression"] == "on"
+    assert json.loads(lean.stdout)["properties"] == {}
+    assert {k: v for k, v in json.loads(lean.stdout).items() if k != "properties"} == {
+        k: v for k, v in json.loads(full.stdout).items() if k != "properties"
+    }
 
 
 def test_status_shows_each_target_in_one_line(bed: tb.Bed) -> None:
@@ -145,4 +160,3 @@ def test_metrics_file_after_an_interrupted_and_a_finished_sync(bed: tb.Bed, tmp_
     assert 0 < second["snapferry_sync_received_bytes_total"] < len(tb.send_bytes(f"{src}@a"))  # only the rest after the checkpoints
     assert second["snapferry_sync_last_success_timestamp_seconds"] == second["snapferry_sync_last_run_timestamp_seconds"]
     assert 0 <= second["snapferry_replication_lag_seconds"] < 600
-

@@ -211,8 +211,9 @@ class Backend(Protocol):
         """Remove the interrupted transfer into target (only what snapferry created); what was done, or NothingToDo."""
         ...
 
-    def status(self, target: str) -> dict[str, Any]:
-        """Everything sync plans from, in one JSON-able answer (`snapshots`, `token`, `native_resume`, `modified` ...)."""
+    def status(self, target: str, *, properties: bool = True) -> dict[str, Any]:
+        """Everything sync plans from, in one JSON-able answer (`snapshots`, `token`, `native_resume`, `modified` ...);
+        the target's own `properties` too, unless not `properties`."""
         ...
 
     def snapshots(self, target: str) -> list[SnapshotInfo]:

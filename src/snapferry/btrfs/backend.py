@@ -114,7 +114,7 @@ class BtrfsBackend:
     def snapshots(self, target: str) -> list[SnapshotInfo]:
         return [SnapshotInfo(s.name, str(s.uuid), s.otransid) for s in subvolumes_in(Path(target))]
 
-    def status(self, target: str) -> dict[str, Any]:
+    def status(self, target: str, *, properties: bool = True) -> dict[str, Any]:
         """The directory's subvolumes (oldest first) and its unfinished transfers (name -> token, None before a checkpoint)."""
         directory = Path(target)
         unfinished: dict[str, str | None] = {}

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         done = backend.receive(request, source, events)
     if args.status_after and args.json:
         # Saves sync a round trip to the far end (an ssh session and a snapferry start-up) to plan its next step.
-        print(json.dumps({"event": "status", "status": backend.status(args.dataset)}), file=sys.stderr)
+        # Without the destination's own properties: sync reads those only from a source.
+        print(json.dumps({"event": "status", "status": backend.status(args.dataset, properties=False)}), file=sys.stderr)
     if not (args.quiet or args.json):
         said = ", ".join(done) if done else "nothing new: the -R stream's every snapshot was already there"
         print(f"snapferry: received {said}", file=sys.stderr)
@@ -82,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
     recv.add_argument(
         "--status-after",
         action="store_true",
-        help="with --json: end with a `status` event, what `snapferry status --json DATASET` would print (sync plans from it)",
+        help="with --json: end with a `status` event, as `snapferry status --json --no-properties DATASET` prints it (sync plans from it)",
     )
     recv.add_argument("dataset", metavar="DATASET|DIR", help="POOL/FS to receive into, or a directory on btrfs (-A: DIR/SUBVOLUME)")
     recv.set_defaults(func=run)

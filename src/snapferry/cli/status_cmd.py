@@ -17,7 +17,8 @@ from snapferry.transport.ssh import Shell
 def side_of(text: str, args: argparse.Namespace) -> Side:
     """A target here or `[user@]host:TARGET`, reached with --ssh and --remote-snapferry."""
     endpoint = Endpoint.parse(text)
-    return Side(endpoint, Shell(endpoint.host, endpoint.user, tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry))))
+    shell = Shell(endpoint.host, endpoint.user, tuple(shlex.split(args.ssh)), tuple(shlex.split(args.remote_snapferry)))
+    return Side(endpoint, shell, with_properties=not getattr(args, "no_properties", False))
 
 
 def age(seconds: float) -> str:
@@ -112,6 +113,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common_
         "status", parents=[common_options], help="newest snapshots, unfinished transfers and holds (--json: what sync plans from)"
     )
     status.add_argument("-r", action="store_true", help="ZFS: every dataset below each TARGET too, one line (or JSON object) each")
+    status.add_argument(
+        "--no-properties", action="store_true", help="--json: leave out each target's own properties (sync reads them only with --props)"
+    )
     status.add_argument("--source", metavar="SRC", help="also compare each TARGET with SRC: its newest snapshot, the newest both have")
     add_remote_options(status)
     status.add_argument("targets", nargs="+", metavar="TARGET", help="DATASET or DIR, here or [user@]host:TARGET")

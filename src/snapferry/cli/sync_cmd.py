@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     sync: Sync | TreeSync | None = None
     control_dir = tempfile.mkdtemp(prefix="snapferry-ssh-") if remote else None
     shells = [Shell(end.host, end.user, ssh, remote_snapferry, control_dir, shared_streams=args.jobs == 1) for end in (source, target)]
-    sides = [Side(end, shell) for end, shell in zip((source, target), shells, strict=True)]
+    sides = [Side(source, shells[0], with_properties=options.props), Side(target, shells[1], with_properties=False)]
     try:
         with dataset_lock(f"sync-{target}", f"sync {source} {target}"), reporter as events:
             if args.r:

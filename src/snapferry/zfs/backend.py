@@ -260,7 +260,7 @@ class ZfsBackend:
     def snapshots(self, target: str) -> list[SnapshotInfo]:
         return [SnapshotInfo(s.name, str(s.guid), s.createtxg) for s in self.zfs.snapshots(target)]
 
-    def status(self, target: str) -> dict[str, Any]:
+    def status(self, target: str, *, properties: bool = True) -> dict[str, Any]:
         """Snapshots (by guid, in creation order), the unfinished transfer's token, and what the pool can do."""
         if "@" in target:
             raise UsageError(f"status takes a file system, not a snapshot: {target}")
@@ -287,7 +287,7 @@ class ZfsBackend:
             "native_resume": modern and zfs.native_resume(target),
             "modified": self._modified(target) if exists and modern else None,
             "encrypted": self._encrypted(target) if exists and modern else False,
-            "properties": zfs.local_properties(target) if exists else {},
+            "properties": zfs.local_properties(target) if exists and properties else {},
             "type": kind,
         }
 
