@@ -284,12 +284,20 @@ def test_no_stream_sends_only_the_newest(bed: tb.Bed, ssh_command: str, remote_s
     assert_replica(src, dst, ["c"], files["c"])
 
 
-def test_pull_from_a_remote_source(bed: tb.Bed, ssh_command: str, remote_snapferry: str) -> None:
+def test_pull_from_a_remote_source(bed: tb.Bed, ssh_command: str, remote_snapferry: str, tmp_path: Path) -> None:
+    """The far end sends: its status, holds and the first step's send share one snapferry process there (a session,
+    whose stream follows its one-frame answer on the same pipe)."""
+    verbs = tmp_path / "verbs"
+    logged = tmp_path / "snapferry-logged"
+    logged.write_text(f'#!/bin/sh\necho "$1" >> {verbs}\nexec {remote_snapferry} "$@"\n')
+    logged.chmod(0o755)
     src, files = make_source(bed, "pulled", ["a", "b"], seed=35)
     dst = bed.target("pulled")
-    result = sync(ssh_command, remote_snapferry, "-q", f"{REMOTE}:{src}", dst)
+    result = sync(ssh_command, str(logged), "--json", f"{REMOTE}:{src}", dst)
     assert result.returncode == 0, result.stderr
     assert_replica(src, dst, ["a", "b"], files["b"])
+    # Each step's send takes a session, and the releases and the last plan after it take one more.
+    assert verbs.read_text().split() == ["session"] * (len(result.steps()) + 1)
 
 
 def test_an_unnamed_first_piece_left_by_a_crash_is_discarded_and_sent_again(bed: tb.Bed, ssh_command: str, remote_snapferry: str) -> None:

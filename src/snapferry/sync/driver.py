@@ -317,7 +317,8 @@ class Sync(SteppedSync[SyncStep]):
         try:
             receive = self.target.stream(*receive_args)
             # Only one end's session can carry the stream (two would need a copy through this process).
-            received, status = run_pipe(self.source.stream(*send_args, session=isinstance(receive, list)), receive, self.events)
+            send = self.source.stream(*send_args, session=not isinstance(receive, StartedStream))
+            received, status = run_pipe(send, receive, self.events)
             self.stats.received_bytes += received
             # What runs after the step on the destination would change its status: then it is asked again.
             if status is not None and status.get("target") == self.target.endpoint.dataset and all(a.on_source for a in step.after):
