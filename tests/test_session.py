@@ -151,3 +151,22 @@ def test_a_spare_is_started_once_and_taken_once() -> None:
     spares.close()
     spare.close()
     assert unused.proc.wait(timeout=30) == 0 and spare.proc.wait(timeout=30) == 0  # an unused spare just ends
+
+
+def test_kept_warm_a_stream_leaves_the_next_session_started() -> None:
+    """sync -r: while one dataset's stream runs, the next dataset's snapferry processes start, here and there."""
+    pool = SessionPool(SESSION)
+    pool.keep_warm = True
+    started = pool.stream(["send", "--json", "no-such-pool/fs@snap"])
+    os.close(started.fd)
+    started.proc.wait(timeout=30)
+    (warm,) = pool._idle
+    assert warm.usable and warm.proc.pid != started.proc.pid
+    spares = SpareSessions(SESSION[:-1])
+    spares.keep_warm = True
+    taken = spares.take()
+    assert spares._spare is not None and spares._spare is not taken
+    for session in (taken, spares):
+        session.close()
+    pool.close()
+    assert warm.proc.wait(timeout=30) == 0

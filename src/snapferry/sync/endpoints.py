@@ -175,6 +175,12 @@ class Side:
         if isinstance(self.sessions, SpareSessions):
             self.sessions.warm()
 
+    def keep_warm(self) -> None:
+        """From now on, whenever a stream takes a snapferry process at this end, start the next one meanwhile (for
+        sync -r, whose next dataset then finds one started)."""
+        if self.sessions is not None:
+            self.sessions.keep_warm = True
+
     def stream(self, *args: str, session: bool = True) -> Launch | StartedStream:
         """This end of a step's pipe (`snapferry send ...` or `receive ...`): something to start on the pipe, or
         (unless not `session`) a session to this end's remote host, handed over to the stream."""

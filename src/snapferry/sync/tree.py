@@ -141,6 +141,10 @@ class TreeSync:
             # One recursive snapshot: every dataset of the tree at the same moment.
             self._sync(self.source.endpoint.dataset, self.options).take_snapshot(recursive=True)
         wanted, result.gone = self.datasets()
+        if len(wanted) > 1:
+            # Each dataset's stream then finds its snapferry processes started during the one before.
+            self.source.keep_warm()
+            self.target.keep_warm()
         for name in result.gone:
             self.events("warning", message=f"{name} is on the destination but no longer on the source; it is kept")
         options = replace(self.options, take_snapshot=False)

@@ -211,6 +211,8 @@ class SessionPool:
         self._argv = argv
         self._idle: list[RemoteSession] = []
         self._lock = threading.Lock()
+        # Start the next session as soon as a stream takes one (sync -r: the next dataset's, meanwhile).
+        self.keep_warm = False
 
     def _take(self) -> RemoteSession:
         with self._lock:
@@ -234,7 +236,12 @@ class SessionPool:
         return reply
 
     def stream(self, argv: list[str]) -> StartedStream:
-        return self._take().stream(argv)
+        started = self._take().stream(argv)
+        if self.keep_warm:
+            with self._lock:
+                if not self._idle:
+                    self._idle.append(RemoteSession(self._argv))
+        return started
 
     def close(self) -> None:
         with self._lock:
@@ -283,6 +290,7 @@ class SpareSessions:
         self._snapferry = tuple(snapferry)
         self._spare: LocalSession | None = None
         self._lock = threading.Lock()
+        self.keep_warm = False  # as SessionPool's
 
     def warm(self) -> None:
         with self._lock:
@@ -292,6 +300,8 @@ class SpareSessions:
     def take(self) -> LocalSession:
         with self._lock:
             spare, self._spare = self._spare, None
+        if self.keep_warm:
+            self.warm()
         if spare is None or spare.proc.poll() is not None:
             return LocalSession(self._snapferry)
         return spare
