@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from snapferry.cli import (
     check_cmd,
@@ -98,5 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, SnapferryError(f"internal error ({type(exc).__name__}: {exc}); please report it"))
 
 
+def run() -> NoReturn:
+    """The command's entry point: main(), then an exit that skips the interpreter's teardown.
+
+    By the time main() returns, everything it started is finished (its threads are daemons, its files closed
+    by their `with`), and freeing every module at exit (numpy, zstandard, boto3 ...) costs 20-35 ms of every
+    run: on sync's critical path that is paid by the far end's receive and by sync itself, and at 1 GiB it is
+    0.02-0.03 s/GB of the CPU figures.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
