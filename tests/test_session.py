@@ -100,7 +100,14 @@ def test_a_far_end_without_sessions_reports_its_own_error() -> None:
     old = RemoteSession([sys.executable, "-c", "import sys; sys.stderr.write('snapferry: error: invalid choice\\n'); sys.exit(2)"])
     reply = old.call(["status", "--json", "pool/fs"])
     assert (reply.returncode, reply.stdout, reply.stderr_lines) == (2, b"", ["snapferry: error: invalid choice"])
-    assert not old.usable
+    assert not old.usable and not reply.answered and not reply.lost  # a failure to report, not a dropped link
+
+
+def test_a_killed_session_is_lost_not_failed() -> None:
+    """A session killed at the far end (a reboot, a cut link) is retried by sync, not reported as the dataset's failure."""
+    killed = RemoteSession(["sh", "-c", "head -c 4 >/dev/null; kill -9 $$"])
+    reply = killed.call(["status", "--json", "pool/fs"])
+    assert reply.lost and reply.returncode == -9
 
 
 def test_a_send_stream_starts_after_its_header() -> None:

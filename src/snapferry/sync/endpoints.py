@@ -158,6 +158,8 @@ class Side:
                 raise Refused(f"cannot talk to snapferry at {self.endpoint}: {exc} (another version?)") from None
             except FileNotFoundError:
                 raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
+            if reply.lost and reply.returncode != SSH_FAILED:  # (ssh's own failure: error_of says "cannot reach")
+                raise TransferInterrupted(f"lost the connection to {self.endpoint}: {reply.stderr_lines[-1]}")
             returncode, stdout, stderr_lines = reply.returncode, reply.stdout, reply.stderr_lines
         else:
             argv = self.shell.snapferry_argv(*words)

@@ -105,6 +105,13 @@ class Reply:
     returncode: int
     stdout: bytes
     stderr_lines: list[str]
+    # False: the session ended instead of answering (the far end's exit status and stderr are above).
+    answered: bool = True
+
+    @property
+    def lost(self) -> bool:
+        """The session died rather than failed: killed (a signal there or here), or its connection dropped."""
+        return not self.answered and (self.returncode < 0 or self.returncode >= 128)
 
 
 # One end of a pipe to start on the pipe's descriptor (its stdout for a send, its stdin for a receive).
@@ -157,7 +164,7 @@ class RemoteSession:
         assert self.proc.stderr is not None
         lines = self.proc.stderr.read().decode(errors="replace").splitlines()
         rc = self.proc.wait()
-        return Reply(rc if rc != 0 else 1, b"", lines or [f"the session ended (exit status {rc})"])
+        return Reply(rc if rc != 0 else 1, b"", lines or [f"the session ended (exit status {rc})"], answered=False)
 
     def _answer(self) -> dict[str, Any] | None:
         answer = read_frame(self._from_far)
@@ -227,6 +234,11 @@ class SessionPool:
         session = self._take()
         try:
             reply = session.call(argv)
+            if reply.lost:
+                # An idle session can die meanwhile (a dropped link, the far host rebooted): a new one says
+                # whether the host is still there.
+                session = RemoteSession(self._argv)
+                reply = session.call(argv)
         except BaseException:
             session.close()
             raise
