@@ -15,7 +15,7 @@ from collections.abc import Callable
 import setproctitle
 
 from snapferry.errors import SnapferryError, UsageError, as_event
-from snapferry.transport.session import PROTOCOL, SessionError, read_frame, read_frame_with_fds, write_frame
+from snapferry.transport.session import PROTOCOL, SessionError, read_frame, read_frame_with_fds, receives, write_frame
 
 # A check of each request's words (serve's policy), raising SnapferryError to refuse it.
 Check = Callable[[list[str]], object]
@@ -90,12 +90,12 @@ def run_session(check: Check | None = None, channel_fd: int | None = None) -> in
         if not stream:
             write_frame(out, _short_call(argv))
             continue
-        receives = argv[0] in ("receive", "recv")
+        is_receive = receives(argv)
         if fds:
-            os.dup2(fds[0], 0 if receives else 1)
+            os.dup2(fds[0], 0 if is_receive else 1)
             for fd in fds:
                 os.close(fd)
-        elif not receives:
+        elif not is_receive:
             write_frame(out, {"session": PROTOCOL, "stream": True})
         # What ps shows: this process is now that stream's send or receive, not an idle session.
         setproctitle.setproctitle(f"{setproctitle.getproctitle()} {shlex.join(argv)}")

@@ -13,7 +13,7 @@ from typing import Any
 from snapferry.backends import backend_for
 from snapferry.errors import Refused, SnapferryError, TransferInterrupted, UsageError, from_event
 from snapferry.interface import Backend
-from snapferry.transport.session import Launch, SessionError, SessionPool, SpareSessions, StartedStream, launch_command
+from snapferry.transport.session import Launch, SessionError, SessionPool, SpareSessions, StartedStream, launch_command, receives
 from snapferry.transport.ssh import LOCAL_SNAPFERRY, Shell
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>[^@:/\s]+):(?P<dataset>[^:\s]+)$")
@@ -193,7 +193,7 @@ class Side:
                 return functools.partial(self.sessions.take().launch, list(args))
         except FileNotFoundError:
             raise UsageError(f"cannot run {self.shell.ssh[0]!r}: not found") from None
-        return launch_command(self.shell.snapferry_argv(*args, stream=True), receives=args[0] in ("receive", "recv"))
+        return launch_command(self.shell.snapferry_argv(*args, stream=True), receives=receives(args))
 
     def close(self) -> None:
         """End the sessions to this end's host (every Side of the host shares them)."""

@@ -114,6 +114,11 @@ class Reply:
         return not self.answered and (self.returncode < 0 or self.returncode >= 128)
 
 
+def receives(argv: Sequence[str]) -> bool:
+    """Whether a stream verb's words are a receive (the stream is its stdin), not a send (its stdout)."""
+    return argv[0] in ("receive", "recv")
+
+
 # One end of a pipe to start on the pipe's descriptor (its stdout for a send, its stdin for a receive).
 Launch = Callable[[int], "subprocess.Popen[bytes]"]
 
@@ -190,7 +195,7 @@ class RemoteSession:
         """Run a stream verb there, as the session's last: the session is handed over and no longer usable here.
         A far end that already ended, or refused, says why on its stderr, as a stream's failure does."""
         self._open = False
-        is_receive = argv[0] in ("receive", "recv")
+        is_receive = receives(argv)
         try:
             write_frame(self._to_far, {"argv": argv, "stream": True})
             if not is_receive:
@@ -307,6 +312,8 @@ class SpareSessions:
     def warm(self) -> None:
         with self._lock:
             if self._spare is None or self._spare.proc.poll() is not None:
+                if self._spare is not None:
+                    self._spare.close()
                 self._spare = LocalSession(self._snapferry)
 
     def take(self) -> LocalSession:
@@ -314,9 +321,11 @@ class SpareSessions:
             spare, self._spare = self._spare, None
         if self.keep_warm:
             self.warm()
-        if spare is None or spare.proc.poll() is not None:
-            return LocalSession(self._snapferry)
-        return spare
+        if spare is not None and spare.proc.poll() is None:
+            return spare
+        if spare is not None:
+            spare.close()
+        return LocalSession(self._snapferry)
 
     def close(self) -> None:
         with self._lock:
