@@ -156,6 +156,9 @@ def timed_rounds(
 def profile_receive(src_snap: str, target: str, checkpoint: str, out_dir: Path) -> dict[str, object]:
     """One snapferry receive under cProfile; returns its top functions by own time."""
     prof = out_dir / f"receive-{checkpoint}.prof"
+    # main(), not the module: the command's own entry point ends with os._exit, before cProfile writes its file.
+    entry = out_dir / "profiled_main.py"
+    entry.write_text("import sys\nfrom snapferry.cli.main import main\nsys.exit(main())\n")
     stages = [
         ["zfs", "send", src_snap],
         [
@@ -164,8 +167,7 @@ def profile_receive(src_snap: str, target: str, checkpoint: str, out_dir: Path) 
             "cProfile",
             "-o",
             str(prof),
-            "-m",
-            "snapferry.cli.main",
+            str(entry),
             "receive",
             "-q",
             "-s",

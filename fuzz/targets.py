@@ -277,7 +277,7 @@ def wire_seeds() -> tuple[bytes, ...]:
 # --- the stream targets -------------------------------------------------------------------------------
 
 _BEGIN_FIELDS_STRUCT = struct.Struct("<QQIIQQ")
-Summary = tuple[RecordType, int, bytes, BlockSum, Fletcher4]
+Summary = tuple[RecordType, int, bytes, BlockSum, BlockSum, Fletcher4]
 
 
 def parse_stream(source: Readable, *, trusting: bool, expect: bytes | None) -> list[Summary]:
@@ -310,7 +310,7 @@ def parse_stream(source: Readable, *, trusting: bool, expect: bytes | None) -> l
             offset, last = record.end_offset, record.kind
             passed_on(record.header)
             passed_on(record.payload)
-            records.append((record.kind, record.offset, bytes(record.header), record.payload_sum, record.fingerprint))
+            records.append((record.kind, record.offset, bytes(record.header), record.head_sum, record.payload_sum, record.fingerprint))
         check(last == RecordType.END, "records() ended without END")
     check(reader.bytes_read == passed, f"read {reader.bytes_read} bytes but passed on {passed}")
     check(view is None or passed == len(view), f"a clean end of input after {passed} of {len(view or b'')} bytes")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapferry.errors import SnapferryError
-from snapferry.zfs.codec import fletcher
+from snapferry.zfs.codec import fletcher, record_sums
 from snapferry.zfs.codec.fletcher import MASK64, BlockSum, Fletcher4, fletcher4_reference
 from snapferry.zfs.codec.records import HEADER_SIZE, RecordType
 from snapferry.zfs.codec.stream import StampedWriter, StreamReader
@@ -116,6 +116,74 @@ def test_big_buffer_matches_reference() -> None:
     data = random.Random(7).randbytes(9 << 20)  # several numpy slices, GIL released in C
     fast, slow = both(lambda: Fletcher4(1, 2, 3, MASK64).update(data))
     assert fast == slow
+
+
+# --- one record's sums: verify_header, advance_record and restamp, C against the reference ---------
+
+words4 = st.tuples(u64, u64, u64, u64)
+
+
+@st.composite
+def record_headers(draw: st.DrawFn, wire: record_sums.Words) -> bytearray:
+    """A header that is unstamped, stamped right or wrong, and maybe an END whose checksum is right or wrong."""
+    header = bytearray(random.Random(draw(st.integers(0, 2**32))).randbytes(HEADER_SIZE))
+    if draw(st.booleans()):
+        header[:4] = int(RecordType.END).to_bytes(4, "little")
+        if draw(st.booleans()):
+            header[8:40] = Fletcher4(*wire).to_bytes()
+    stamp = draw(st.sampled_from(["none", "right", "wrong"]))
+    if stamp == "none":
+        header[record_sums.STAMP_OFFSET :] = bytes(HEADER_SIZE - record_sums.STAMP_OFFSET)
+    elif stamp == "right":
+        header[record_sums.STAMP_OFFSET :] = Fletcher4(*wire).extend(BlockSum.of(header[: record_sums.STAMP_OFFSET])).to_bytes()
+    return header
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), words4, st.one_of(st.none(), words4), word_data(), words4)
+def test_record_sums_match_reference(
+    data: st.DataObject, wire: record_sums.Words, fingerprint: record_sums.Words | None, payload: bytes, state: record_sums.Words
+) -> None:
+    header = data.draw(record_headers(wire))
+
+    def verify_and_advance() -> tuple[object, object]:
+        verify, advance, _ = record_sums.implementation()
+        return verify(wire, header), advance(wire, fingerprint, header, payload)
+
+    fast, slow = both(verify_and_advance)
+    assert fast == slow
+    sums = record_sums.advance_record(wire, fingerprint, header, payload)[2]
+    fast_header, slow_header = bytearray(header), bytearray(header)
+    with native(True):
+        fast_state = record_sums.implementation()[2](state, fast_header, sums)
+    assert (fast_state, fast_header) == (record_sums.restamp(state, slow_header, sums), slow_header)
+
+
+def test_restamped_record_verifies() -> None:
+    """What restamp writes is what verify_header accepts, from the same state; one bit off is refused."""
+    header = bytearray(random.Random(3).randbytes(HEADER_SIZE))
+    header[:4] = int(RecordType.WRITE).to_bytes(4, "little")
+    state = (1, 2, 3, 4)
+    sums = record_sums.advance_record(state, None, header, b"")[2]
+    with native(True):
+        verify, _, restamp = record_sums.implementation()
+        restamp(state, header, sums)
+        assert verify(state, header) == record_sums.STAMPED
+        header[-1] ^= 1
+        assert verify(state, header) == record_sums.STAMP_MISMATCH
+
+
+def test_record_calls_refuse_wrong_shapes() -> None:
+    with native(True):
+        verify, advance, restamp = record_sums.implementation()
+        with pytest.raises(ValueError, match="312 bytes, got 311"):
+            verify((0, 0, 0, 0), bytes(311))
+        with pytest.raises(TypeError, match="tuple of four ints"):
+            advance((0, 0, 0), None, bytes(HEADER_SIZE), b"")
+        with pytest.raises(BufferError):
+            restamp((0, 0, 0, 0), bytes(HEADER_SIZE), (0,) * 9)  # a header to stamp must be writable
+        with pytest.raises(TypeError, match="nine ints"):
+            restamp((0, 0, 0, 0), bytearray(HEADER_SIZE), (0,) * 8)
 
 
 # --- the stream reader and writer, C sums on and off ----------------------------------------------

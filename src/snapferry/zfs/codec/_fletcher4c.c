@@ -1,4 +1,4 @@
-/* Fletcher-4 of ZFS send streams in C: the per-record hot path of snapferry.zfs.codec.fletcher.
+/* Fletcher-4 of ZFS send streams in C: the per-record hot path of snapferry.zfs.codec.fletcher and .stream.
  *
  * The pure-Python/numpy code in fletcher.py is the reference; tests/test_fletcher_native.py compares
  * the two byte for byte. Every sum wraps modulo 2**64, like the C in ZFS.
@@ -247,10 +247,191 @@ py_extend(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return f4_tuple(fletcher4_extend(s, n, blk));
 }
 
+/* ---- One record's sums in one call: the per-record half of StreamReader.records() and StampedWriter.record().
+ * A record header is 312 bytes: 280 of fields, then the 32-byte running checksum (the stamp) that modern
+ * OpenZFS writes there; an END header carries the checksum of everything before it at bytes 8-40. */
+#define HEADER_BYTES 312
+#define STAMP_AT 280
+#define HEAD_WORDS (STAMP_AT / 4)
+#define STAMP_WORDS ((HEADER_BYTES - STAMP_AT) / 4)
+#define END_RECORD 5
+
+static uint64_t
+load_le64(const unsigned char *p)
+{
+    return (uint64_t)load_le32(p) | ((uint64_t)load_le32(p + 4) << 32);
+}
+
+static void
+store_le64(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static f4_t
+load_f4(const unsigned char *p)
+{
+    f4_t s = {load_le64(p), load_le64(p + 8), load_le64(p + 16), load_le64(p + 24)};
+    return s;
+}
+
+static int
+f4_equal(f4_t x, f4_t y)
+{
+    return x.a == y.a && x.b == y.b && x.c == y.c && x.d == y.d;
+}
+
+static int
+state_arg(PyObject *obj, f4_t *out)
+{
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 4) {
+        PyErr_SetString(PyExc_TypeError, "a fletcher-4 state is a tuple of four ints");
+        return -1;
+    }
+    return u64_arg(PyTuple_GET_ITEM(obj, 0), &out->a) < 0 || u64_arg(PyTuple_GET_ITEM(obj, 1), &out->b) < 0 ||
+                   u64_arg(PyTuple_GET_ITEM(obj, 2), &out->c) < 0 || u64_arg(PyTuple_GET_ITEM(obj, 3), &out->d) < 0
+               ? -1
+               : 0;
+}
+
+static int
+header_arg(PyObject *obj, Py_buffer *view, int writable)
+{
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len != HEADER_BYTES) {
+        PyErr_Format(PyExc_ValueError, "a record header is %d bytes, got %zd", HEADER_BYTES, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+is_zero(const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+PyDoc_STRVAR(verify_header_doc,
+             "verify_header(wire, header, /) -> int\n\n"
+             "Checks a record header against the running checksum `wire` (a, b, c, d) of the stream before it:\n"
+             "0 no stamp, 1 stamp matches, 2 stamp mismatch, 3 an END whose checksum is not `wire`.");
+
+static PyObject *
+py_verify_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    f4_t wire;
+    Py_buffer view;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "verify_header takes a state and a header");
+        return NULL;
+    }
+    if (state_arg(args[0], &wire) < 0 || header_arg(args[1], &view, 0) < 0)
+        return NULL;
+    const unsigned char *h = view.buf;
+    long status = 0;
+    if (!is_zero(h + STAMP_AT, HEADER_BYTES - STAMP_AT)) {
+        f4_t expected = fletcher4_extend(wire, HEAD_WORDS, fletcher4_block(h, HEAD_WORDS));
+        status = f4_equal(expected, load_f4(h + STAMP_AT)) ? 1 : 2;
+    }
+    if (status != 2 && load_le32(h) == END_RECORD && !f4_equal(load_f4(h + 8), wire))
+        status = 3;
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(status);
+}
+
+PyDoc_STRVAR(advance_record_doc,
+             "advance_record(wire, fingerprint, header, payload, /) -> (wire, fingerprint, sums)\n\n"
+             "The running checksum after a record (header with its stamp as it is, then payload), the fingerprint\n"
+             "after it (its stamp taken as zeros; None: not kept) and the record's sums: the header's (a, b, c, d)\n"
+             "before its stamp, then the payload's (count, a, b, c, d).");
+
+static PyObject *
+py_advance_record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    f4_t wire, print = {0, 0, 0, 0}, head, stamp, body;
+    uint64_t words;
+    Py_buffer view;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "advance_record takes a state, a fingerprint or None, a header and a payload");
+        return NULL;
+    }
+    int keep_print = args[1] != Py_None;
+    if (state_arg(args[0], &wire) < 0 || (keep_print && state_arg(args[1], &print) < 0))
+        return NULL;
+    if (header_arg(args[2], &view, 0) < 0)
+        return NULL;
+    head = fletcher4_block(view.buf, HEAD_WORDS);
+    stamp = fletcher4_block((const unsigned char *)view.buf + STAMP_AT, STAMP_WORDS);
+    PyBuffer_Release(&view);
+    if (block_of(args[3], &body, &words) < 0)
+        return NULL;
+    wire = fletcher4_extend(fletcher4_extend(fletcher4_extend(wire, HEAD_WORDS, head), STAMP_WORDS, stamp), words, body);
+    PyObject *print_after;
+    if (keep_print) {
+        f4_t zero = {0, 0, 0, 0};
+        print_after = f4_tuple(fletcher4_extend(fletcher4_extend(fletcher4_extend(print, HEAD_WORDS, head), STAMP_WORDS, zero), words, body));
+        if (print_after == NULL)
+            return NULL;
+    } else {
+        print_after = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(N, N, (KKKKKKKKK))", f4_tuple(wire), print_after, (unsigned long long)head.a, (unsigned long long)head.b,
+                         (unsigned long long)head.c, (unsigned long long)head.d, (unsigned long long)words, (unsigned long long)body.a,
+                         (unsigned long long)body.b, (unsigned long long)body.c, (unsigned long long)body.d);
+}
+
+PyDoc_STRVAR(restamp_doc,
+             "restamp(state, header, sums, /) -> state\n\n"
+             "Writes into the header the stamp that follows `state` (a, b, c, d), the checksum of what a writer\n"
+             "has put out before the record, and returns the state after the record; `sums` as advance_record gives them.");
+
+static PyObject *
+py_restamp(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    f4_t state, head, body;
+    uint64_t words;
+    Py_buffer view;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "restamp takes a state, a header and the record's sums");
+        return NULL;
+    }
+    PyObject *sums = args[2];
+    if (!PyTuple_Check(sums) || PyTuple_GET_SIZE(sums) != 9) {
+        PyErr_SetString(PyExc_TypeError, "a record's sums are a tuple of nine ints");
+        return NULL;
+    }
+    if (state_arg(args[0], &state) < 0 || u64_arg(PyTuple_GET_ITEM(sums, 0), &head.a) < 0 || u64_arg(PyTuple_GET_ITEM(sums, 1), &head.b) < 0 ||
+        u64_arg(PyTuple_GET_ITEM(sums, 2), &head.c) < 0 || u64_arg(PyTuple_GET_ITEM(sums, 3), &head.d) < 0 ||
+        count_arg(PyTuple_GET_ITEM(sums, 4), &words) < 0 || u64_arg(PyTuple_GET_ITEM(sums, 5), &body.a) < 0 ||
+        u64_arg(PyTuple_GET_ITEM(sums, 6), &body.b) < 0 || u64_arg(PyTuple_GET_ITEM(sums, 7), &body.c) < 0 ||
+        u64_arg(PyTuple_GET_ITEM(sums, 8), &body.d) < 0)
+        return NULL;
+    if (header_arg(args[1], &view, 1) < 0)
+        return NULL;
+    unsigned char *h = view.buf;
+    state = fletcher4_extend(state, HEAD_WORDS, head);
+    store_le64(h + STAMP_AT, state.a);
+    store_le64(h + STAMP_AT + 8, state.b);
+    store_le64(h + STAMP_AT + 16, state.c);
+    store_le64(h + STAMP_AT + 24, state.d);
+    state = fletcher4_extend(state, STAMP_WORDS, fletcher4_block(h + STAMP_AT, STAMP_WORDS));
+    PyBuffer_Release(&view);
+    return f4_tuple(fletcher4_extend(state, words, body));
+}
+
 static PyMethodDef methods[] = {
     {"block_sum", (PyCFunction)py_block_sum, METH_O, block_sum_doc},
     {"update", (PyCFunction)(void (*)(void))py_update, METH_FASTCALL, update_doc},
     {"extend", (PyCFunction)(void (*)(void))py_extend, METH_FASTCALL, extend_doc},
+    {"verify_header", (PyCFunction)(void (*)(void))py_verify_header, METH_FASTCALL, verify_header_doc},
+    {"advance_record", (PyCFunction)(void (*)(void))py_advance_record, METH_FASTCALL, advance_record_doc},
+    {"restamp", (PyCFunction)(void (*)(void))py_restamp, METH_FASTCALL, restamp_doc},
     {NULL, NULL, 0, NULL},
 };
 

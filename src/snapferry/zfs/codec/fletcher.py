@@ -36,6 +36,11 @@ def native_enabled() -> bool:
     return _native is not None
 
 
+def native_module() -> ModuleType | None:
+    """The C extension while it is in use (see use_native), else None."""
+    return _native
+
+
 def use_native(enabled: bool) -> bool:
     """Switch between the C sums and the numpy reference (for tests); returns the previous setting."""
     global _native

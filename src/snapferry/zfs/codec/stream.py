@@ -8,7 +8,9 @@ from dataclasses import dataclass, replace
 from snapferry.core.splice import SpliceRing
 from snapferry.core.streamio import Readable, Sink, read_exact
 from snapferry.errors import StreamFormatError, StreamIntegrityError, StreamTruncated
+from snapferry.zfs.codec import record_sums
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
+from snapferry.zfs.codec.record_sums import END_MISMATCH, STAMP_MISMATCH, STAMPED, ZERO, Sums, Words, sums_of
 from snapferry.zfs.codec.records import (
     HEADER_SIZE,
     STAMP_OFFSET,
@@ -26,6 +28,7 @@ _ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 _STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
 # The fingerprint takes every stamp as zeros: one constant block instead of one per record.
 _ZERO_STAMP_SUM = BlockSum(_STAMP_WORDS, 0, 0, 0, 0)
+_EMPTY = BlockSum(0, 0, 0, 0, 0)
 
 
 def read_header(source: Readable) -> bytes:
@@ -47,17 +50,33 @@ class Record:
     offset: int
     header: Header
     payload: memoryview
-    head_sum: BlockSum
-    payload_sum: BlockSum
-    # Fingerprint of the stream from the fingerprint start up to this record, with every
+    # The header's and the payload's fletcher-4 as plain ints (see record_sums.Sums): objects per record cost more than the sums.
+    sums: Sums
+    # Fingerprint (a, b, c, d) of the stream from the fingerprint start up to this record, with every
     # header's stamp taken as zero so that stamped and unstamped copies of a stream agree.
-    fingerprint: Fletcher4
+    fingerprint_words: Words
     # Where header and payload lie, one after the other, in the reader's SpliceRing (None: elsewhere).
     ring_start: int | None = None
 
     def kept(self) -> Record:
         """A copy that stays valid after the next record is read (this one's memory is the reader's)."""
         return replace(self, header=bytearray(self.header), payload=memoryview(bytes(self.payload)), ring_start=None)
+
+    @property
+    def head_sum(self) -> BlockSum:
+        return record_sums.head_sum(self.sums)
+
+    @property
+    def payload_sum(self) -> BlockSum:
+        return record_sums.payload_sum(self.sums)
+
+    @payload_sum.setter
+    def payload_sum(self, value: BlockSum) -> None:
+        self.sums = sums_of(self.head_sum, value)
+
+    @property
+    def fingerprint(self) -> Fletcher4:
+        return Fletcher4(*self.fingerprint_words)
 
     @property
     def size(self) -> int:
@@ -120,49 +139,52 @@ class StreamReader:
         it; the running checksum before that point is taken from the first record's stamp, and every
         stamp after it, and END, are checked against it.
         """
-        wire = Fletcher4().update(begin_bytes)
-        fingerprint = Fletcher4()
+        wire = Fletcher4().update(begin_bytes).words()
+        fingerprint = ZERO
         offset = first_offset
         # The first stamp covers BEGIN too; a continuation's BEGIN has no place in the original stream.
         verified_to = 0 if first_offset == len(begin_bytes) else first_offset
         # Bound once: this loop runs per record, and lookups are a good part of its Python.
-        read_header, read_payload, block_sum, end = self._read_record_header, self._read_payload, BlockSum.of, RecordType.END
+        read_header, read_payload, end = self._read_record_header, self._read_payload, RecordType.END
+        verify_header, advance_record, _ = record_sums.implementation()
         while True:
             header, kind = read_header(offset)
             size = payload_size(kind, header, offset)
-            head_sum = block_sum(memoryview(header)[:STAMP_OFFSET])
-            stamp = header[STAMP_OFFSET:]
-            stamped = stamp != _ZERO_STAMP
             if mid_stream and offset == first_offset:
-                if not stamped:
-                    raise StreamFormatError(f"the record at stream byte {offset} carries no running checksum to go on from")
-                wire = Fletcher4.from_bytes(stamp).unextend(head_sum)
-            before = wire
-            wire = wire.extend(head_sum)
-            if stamped and stamp != wire.to_bytes():
+                wire = self._wire_before(header, offset)
+            status = verify_header(wire, header)
+            if status == STAMP_MISMATCH:
                 raise StreamIntegrityError(
                     f"checksum mismatch in the record at stream byte {offset}: "
                     f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
                     verified_to,
                 )
-            if kind == end and end_checksum(header) != before:
+            if status == END_MISMATCH:
                 raise StreamIntegrityError(
                     f"stream checksum mismatch at END (stream byte {offset}): "
                     f"bytes {verified_to}-{offset + HEADER_SIZE} were corrupted in transit",
                     verified_to,
                 )
-            if stamped:
+            if status == STAMPED:
                 verified_to = offset + HEADER_SIZE
-            wire = wire.update(stamp)
             kept_header, payload, ring_start = read_payload(kind, header, size, offset)
-            payload_sum = block_sum(payload)
-            wire = wire.extend(payload_sum)
-            record = Record(kind, offset, kept_header, payload, head_sum, payload_sum, fingerprint, ring_start)
-            fingerprint = self._yielded(record, fingerprint, fingerprint_from)
-            yield record
+            if offset == fingerprint_from:
+                fingerprint = ZERO
+            wire, after, sums = advance_record(wire, fingerprint if offset >= fingerprint_from else None, header, payload)
+            yield Record(kind, offset, kept_header, payload, sums, fingerprint, ring_start)
             if kind == end:
                 return
+            if after is not None:
+                fingerprint = after
             offset += HEADER_SIZE + size
+
+    @staticmethod
+    def _wire_before(header: bytearray, offset: int) -> Words:
+        """The running checksum before a stamped record, read in the middle of a stream: from its own stamp."""
+        stamp = header[STAMP_OFFSET:]
+        if stamp == _ZERO_STAMP:
+            raise StreamFormatError(f"the record at stream byte {offset} carries no running checksum to go on from")
+        return Fletcher4.from_bytes(stamp).unextend(BlockSum.of(memoryview(header)[:STAMP_OFFSET])).words()
 
     def records_trusting_stamps(self, begin_bytes: bytes, first_offset: int, fingerprint_from: int) -> Iterator[Record]:
         """records(), for a consumer that checks every record's stamp itself (an OpenZFS `zfs receive`).
@@ -197,7 +219,7 @@ class StreamReader:
                 raise StreamIntegrityError(f"stream checksum mismatch at END (stream byte {offset}): corrupted in transit", offset)
             wire_after_stamp = wire.extend(head_sum).update(stamp)
             kept_header, payload, ring_start = self._read_payload(kind, header, size, offset)
-            pending = Record(kind, offset, kept_header, payload, head_sum, BlockSum(0, 0, 0, 0, 0), fingerprint, ring_start)
+            pending = Record(kind, offset, kept_header, payload, sums_of(head_sum, _EMPTY), fingerprint.words(), ring_start)
             if kind == RecordType.END:
                 self._yielded(pending, fingerprint, fingerprint_from)
                 yield pending
@@ -238,7 +260,7 @@ class StreamReader:
         """Set the record's fingerprint (of the stream before it) and return the one after it."""
         if record.offset == fingerprint_from:
             fingerprint = Fletcher4()
-        record.fingerprint = fingerprint
+        record.fingerprint_words = fingerprint.words()
         if record.offset >= fingerprint_from:
             return fingerprint.extend(record.head_sum).extend(_ZERO_STAMP_SUM).extend(record.payload_sum)
         return fingerprint
@@ -255,7 +277,9 @@ class StampedWriter:
         """`splice(start, size)`: hands that part of the reader's ring to the same place as `sink`."""
         self._sink = sink
         self._splice = splice
-        self._state = Fletcher4()
+        # The running checksum of what was written, as (a, b, c, d): the form the per-record calls take.
+        self._state = ZERO
+        self._restamp = record_sums.implementation()[2]
         self.bytes_written = 0
 
     def _emit(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -264,18 +288,11 @@ class StampedWriter:
 
     def begin(self, begin: Begin, payload: bytes = b"") -> None:
         raw = replace(begin, payloadlen=len(payload)).encode() + payload
-        self._state = Fletcher4().update(raw)
+        self._state = Fletcher4().update(raw).words()
         self._emit([raw])
 
-    def _stamp(self, header: Header, head_sum: BlockSum) -> None:
-        self._state = self._state.extend(head_sum)
-        stamp = self._state.to_bytes()
-        header[STAMP_OFFSET:] = stamp
-        self._state = self._state.update(stamp)
-
     def record(self, record: Record) -> None:
-        self._stamp(record.header, record.head_sum)
-        self._state = self._state.extend(record.payload_sum)
+        self._state = self._restamp(self._state, record.header, record.sums)
         payload = record.payload
         if record.ring_start is not None and self._splice is not None:
             self._splice(record.ring_start, HEADER_SIZE + len(payload))
@@ -284,6 +301,6 @@ class StampedWriter:
         self.bytes_written += HEADER_SIZE + len(payload)
 
     def end(self, toguid: int) -> None:
-        header = end_header(self._state, toguid)
-        self._stamp(header, BlockSum.of(memoryview(header)[:STAMP_OFFSET]))
+        header = end_header(Fletcher4(*self._state), toguid)
+        self._state = self._restamp(self._state, header, sums_of(BlockSum.of(memoryview(header)[:STAMP_OFFSET]), _EMPTY))
         self._emit([header])
