@@ -196,6 +196,18 @@ def host_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(window_s: float = 0.25, busy_below: float = 0.1, limit_s: float = 5.0) -> float:
+    """Wait until the host is quiet: the zfs-fuse daemon writing out the last run's data and freeing a destroyed
+    dataset's blocks in the background would otherwise slow whichever variant runs next. Returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        before = host_busy_seconds()
+        time.sleep(window_s)
+        if (host_busy_seconds() - before) / window_s < busy_below * (os.cpu_count() or 1):
+            break
+    return time.monotonic() - start
+
+
 def run_pipeline(stages: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> PipelineResult:
     """Run `a | b | ...` and return wall time plus each process's own rusage (via wait4).
 

@@ -35,7 +35,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from _zfsbench import MiB, log, median, run_pipeline, snapferry_argv
+from _zfsbench import MiB, log, median, run_pipeline, settle, snapferry_argv
 
 
 def sh(*argv: str | Path) -> str:
@@ -139,6 +139,7 @@ def main() -> int:
                 for label, stages in variants.items():
                     target = dst / f"{tree}-{label}-{round_}"
                     target.mkdir()
+                    settle()
                     started = time.perf_counter()
                     result = run_pipeline([[a.replace("{dir}", str(target)) for a in stage] for stage in stages])
                     sh("sync", "-f", target)

@@ -42,6 +42,7 @@ from _zfsbench import (
     median,
     run,
     run_pipeline,
+    settle,
     snapferry_argv,
     stream_size,
     zfs_get,
@@ -92,6 +93,8 @@ def record(result: PipelineResult, stream: int) -> dict[str, float]:
         "recv_maxrss_mib": recv.maxrss_kib / 1024,
         "send_cpu_s": first.user + first.sys,
         "send_maxrss_mib": first.maxrss_kib / 1024,
+        # A middle stage (`cat`): what any process costs that only reads the stream from one pipe and writes it to another.
+        "pass_cpu_s_per_gb": sum(s.user + s.sys for s in result.stages[1:-1]) / gb,
         "daemon_cpu_s": result.daemon_cpu,
         "host_cpu_s": result.host_cpu,
     }
@@ -106,6 +109,7 @@ def summarize(label: str, runs: list[dict[str, float]], stream: int, raw_median:
         "mb_per_s": stream / 1e6 / wall,
         "ratio_raw_over": (raw_median / wall) if raw_median else None,
         "recv_cpu_s_per_gb": median([r["recv_cpu_s_per_gb"] for r in runs]),
+        "pass_cpu_s_per_gb": median([r.get("pass_cpu_s_per_gb", 0.0) for r in runs]),
         "recv_maxrss_mib": max(r["recv_maxrss_mib"] for r in runs),
         "send_maxrss_mib": max(r["send_maxrss_mib"] for r in runs),
         "daemon_cpu_s": median([r["daemon_cpu_s"] for r in runs]),
@@ -142,6 +146,7 @@ def timed_rounds(
         for label, target, stages in plan:
             destroy(target)
             time.sleep(1.0)
+            settle()
             result = run_pipeline(stages)
             check(result, label)
             got = zfs_get(f"{target}@{snap}", "guid")

@@ -36,6 +36,7 @@ from _zfsbench import (
     median,
     run,
     run_pipeline,
+    settle,
     snapferry_argv,
     stream_size,
 )
@@ -87,6 +88,7 @@ def main() -> int:
         samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in plan}
         for round_ in range(args.repeat):
             for label, stages in plan:
+                settle()
                 result = run_pipeline(stages)
                 if not result.ok:
                     raise RuntimeError(f"{label} failed: {result.stages[-1].stderr}")

@@ -54,6 +54,7 @@ from _zfsbench import (
     patched_syncoid,
     run,
     run_pipeline,
+    settle,
     syncoid_argv,
     syncoid_sockets,
 )
@@ -149,6 +150,7 @@ def main() -> int:
                 for round_ in range(args.repeat + 1):
                     for name, stages in variants.items():
                         destroy(f"{dst}/{kind}")
+                        settle()
                         sockets = syncoid_sockets()
                         result = run_pipeline(stages)
                         close_syncoid_masters(sockets)
