@@ -70,10 +70,6 @@ class Record:
     def payload_sum(self) -> BlockSum:
         return record_sums.payload_sum(self.sums)
 
-    @payload_sum.setter
-    def payload_sum(self, value: BlockSum) -> None:
-        self.sums = sums_of(self.head_sum, value)
-
     @property
     def fingerprint(self) -> Fletcher4:
         return Fletcher4(*self.fingerprint_words)
@@ -198,6 +194,7 @@ class StreamReader:
         fingerprint = Fletcher4()
         offset = first_offset
         pending: Record | None = None
+        pending_head = _EMPTY
         wire_after_stamp = wire
         while True:
             header, kind = self._read_record_header(offset)
@@ -207,11 +204,12 @@ class StreamReader:
             if pending is not None:
                 if stamp != _ZERO_STAMP:
                     before = Fletcher4.from_bytes(stamp).unextend(head_sum)
-                    pending.payload_sum = BlockSum.between(wire_after_stamp, before, len(pending.payload) // 4)
+                    payload_sum = BlockSum.between(wire_after_stamp, before, len(pending.payload) // 4)
                 else:
-                    pending.payload_sum = BlockSum.of(pending.payload)
-                wire = wire_after_stamp.extend(pending.payload_sum)
-                fingerprint = self._yielded(pending, fingerprint, fingerprint_from)
+                    payload_sum = BlockSum.of(pending.payload)
+                pending.sums = sums_of(pending_head, payload_sum)
+                wire = wire_after_stamp.extend(payload_sum)
+                fingerprint = self._yielded(pending, fingerprint, fingerprint_from, pending_head, payload_sum)
                 yield pending
             if stamp != _ZERO_STAMP and stamp != wire.extend(head_sum).to_bytes() and pending is None:
                 raise StreamIntegrityError(f"checksum mismatch in the record at stream byte {offset}: the stream's start was corrupted")
@@ -219,9 +217,11 @@ class StreamReader:
                 raise StreamIntegrityError(f"stream checksum mismatch at END (stream byte {offset}): corrupted in transit", offset)
             wire_after_stamp = wire.extend(head_sum).update(stamp)
             kept_header, payload, ring_start = self._read_payload(kind, header, size, offset)
-            pending = Record(kind, offset, kept_header, payload, sums_of(head_sum, _EMPTY), fingerprint.words(), ring_start)
+            # Its payload's sum and its fingerprint are filled in once the next header has been read.
+            pending = Record(kind, offset, kept_header, payload, sums_of(head_sum, _EMPTY), ZERO, ring_start)
+            pending_head = head_sum
             if kind == RecordType.END:
-                self._yielded(pending, fingerprint, fingerprint_from)
+                self._yielded(pending, fingerprint, fingerprint_from, head_sum, _EMPTY)
                 yield pending
                 return
             offset += pending.size
@@ -256,13 +256,13 @@ class StreamReader:
         return (header if start is None else record[:HEADER_SIZE]), payload, start
 
     @staticmethod
-    def _yielded(record: Record, fingerprint: Fletcher4, fingerprint_from: int) -> Fletcher4:
-        """Set the record's fingerprint (of the stream before it) and return the one after it."""
+    def _yielded(record: Record, fingerprint: Fletcher4, fingerprint_from: int, head: BlockSum, payload: BlockSum) -> Fletcher4:
+        """Set the record's fingerprint (of the stream before it) and return the one after it (`head`, `payload`: its sums)."""
         if record.offset == fingerprint_from:
             fingerprint = Fletcher4()
         record.fingerprint_words = fingerprint.words()
         if record.offset >= fingerprint_from:
-            return fingerprint.extend(record.head_sum).extend(_ZERO_STAMP_SUM).extend(record.payload_sum)
+            return fingerprint.extend(head).extend(_ZERO_STAMP_SUM).extend(payload)
         return fingerprint
 
 
