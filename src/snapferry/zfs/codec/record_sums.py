@@ -15,8 +15,8 @@ Words = tuple[int, int, int, int]
 Sums = tuple[int, ...]
 ZERO: Final[Words] = (0, 0, 0, 0)
 HEAD_WORDS = STAMP_OFFSET // 4
-_STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
-_ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
+STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
+ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
 
 # verify_header's answers.
 NO_STAMP, STAMPED, STAMP_MISMATCH, END_MISMATCH = 0, 1, 2, 3
@@ -44,7 +44,7 @@ def verify_header(wire: Words, header: Header) -> int:
     state = Fletcher4(*wire)
     stamp = bytes(header[STAMP_OFFSET:])
     status = NO_STAMP
-    if stamp != _ZERO_STAMP:
+    if stamp != ZERO_STAMP:
         expected = state.extend(BlockSum.of(memoryview(header)[:STAMP_OFFSET])).to_bytes()
         status = STAMPED if stamp == expected else STAMP_MISMATCH
     if status != STAMP_MISMATCH and int.from_bytes(header[:4], "little") == RecordType.END and end_checksum(header) != state:
@@ -59,7 +59,7 @@ def advance_record(wire: Words, fingerprint: Words | None, header: Header, paylo
     wire_after = Fletcher4(*wire).extend(head).update(header[STAMP_OFFSET:]).extend(body).words()
     print_after = None
     if fingerprint is not None:
-        print_after = Fletcher4(*fingerprint).extend(head).advance_zeros(_STAMP_WORDS).extend(body).words()
+        print_after = Fletcher4(*fingerprint).extend(head).advance_zeros(STAMP_WORDS).extend(body).words()
     return wire_after, print_after, sums_of(head, body)
 
 

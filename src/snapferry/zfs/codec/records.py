@@ -55,8 +55,6 @@ class RecordType(IntEnum):
     REDACT = 10
 
 
-if [int(t) for t in sorted(RecordType)] != list(range(len(RecordType))):
-    raise AssertionError("record types must run from 0 without gaps (see _TYPES)")
 _BEGIN = struct.Struct("<IIQQQIIQQ256s")
 _END = struct.Struct("<II32sQ")
 
@@ -67,6 +65,8 @@ def _round8(n: int) -> int:
 
 # Record types by value (they run from 0 without gaps): indexing this is a good deal cheaper per record than RecordType(raw).
 _TYPES: tuple[RecordType, ...] = tuple(sorted(RecordType))
+if [int(t) for t in _TYPES] != list(range(len(_TYPES))):
+    raise AssertionError("record types must run from 0 without gaps")
 _TYPE_FIELD = struct.Struct("<I")
 
 

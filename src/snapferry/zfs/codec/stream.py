@@ -10,7 +10,7 @@ from snapferry.core.streamio import Readable, Sink, read_exact
 from snapferry.errors import StreamFormatError, StreamIntegrityError, StreamTruncated
 from snapferry.zfs.codec import record_sums
 from snapferry.zfs.codec.fletcher import BlockSum, Fletcher4
-from snapferry.zfs.codec.record_sums import END_MISMATCH, STAMP_MISMATCH, STAMPED, ZERO, Sums, Words, sums_of
+from snapferry.zfs.codec.record_sums import END_MISMATCH, STAMP_MISMATCH, STAMP_WORDS, STAMPED, ZERO, ZERO_STAMP, Sums, Words, sums_of
 from snapferry.zfs.codec.records import (
     HEADER_SIZE,
     STAMP_OFFSET,
@@ -24,10 +24,8 @@ from snapferry.zfs.codec.records import (
 
 # A record header: its own bytes, or a view of the reader's SpliceRing.
 Header = bytearray | memoryview
-_ZERO_STAMP = bytes(HEADER_SIZE - STAMP_OFFSET)
-_STAMP_WORDS = (HEADER_SIZE - STAMP_OFFSET) // 4
 # The fingerprint takes every stamp as zeros: one constant block instead of one per record.
-_ZERO_STAMP_SUM = BlockSum(_STAMP_WORDS, 0, 0, 0, 0)
+_ZERO_STAMP_SUM = BlockSum(STAMP_WORDS, 0, 0, 0, 0)
 _EMPTY = BlockSum(0, 0, 0, 0, 0)
 
 
@@ -178,7 +176,7 @@ class StreamReader:
     def _wire_before(header: bytearray, offset: int) -> Words:
         """The running checksum before a stamped record, read in the middle of a stream: from its own stamp."""
         stamp = header[STAMP_OFFSET:]
-        if stamp == _ZERO_STAMP:
+        if stamp == ZERO_STAMP:
             raise StreamFormatError(f"the record at stream byte {offset} carries no running checksum to go on from")
         return Fletcher4.from_bytes(stamp).unextend(BlockSum.of(memoryview(header)[:STAMP_OFFSET])).words()
 
@@ -202,7 +200,7 @@ class StreamReader:
             head_sum = BlockSum.of(memoryview(header)[:STAMP_OFFSET])
             stamp = header[STAMP_OFFSET:]
             if pending is not None:
-                if stamp != _ZERO_STAMP:
+                if stamp != ZERO_STAMP:
                     before = Fletcher4.from_bytes(stamp).unextend(head_sum)
                     payload_sum = BlockSum.between(wire_after_stamp, before, len(pending.payload) // 4)
                 else:
@@ -211,7 +209,7 @@ class StreamReader:
                 wire = wire_after_stamp.extend(payload_sum)
                 fingerprint = self._yielded(pending, fingerprint, fingerprint_from, pending_head, payload_sum)
                 yield pending
-            if stamp != _ZERO_STAMP and stamp != wire.extend(head_sum).to_bytes() and pending is None:
+            if stamp != ZERO_STAMP and stamp != wire.extend(head_sum).to_bytes() and pending is None:
                 raise StreamIntegrityError(f"checksum mismatch in the record at stream byte {offset}: the stream's start was corrupted")
             if kind == RecordType.END and end_checksum(header) != wire:
                 raise StreamIntegrityError(f"stream checksum mismatch at END (stream byte {offset}): corrupted in transit", offset)
