@@ -311,16 +311,17 @@ class SpareSessions:
 
     def warm(self) -> None:
         with self._lock:
-            if self._spare is None or self._spare.proc.poll() is not None:
-                if self._spare is not None:
-                    self._spare.close()
-                self._spare = LocalSession(self._snapferry)
+            self._spare = self._running_or_new(self._spare)
 
     def take(self) -> LocalSession:
         with self._lock:
             spare, self._spare = self._spare, None
         if self.keep_warm:
             self.warm()
+        return self._running_or_new(spare)
+
+    def _running_or_new(self, spare: LocalSession | None) -> LocalSession:
+        """`spare` while its process runs; else a new one (a spare that died is closed, or its socket would leak)."""
         if spare is not None and spare.proc.poll() is None:
             return spare
         if spare is not None:
