@@ -12,11 +12,14 @@ and times, interleaved round by round so that drift hits all alike, for each tre
   sf-recv   btrfs send SNAP | snapferry receive -s DIR                (snapferry's receiver alone)
   sf        snapferry send SNAP | snapferry receive -s DIR            (both ends, default checkpoints)
   sf-recv-base  as sf-recv, with the package in --baseline SRC         (before/after on the same machine state)
+  file      btrfs receive DIR < STREAM                                (the stream saved first: no btrfs send
+  sf-file   snapferry receive -s DIR < STREAM                          beside the receiver, as on a host with
+                                                                      a core free for each)
 
 Each time includes a final `sync -f` of the target (until the data is on disk; btrfs receive does
 not sync by itself, snapferry's checkpoints do). Reported: the median of --repeat runs, MiB/s of
-stream, the ratio raw_time / time (target >= 0.9), CPU seconds per GiB of the receiving process and
-its peak RSS (wait4 rusage).
+stream, the ratio raw_time / time (target >= 0.9; sf-file's against file's), CPU seconds per GiB of the
+receiving process and its peak RSS (wait4 rusage).
 
     sudo python3 bench/btrfs_bench.py --data-mib 1024 --files 20000 --json bench/results/btrfs.json
 """
@@ -28,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -71,16 +75,14 @@ def fill_meta(directory: Path, files: int) -> None:
         (directory / f"d{i % 100:03d}" / f"file{i:06d}").write_bytes(rng.randbytes(rng.randint(0, 8192)))
 
 
-def stream_size(snapshot: Path) -> int:
-    """Counted as it streams by: a bench process holding the stream would show in its children's peak RSS (fork)."""
-    proc = subprocess.Popen(["btrfs", "send", "-q", str(snapshot)], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    size = 0
-    while chunk := proc.stdout.read(1 << 20):
-        size += len(chunk)
-    if proc.wait():
-        raise SystemExit(f"btrfs send {snapshot} failed")
-    return size
+def save_stream(snapshot: Path, path: Path) -> int:
+    """The snapshot's stream into path; its size. Written as it streams by: a bench process holding the stream would
+    show in its children's peak RSS (fork)."""
+    with open(path, "wb") as out:
+        proc = subprocess.Popen(["btrfs", "send", "-q", str(snapshot)], stdout=out)
+        if proc.wait():
+            raise SystemExit(f"btrfs send {snapshot} failed")
+        return out.tell()
 
 
 def delete_subvolumes(directory: Path) -> None:
@@ -121,12 +123,17 @@ def main() -> int:
             snap = src / f"{tree}_snap"
             sh("btrfs", "-q", "subvolume", "snapshot", "-r", src / tree, snap)
             sh("sync")
-            size = stream_size(snap)
+            saved = base / f"{tree}.stream"
+            size = save_stream(snap, saved)
             log(f"{tree}: stream {size / MiB:.1f} MiB")
+            # `sh -c 'exec ...'`: the receiver replaces the shell, so wait4's rusage is still the receiver's.
+            from_file = "exec {receiver} < " + shlex.quote(str(saved))
             variants = {
                 "raw": [["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", "{dir}"]],
                 "sf-recv": [["btrfs", "send", "-q", str(snap)], [*sf, "receive", "-q", "-s", "{dir}"]],
                 "sf": [[*sf, "send", "-q", str(snap)], [*sf, "receive", "-q", "-s", "{dir}"]],
+                "file": [["sh", "-c", from_file.format(receiver="btrfs receive -q {dir}")]],
+                "sf-file": [["sh", "-c", from_file.format(receiver=shlex.join([*sf, "receive", "-q", "-s"]) + " {dir}")]],
             }
             if args.baseline is not None:
                 # `env` execs the receiver in its own process, so wait4's rusage is still the receiver's.
@@ -154,14 +161,15 @@ def main() -> int:
                     log(f"  {tree} {label} round {round_}: {elapsed:.2f} s")
                     delete_subvolumes(target)
                     target.rmdir()
-            raw = median(times["raw"])
+            # The file variants compare with each other: both receivers alone, their input already written.
+            reference = {label: median(times["file" if "file" in label else "raw"]) for label in variants}
             results[tree] = {
                 "stream_bytes": size,
                 **{
                     label: {
                         "seconds": round(median(times[label]), 3),
                         "mib_s": round(size / MiB / median(times[label]), 1),
-                        "ratio": round(raw / median(times[label]), 3),
+                        "ratio": round(reference[label] / median(times[label]), 3),
                         "cpu_s_per_gib": round(median(cpu[label]) / (size / (1 << 30)), 2),
                         "peak_rss_mib": round(rss[label] / 1024, 1),
                     }

@@ -15,7 +15,12 @@ the zfs-fuse daemon's CPU is reported apart. With --baseline SRC_DIR the snapfer
 with PYTHONPATH=SRC_DIR (another checkout's src/) in the same rounds. SNAPFERRY_PURE=1 in the
 environment measures the numpy reference sums instead of the C extension.
 
+With --also-mib N the same dataset gets a larger snapshot too, every variant runs against each, and each
+variant's wall time is split into a fixed start-up and a rate (s/GB): a resume of 49 TiB pays the start-up
+once and the rate 49 000 times, so the rate against the raw pipe's is what the send -t row is about.
+
     sudo python3 bench/send_bench.py --size-mib 1024 --baseline /tmp/old/src --json bench-send.json
+    sudo python3 bench/send_bench.py --size-mib 1024 --also-mib 4096 --repeat 3
 """
 
 from __future__ import annotations
@@ -42,9 +47,23 @@ from _zfsbench import (
 )
 
 
+def fit(sizes_gb: list[float], walls: list[float]) -> tuple[float, float]:
+    """(fixed s, s per GB) of a line through (size, wall) for the smallest and the largest size: a start-up paid once, and
+    the rate that decides what a resume of terabytes costs."""
+    slope = (walls[-1] - walls[0]) / (sizes_gb[-1] - sizes_gb[0])
+    return walls[0] - slope * sizes_gb[0], slope
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024, help="data written to the source dataset (MiB)")
+    ap.add_argument(
+        "--also-mib",
+        type=int,
+        action="append",
+        default=[],
+        help="a larger snapshot of the same dataset (repeatable): each variant's start-up and rate come from the sizes",
+    )
     ap.add_argument("--repeat", type=int, default=2, help="rounds (median reported)")
     ap.add_argument("--cut", type=float, default=0.9, help="where the receive behind the send -t token was cut (fraction)")
     ap.add_argument("--checkpoint", default="64M", help="checkpoint size of that receive")
@@ -58,60 +77,95 @@ def main() -> int:
     builds = {"": sf}
     if args.baseline:
         builds["@base"] = ["env", f"PYTHONPATH={Path(args.baseline).resolve()}", *sf]
-    pool_bytes = max(3 * GiB, 4 * args.size_mib * MiB)
-    results: dict[str, dict[str, float]] = {}
+    sizes_mib = sorted({args.size_mib, *args.also_mib})
+    pool_bytes = max(3 * GiB, 4 * sizes_mib[-1] * MiB)
+    by_size: dict[int, dict[str, dict[str, float]]] = {}
     with ScratchPools(args.workdir, "sb") as pools:
         src = pools.create("s", pool_bytes)
         dst = pools.create("d", pool_bytes)
         run("zfs", "create", f"{src}/d")
-        fill_random(f"/{src}/d", args.size_mib)
-        run("zfs", "snapshot", f"{src}/d@s")
-        size = stream_size(f"{src}/d@s")
-        log(f"stream: {size} bytes")
-        tokens = {}
-        for tag, argv in builds.items():
-            cut = int(size * args.cut)
-            recv = run_pipeline(
-                [
-                    ["zfs", "send", f"{src}/d@s"],
-                    ["head", "-c", str(cut)],
-                    [*argv, "receive", "-s", "--checkpoint", args.checkpoint, f"{dst}/r{len(tokens)}"],
-                ]
-            )
-            log(f"receive cut at {cut} bytes{tag}: exit {recv.stages[-1].returncode}")
-            tokens[tag] = run(*argv, "token", f"{dst}/r{len(tokens)}").stdout.strip()
-        wc, zfs_send = ["wc", "-c"], ["zfs", "send", f"{src}/d@s"]
-        plan: list[tuple[str, list[list[str]]]] = [("raw", [zfs_send, wc]), ("raw>null", [zfs_send])]
-        for tag, argv in builds.items():
-            plan.append((f"send{tag}", [[*argv, "send", "-q", f"{src}/d@s"], wc]))
-            plan.append((f"send-t{tag}", [[*argv, "send", "-q", "-t", tokens[tag]], wc]))
-        samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in plan}
-        for round_ in range(args.repeat):
-            for label, stages in plan:
-                settle()
-                result = run_pipeline(stages)
-                if not result.ok:
-                    raise RuntimeError(f"{label} failed: {result.stages[-1].stderr}")
-                stage = result.stages[0]
-                samples[label].append((result.wall, stage.user + stage.sys, result.daemon_cpu, result.host_cpu))
-                log(f"round {round_ + 1} {label}: {result.wall:.2f} s, CPU {stage.user:.2f} user + {stage.sys:.2f} sys")
-        gb = size / 1e9
-        print(f"\n{'variant':<14} {'wall s':>8} {'ratio':>6} {'CPU s/GB':>9} {'daemon s/GB':>12}")
-        raw_wall = median([s[0] for s in samples["raw"]])
-        for label, rows in samples.items():
-            wall, cpu, daemon, host = (median([r[i] for r in rows]) for i in range(4))
-            results[label] = {
-                "wall_s": wall,
-                "ratio": raw_wall / wall,
-                "cpu_s_per_gb": cpu / gb,
-                "daemon_s_per_gb": daemon / gb,
-                "host_cpu_s": host,
-            }
-            print(f"{label:<14} {wall:8.2f} {raw_wall / wall:6.2f} {cpu / gb:9.2f} {daemon / gb:12.2f}")
+        written = 0
+        for index, size_mib in enumerate(sizes_mib):
+            # One dataset, a snapshot at each size: the larger streams carry the smaller's files and more.
+            fill_random(f"/{src}/d", size_mib - written, prefix=f"f{index}-", seed=index)
+            written = size_mib
+            run("zfs", "snapshot", f"{src}/d@s{size_mib}")
+        for size_mib in sizes_mib:
+            by_size[size_mib] = measure(args, builds, f"{src}/d@s{size_mib}", f"{dst}/m{size_mib}")
+    results = by_size[args.size_mib]
+    doc: dict[str, object] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cut": args.cut, "results": results}
+    doc["stream_bytes"] = results["raw"]["stream_bytes"]
+    if len(sizes_mib) > 1:
+        doc["sizes"] = {str(size): rows for size, rows in by_size.items()}
+        doc["fit"] = report_fit(by_size)
     if args.json:
-        doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "stream_bytes": size, "cut": args.cut, "results": results}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def measure(args: argparse.Namespace, builds: dict[str, list[str]], snapshot: str, target: str) -> dict[str, dict[str, float]]:
+    """Every variant against one snapshot, interleaved round by round; the table of medians, printed and returned."""
+    size = stream_size(snapshot)
+    log(f"stream of {snapshot}: {size} bytes")
+    tokens = {}
+    for tag, argv in builds.items():
+        cut = int(size * args.cut)
+        recv = run_pipeline(
+            [
+                ["zfs", "send", snapshot],
+                ["head", "-c", str(cut)],
+                [*argv, "receive", "-s", "--checkpoint", args.checkpoint, f"{target}r{len(tokens)}"],
+            ]
+        )
+        log(f"receive cut at {cut} bytes{tag}: exit {recv.stages[-1].returncode}")
+        tokens[tag] = run(*argv, "token", f"{target}r{len(tokens)}").stdout.strip()
+    wc, zfs_send = ["wc", "-c"], ["zfs", "send", snapshot]
+    plan: list[tuple[str, list[list[str]]]] = [("raw", [zfs_send, wc]), ("raw>null", [zfs_send])]
+    for tag, argv in builds.items():
+        plan.append((f"send{tag}", [[*argv, "send", "-q", snapshot], wc]))
+        plan.append((f"send-t{tag}", [[*argv, "send", "-q", "-t", tokens[tag]], wc]))
+    samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in plan}
+    for round_ in range(args.repeat):
+        for label, stages in plan:
+            settle()
+            result = run_pipeline(stages)
+            if not result.ok:
+                raise RuntimeError(f"{label} failed: {result.stages[-1].stderr}")
+            stage = result.stages[0]
+            samples[label].append((result.wall, stage.user + stage.sys, result.daemon_cpu, result.host_cpu))
+            log(f"round {round_ + 1} {label}: {result.wall:.2f} s, CPU {stage.user:.2f} user + {stage.sys:.2f} sys")
+    gb = size / 1e9
+    print(f"\n{snapshot}, {size / GiB:.2f} GiB of stream")
+    print(f"{'variant':<14} {'wall s':>8} {'ratio':>6} {'CPU s/GB':>9} {'daemon s/GB':>12}")
+    raw_wall = median([s[0] for s in samples["raw"]])
+    results: dict[str, dict[str, float]] = {}
+    for label, rows in samples.items():
+        wall, cpu, daemon, host = (median([r[i] for r in rows]) for i in range(4))
+        results[label] = {
+            "stream_bytes": size,
+            "wall_s": wall,
+            "ratio": raw_wall / wall,
+            "cpu_s_per_gb": cpu / gb,
+            "daemon_s_per_gb": daemon / gb,
+            "host_cpu_s": host,
+        }
+        print(f"{label:<14} {wall:8.2f} {raw_wall / wall:6.2f} {cpu / gb:9.2f} {daemon / gb:12.2f}")
+    return results
+
+
+def report_fit(by_size: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each variant's fixed start-up and rate from the smallest and largest size, and its rate against the raw pipe's."""
+    sizes = sorted(by_size)
+    gbs = [by_size[s]["raw"]["stream_bytes"] / 1e9 for s in sizes]
+    fits = {label: fit(gbs, [by_size[s][label]["wall_s"] for s in sizes]) for label in by_size[sizes[0]]}
+    raw_slope = fits["raw"][1]
+    print(f"\nstart-up and rate, from {sizes[0]} and {sizes[-1]} MiB (wall = fixed + size x s/GB)")
+    print(f"{'variant':<14} {'fixed s':>8} {'s/GB':>6} {'rate ratio':>11}")
+    out = {}
+    for label, (fixed, slope) in fits.items():
+        out[label] = {"fixed_s": fixed, "s_per_gb": slope, "rate_ratio": raw_slope / slope}
+        print(f"{label:<14} {fixed:8.3f} {slope:6.3f} {raw_slope / slope:11.2f}")
+    return out
 
 
 if __name__ == "__main__":
