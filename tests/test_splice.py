@@ -9,13 +9,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapferry.core import splice
-from snapferry.core.splice import SpliceRing, unread_bytes
+from snapferry.core.splice import OutputPipe, SpliceRing, splice_output, unread_bytes
+from snapferry.transport.wire import WireSink
 
 F_SETPIPE_SZ = 1031
 
@@ -123,3 +125,35 @@ def test_a_new_pipe_waits_for_the_last_ones_reader() -> None:
         hand_over(ring, one, first[1:])
         assert one.close() == b"".join(first)
         assert other.close() == b"".join(second)
+
+
+def test_output_into_a_pipe_is_spliced_and_into_a_file_copied(tmp_path: Path) -> None:
+    """A sender's stdout: vmsplice needs a pipe at the other end, and bytes the sink passes on unchanged."""
+    with open(tmp_path / "stream", "wb") as file:
+        assert splice_output(WireSink(file.fileno())) == (None, None)
+    if splice.vmsplice_all is None:
+        pytest.skip("the vmsplice extension is not built")
+    with pipe() as target:
+        assert splice_output(WireSink(target.fd, rate=1e9)) == (None, None)  # a rate limit writes it in its own time
+        ring, handed = splice_output(WireSink(target.fd))
+        assert ring is not None and handed is not None
+        records = records_of([1000, 70000, 5], seed=4)
+        for record in records:
+            start = ring.region(len(record))
+            assert start is not None
+            ring.view(start, len(record))[:] = record
+            handed(start, len(record))
+        assert target.close() == b"".join(records)
+
+
+def test_an_output_pipe_whose_reader_left_has_nothing_unread() -> None:
+    """Else a ring would wait forever for a reader that is gone to take what is still in the pipe."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"x" * 1000)
+        output = OutputPipe(write_end)
+        assert output.unread() == 1000
+        os.close(read_end)
+        assert output.unread() == 0
+    finally:
+        os.close(write_end)

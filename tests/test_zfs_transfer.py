@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +126,54 @@ def test_continuation_is_accepted_by_plain_zfs_receive(bed: tb.Bed, source: dict
     assert "no resume token" in tb.snapferry("token", dst).stderr
     assert tb.snapferry("receive", "-A", dst).returncode == 0
     assert tb.snapshot_names(dst) == ["s1"]
+
+
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+
+@pytest.fixture
+def large_pipes() -> Iterator[None]:
+    """Pipes of up to 16 MiB for a while: more than the 4 MiB a sender's splice ring reuses (the usual limit, 1 MiB,
+    is less than the ring's half, so that a reader lagging behind never holds memory the ring is about to reuse)."""
+    usual = PIPE_MAX_SIZE.read_text()
+    PIPE_MAX_SIZE.write_text(str(16 << 20))
+    try:
+        yield
+    finally:
+        PIPE_MAX_SIZE.write_text(usual)
+
+
+def _lagging_read(argv: list[str]) -> bytes:
+    """A command's stdout through a 16 MiB pipe, read in small pieces with pauses: the pipe stays full of references
+    to memory the sender may reuse only once they have been read."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 16 << 20)  # F_SETPIPE_SZ
+    proc = subprocess.Popen(argv, stdout=write_end)
+    os.close(write_end)
+    got = bytearray()
+    try:
+        time.sleep(0.5)
+        while chunk := os.read(read_end, 4096):
+            got += chunk
+            if len(got) % (1 << 20) < 4096:
+                time.sleep(0.05)
+    finally:
+        os.close(read_end)
+    assert proc.wait() == 0
+    return bytes(got)
+
+
+@pytest.mark.usefixtures("large_pipes")
+def test_send_into_a_lagging_pipe_gives_the_bytes_it_writes_into_a_file(bed: tb.Bed, source: dict[str, object], tmp_path: Path) -> None:
+    """Into a pipe the records go by reference (vmsplice) from memory that is reused once the reader took them; into
+    a file they are copied. A reader that lags must still get every byte as a file does."""
+    stream: bytes = source["full"]  # type: ignore[assignment]
+    dst = bed.target("lagging")
+    assert tb.receive(dst, stream[: len(stream) // 3]).returncode == 3
+    for args in ([f"{source['fs']}@s2"], ["-i", "@s1", f"{source['fs']}@s2"], ["-t", tb.token(dst)]):
+        with open(tmp_path / "stream", "wb") as file:
+            subprocess.run([*tb.SNAPFERRY, "send", "-q", *args], stdout=file, check=True)
+        assert _lagging_read([*tb.SNAPFERRY, "send", "-q", *args]) == (tmp_path / "stream").read_bytes(), args
 
 
 def _feed_and_kill(dst: str, stream: bytes, upto: int) -> None:

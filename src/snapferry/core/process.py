@@ -21,15 +21,18 @@ from snapferry.errors import CommandFailed, ReceiverGone, SnapferryError, Transf
 # overlap instead of taking turns (measured in docs/BENCHMARKS.md).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 
 # Seconds a sending command stopped early gets to notice its closed output before it is killed.
 STOP_GRACE = 5
 
 
 def enlarge_pipe(fd: int) -> None:
-    """Best effort: a non-pipe, or a limit below PIPE_SIZE, just keeps the default."""
+    """Best effort: a non-pipe, or a limit below PIPE_SIZE, just keeps the default; a larger pipe (its other end's
+    choice, mbuffer's say) stays as large."""
     with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        if fcntl.fcntl(fd, _F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def last_line(text: str) -> str:
@@ -129,7 +132,7 @@ class SendProcess:
         self._program = os.path.basename(argv[0])
         self._tool = tool
         try:
-            self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
+            self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 16)
         except FileNotFoundError:
             raise tool.not_found(argv[0]) from None
         assert self._proc.stdout is not None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import fcntl
 import mmap
+import os
+import select
+import stat
 import struct
 import termios
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from snapferry.core.streamio import write_all
+from snapferry.core.streamio import Sink, SpliceableSink, write_all
 
 vmsplice_all: Callable[[int, memoryview], None] | None
 try:
@@ -95,3 +98,28 @@ class SpliceRing:
         vmsplice_all(pipe.fd, region)
         self._handed += size
         self._last_handed[start // self._half] = self._handed
+
+
+class OutputPipe:
+    """This process's own output, a pipe to a reader we did not start (`wc`, ssh, a receiving snapferry)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._gone = select.poll()
+        self._gone.register(fd, select.POLLERR)
+
+    def unread(self) -> int:
+        # A pipe whose every reader has closed it reports POLLERR: what is left in it will never be read.
+        if self._gone.poll(0):
+            return 0
+        return unread_bytes(self.fd)
+
+
+def splice_output(sink: Sink) -> tuple[SpliceRing | None, Callable[[int, int], None] | None]:
+    """A ring for a reader and the `splice(start, size)` a writer hands its records to `sink` with, by reference; both
+    None unless the sink passes bytes on unchanged into a pipe and vmsplice is built (then every record is copied)."""
+    fd = sink.splice_fd() if vmsplice_all is not None and isinstance(sink, SpliceableSink) else None
+    if fd is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return None, None
+    ring, pipe = SpliceRing(), OutputPipe(fd)
+    return ring, lambda start, size: ring.splice(pipe, start, size)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from snapferry.core.events import PROGRESS_STEP, EventSink, ignore_events
 from snapferry.core.process import SendProcess
+from snapferry.core.splice import SpliceRing, splice_output
 from snapferry.core.streamio import Sink
 from snapferry.errors import Refused, StaleToken, StreamFormatError
 from snapferry.zfs.codec.records import HEADER_SIZE, Begin, RecordType, chained_begin_payload
@@ -18,10 +19,12 @@ from snapferry.zfs.resume.jump import send_jump, why_no_jump
 
 
 @contextmanager
-def zfs_send(zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = ()) -> Iterator[tuple[StreamReader, Begin, bytes]]:
-    """Run `zfs send` and read its BEGIN; the caller reads the records up to END."""
+def zfs_send(
+    zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str] = (), ring: SpliceRing | None = None
+) -> Iterator[tuple[StreamReader, Begin, bytes]]:
+    """Run `zfs send` and read its BEGIN; the caller reads the records up to END (into `ring`, if given)."""
     proc = SendProcess(zfs.send_argv(snapshot, incremental_from=base, flags=flags), f"cannot send {snapshot}", ZFS_TOOL)
-    reader = StreamReader(proc.stdout)
+    reader = StreamReader(proc.stdout, ring)
     with proc.reading(lambda: reader.bytes_read):
         first = reader.read_begin()
         if first is None:
@@ -74,9 +77,10 @@ def send_snapshot(
 def send_one(
     zfs: Zfs, snapshot: str, base: str | None, flags: Sequence[str], sink: Sink, before: int, events: EventSink, estimate: int | None
 ) -> int:
-    with zfs_send(zfs, snapshot, base, flags) as (reader, begin, begin_bytes):
+    ring, splice = splice_output(sink)
+    with zfs_send(zfs, snapshot, base, flags, ring) as (reader, begin, begin_bytes):
         events("stream", toname=begin.toname, offset=0, estimate=estimate)
-        writer = StampedWriter(sink)
+        writer = StampedWriter(sink, splice)
         writer.begin(begin, begin_bytes[HEADER_SIZE:])
         next_progress = 0
         for record in reader.records(begin_bytes, len(begin_bytes), NO_FINGERPRINT):
@@ -136,7 +140,8 @@ def send_continuation(
     else:
         events("jump", taken=False, reason=reason)
     flags = [f"-{letter}" for letter in token.send_flags]
-    with zfs_send(zfs, source.name, base.name if base else None, flags) as (reader, begin, begin_bytes):
+    ring, splice = splice_output(sink)
+    with zfs_send(zfs, source.name, base.name if base else None, flags, ring) as (reader, begin, begin_bytes):
         if begin.toguid != token.toguid or begin.fromguid != token.fromguid:
             raise StaleToken(f"stale token: zfs send {source.name} produced a stream of other snapshots")
         events("stream", toname=begin.toname, offset=token.offset)
@@ -165,7 +170,7 @@ def send_continuation(
                         f"byte {token.offset} (fingerprint {fingerprint_digest(record.fingerprint)}, token says "
                         f"{token.fingerprint}); discard the partial transfer with: snapferry receive -A {token.dataset}"
                     )
-                writer = StampedWriter(sink)
+                writer = StampedWriter(sink, splice)
                 writer.begin(
                     begin.derive(toguid=begin.toguid, fromguid=token.checkpoint_guid, toname=f"{fs}@{begin.snapshot_name}"),
                     chained_begin_payload(begin, begin_bytes[HEADER_SIZE:]),
