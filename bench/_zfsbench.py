@@ -47,6 +47,17 @@ def exists(name: str) -> bool:
     return run("zfs", "list", "-H", "-o", "name", name, check=False).returncode == 0
 
 
+def rename(name: str, new_name: str, attempts: int = 20) -> None:
+    """zfs rename with retries: zfs-fuse answers 'dataset is busy' for a while after a receive."""
+    for attempt in range(attempts):
+        proc = run("zfs", "rename", name, new_name, check=False)
+        if proc.returncode == 0:
+            return
+        if "busy" not in proc.stderr or attempt == attempts - 1:
+            raise RuntimeError(f"zfs rename {name} {new_name}: {proc.stderr.strip()}")
+        time.sleep(0.5)
+
+
 def destroy(name: str, attempts: int = 20) -> None:
     """zfs destroy -r with retries: zfs-fuse answers 'dataset is busy' for a while after reads."""
     for attempt in range(attempts):

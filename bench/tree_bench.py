@@ -41,6 +41,7 @@ from _zfsbench import (
     install_sigterm_cleanup,
     log,
     patched_syncoid,
+    rename,
     run,
     syncoid_argv,
     syncoid_sockets,
@@ -145,7 +146,7 @@ def main() -> int:
                 results[f"{tool}/3 kills"] = {"wall_s": total, "wire_bytes": proxy.up_bytes, "kills": kills}
                 log(f"{tool:9s} {kills} kills      {total:7.2f} s {proxy.up_bytes / MiB:9.1f} MiB on the wire")
                 proxy.close()
-                run("zfs", "rename", f"{dst}/k", f"{dst}/k-{tool}")
+                rename(f"{dst}/k", f"{dst}/k-{tool}")
         finally:
             server.stop()
     print(f"\ntree of {SMALL} x {args.small_mib} MiB + 2 x {args.large_mib} MiB datasets ({size / MiB:.0f} MiB), over ssh on loopback")
