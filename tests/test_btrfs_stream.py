@@ -37,6 +37,7 @@ ALLOWED = (StreamFormatError, TransferInterrupted)
 
 # --- real streams ------------------------------------------------------------------------------
 
+
 def _populate(src: Path) -> None:
     """Every kind of inode and attribute a full stream carries."""
     (src / "data").write_bytes(bytes(range(256)) * 1200 + b"tail")

@@ -105,6 +105,7 @@ def test_refused_with_its_message(name: str) -> None:
 
 def test_corpus_regenerates_byte_for_byte() -> None:
     from tests.corpus import make_corpus  # here: a broken generator fails this test, not the collection of the others
+
     if not make_corpus.SOURCE.is_file():
         pytest.skip("OpenZFS fixtures not available")
     cases = make_corpus.build()

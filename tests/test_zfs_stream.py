@@ -831,10 +831,7 @@ def _both_readers(data: bytes, fingerprint_from: int | None = None) -> tuple[lis
         frm = start if fingerprint_from is None else fingerprint_from
         read = reader.records_trusting_stamps if trusting else reader.records
         runs.append(
-            [
-                (r.kind, r.offset, bytes(r.header), bytes(r.payload), r.payload_sum, r.fingerprint)
-                for r in read(begin_bytes, start, frm)
-            ]
+            [(r.kind, r.offset, bytes(r.header), bytes(r.payload), r.payload_sum, r.fingerprint) for r in read(begin_bytes, start, frm)]
         )
         assert reader.bytes_read == len(data)
     return runs[0], runs[1]
