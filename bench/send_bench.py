@@ -85,8 +85,12 @@ def main() -> int:
         for size_mib in sizes_mib:
             by_size[size_mib] = measure(args, builds, f"{src}/d@s{size_mib}", f"{dst}/m{size_mib}")
     results = by_size[args.size_mib]
-    doc: dict[str, object] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cut": args.cut, "results": results}
-    doc["stream_bytes"] = results["raw"]["stream_bytes"]
+    doc: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cut": args.cut,
+        "stream_bytes": results["raw"]["stream_bytes"],
+        "results": results,
+    }
     if len(sizes_mib) > 1:
         doc["sizes"] = {str(size): rows for size, rows in by_size.items()}
     if args.json:

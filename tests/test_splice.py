@@ -19,15 +19,13 @@ from snapferry.core import splice
 from snapferry.core.splice import OutputPipe, SpliceRing, splice_output, unread_bytes
 from snapferry.transport.wire import WireSink
 
-F_SETPIPE_SZ = 1031
-
 
 class Pipe:
     """The write end of a real pipe, as a SplicedPipe, and everything its reader thread took."""
 
     def __init__(self, size: int, delay_s: float) -> None:
         self._read_end, self.fd = os.pipe()
-        fcntl.fcntl(self.fd, F_SETPIPE_SZ, size)
+        fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, size)
         self.received = bytearray()
         self._delay_s = delay_s
         self._reader = threading.Thread(target=self._read)

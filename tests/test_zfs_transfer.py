@@ -147,7 +147,7 @@ def _lagging_read(argv: list[str]) -> bytes:
     """A command's stdout through a 16 MiB pipe, read in small pieces with pauses: the pipe stays full of references
     to memory the sender may reuse only once they have been read."""
     read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, 1031, 16 << 20)  # F_SETPIPE_SZ
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 16 << 20)
     proc = subprocess.Popen(argv, stdout=write_end)
     os.close(write_end)
     got = bytearray()

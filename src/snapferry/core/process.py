@@ -20,8 +20,6 @@ from snapferry.errors import CommandFailed, ReceiverGone, SnapferryError, Transf
 # Linux pipes hold 64 KiB, less than one 128 KiB record: with bigger pipes snapferry and zfs
 # overlap instead of taking turns (measured in docs/BENCHMARKS.md).
 PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = 1031
-_F_GETPIPE_SZ = 1032
 
 # Seconds a sending command stopped early gets to notice its closed output before it is killed.
 STOP_GRACE = 5
@@ -31,8 +29,8 @@ def enlarge_pipe(fd: int) -> None:
     """Best effort: a non-pipe, or a limit below PIPE_SIZE, just keeps the default; a larger pipe (its other end's
     choice, mbuffer's say) stays as large."""
     with contextlib.suppress(OSError):
-        if fcntl.fcntl(fd, _F_GETPIPE_SZ) < PIPE_SIZE:
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def last_line(text: str) -> str:
